@@ -1,0 +1,245 @@
+"""The on-disk contract of the cache: every path, array name, dtype and chunk layout.
+
+No other module builds a cache path or names an array; they ask this one.
+
+Layout under a cache root::
+
+    features/<dataset>-<split>-<backbone>-<res>-<key12>.zarr/   one Zarr v3 group per extraction
+    datasets/<name>/                                            generated datasets (synthetic)
+    memo/                                                       memoised file hashes
+    locks/<key>.lock                                            one lock per running stage key
+    artefacts/<stage>/<name>-<key12>/                           later stages (manifest + payload)
+
+A feature store holds, along a shared ``image`` axis that is cut into shards:
+
+========  =========  =============================  ========================================
+array     dtype      dims                           content
+========  =========  =============================  ========================================
+tokens    float16    (image, y, x, channel)         last block after the final LayerNorm, no CLS
+pooled    float32    (image, channel)               mean of the patch tokens (kNN descriptor)
+labels    int16      (image, pixel_y, pixel_x)      class ids at input resolution, -1 = ignore
+images    uint8      (image, pixel_y, pixel_x, rgb) preprocessed pixels (val splits)
+ids       string     (image,)                       source id of each row
+written   bool       (shard,)                       shard complete (resume)
+========  =========  =============================  ========================================
+
+Tokens live at patch resolution (``y, x``) and labels / images at pixel resolution
+(``pixel_y, pixel_x``): distinct dimension names keep ``xarray.open_zarr`` consistent.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+SCHEMA_VERSION = 1
+
+TOKENS, POOLED, LABELS, IMAGES, IDS, WRITTEN = "tokens", "pooled", "labels", "images", "ids", "written"
+IGNORE_LABEL = -1
+
+STATUS_WRITING = "writing"
+STATUS_COMPLETE = "complete"
+
+DEFAULT_SHARD_IMAGES = 128
+
+# fp16 tokens barely compress (zstd + shuffle <= 8 % smaller, 3-5x slower writes): store them raw.
+# Labels and pixels compress well and cheaply.
+_PIXEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+class StoreError(RuntimeError):
+    """A store on disk is not what its attributes claim, or not a stegoscope store at all."""
+
+
+def default_cache_root() -> Path:
+    """``$STEGOSCOPE_CACHE`` if set, else ``./.stegoscope-cache``."""
+    return Path(os.environ.get("STEGOSCOPE_CACHE", ".stegoscope-cache"))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
+
+
+def feature_store_path(cache_root: Path, dataset: str, split: str, backbone: str, res: int, key: str) -> Path:
+    name = f"{_slug(dataset)}-{_slug(split)}-{_slug(backbone)}-{res}-{key[:12]}.zarr"
+    return Path(cache_root) / "features" / name
+
+
+def features_dir(cache_root: Path) -> Path:
+    return Path(cache_root) / "features"
+
+
+def dataset_dir(cache_root: Path, name: str) -> Path:
+    return Path(cache_root) / "datasets" / _slug(name)
+
+
+def memo_path(cache_root: Path, name: str) -> Path:
+    return Path(cache_root) / "memo" / f"{_slug(name)}.json"
+
+
+def lock_path(cache_root: Path, key: str) -> Path:
+    return Path(cache_root) / "locks" / f"{key}.lock"
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shapes of one feature store. ``grid`` is the token grid, ``pixels`` the input size."""
+
+    n_images: int
+    grid: tuple[int, int]
+    channels: int
+    pixels: tuple[int, int]
+    labelled: bool
+    with_images: bool
+    shard_images: int = DEFAULT_SHARD_IMAGES
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_images // self.shard_images)
+
+    def shard_slice(self, shard: int) -> slice:
+        start = shard * self.shard_images
+        return slice(start, min(start + self.shard_images, self.n_images))
+
+
+class FeatureStore:
+    """A Zarr v3 group of extracted tokens. Create with :func:`create_feature_store`,
+    open with :func:`open_feature_store`."""
+
+    def __init__(self, group: zarr.Group, path: Path):
+        self.group = group
+        self.path = Path(path)
+
+    # -- attributes ----------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.group.attrs.asdict()
+
+    @property
+    def key(self) -> str:
+        return self.attrs["key"]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.attrs["spec"]
+
+    @property
+    def status(self) -> str:
+        return self.attrs.get("status", STATUS_WRITING)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == STATUS_COMPLETE
+
+    @property
+    def layout(self) -> StoreLayout:
+        tokens = self.group[TOKENS]
+        n, h, w, c = tokens.shape
+        shard = tokens.shards[0] if tokens.shards else tokens.chunks[0]
+        pixels = tuple(self.group[LABELS].shape[1:]) if LABELS in self.group else tuple(self.attrs["pixels"])
+        return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard)
+
+    # -- arrays --------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def __len__(self) -> int:
+        return self.group[TOKENS].shape[0]
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(s) for s in self.group[IDS][:]]
+
+    # -- shards --------------------------------------------------------------------------------
+    def pending_shards(self) -> list[int]:
+        """Shards whose ``written`` flag is not set; a partly written shard is rewritten whole."""
+        return [int(i) for i in np.flatnonzero(~self.group[WRITTEN][:])]
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write every array of one shard, then (and only then) its ``written`` flag."""
+        sl = self.layout.shard_slice(shard)
+        for name, value in arrays.items():
+            expected = sl.stop - sl.start
+            if len(value) != expected:
+                raise ValueError(f"shard {shard} of {name}: {len(value)} rows, expected {expected}")
+            self.group[name][sl] = value
+        self.group[WRITTEN][shard] = True
+
+    def mark_complete(self) -> None:
+        pending = self.pending_shards()
+        if pending:
+            raise StoreError(f"{self.path}: shards {pending[:8]} are not written; cannot mark complete")
+        self.group.attrs["status"] = STATUS_COMPLETE
+        with warnings.catch_warnings():  # "not part of the v3 spec": xarray reads it all the same
+            warnings.filterwarnings("ignore", category=UserWarning, message=".*[Cc]onsolidated metadata")
+            zarr.consolidate_metadata(str(self.path))
+
+
+def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any]) -> FeatureStore:
+    """Create an empty store (``status=writing``), replacing whatever was at ``path``."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    n, s = layout.n_images, layout.shard_images
+    (h, w), c, (ph, pw) = layout.grid, layout.channels, layout.pixels
+    group.create_array(
+        TOKENS, shape=(n, h, w, c), dtype="float16", chunks=(1, h, w, c), shards=(s, h, w, c),
+        compressors=None, fill_value=0, dimension_names=("image", "y", "x", "channel"),
+    )
+    group.create_array(
+        POOLED, shape=(n, c), dtype="float32", chunks=(s, c), compressors=None, fill_value=0,
+        dimension_names=("image", "channel"),
+    )
+    if layout.labelled:
+        group.create_array(
+            LABELS, shape=(n, ph, pw), dtype="int16", chunks=(1, ph, pw), shards=(s, ph, pw),
+            compressors=_PIXEL_CODEC, fill_value=IGNORE_LABEL, dimension_names=("image", "pixel_y", "pixel_x"),
+        )
+    if layout.with_images:
+        group.create_array(
+            IMAGES, shape=(n, ph, pw, 3), dtype="uint8", chunks=(1, ph, pw, 3), shards=(s, ph, pw, 3),
+            compressors=_PIXEL_CODEC, fill_value=0, dimension_names=("image", "pixel_y", "pixel_x", "rgb"),
+        )
+    group.create_array(IDS, shape=(n,), dtype=str, chunks=(s,), dimension_names=("image",))
+    group.create_array(
+        WRITTEN, shape=(layout.n_shards,), dtype="bool", chunks=(1,), fill_value=False,
+        dimension_names=("shard",),
+    )
+    group.attrs.update(
+        {**attrs, "schema_version": SCHEMA_VERSION, "status": STATUS_WRITING, "pixels": [ph, pw]}
+    )
+    return FeatureStore(group, path)
+
+
+def open_feature_store(path: Path, mode: str = "r") -> FeatureStore:
+    """Open an existing store and check that it is one this version understands."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no feature store here; run `stegoscope extract` first")
+    try:
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except Exception as exc:  # zarr raises several types for unreadable metadata
+        raise StoreError(f"{path}: not a readable Zarr v3 group ({exc}); re-extract with --force") from exc
+    version = group.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: schema version {version!r}, this stegoscope reads {SCHEMA_VERSION}; "
+            "re-extract with `stegoscope extract --force`"
+        )
+    missing = [name for name in (TOKENS, POOLED, IDS, WRITTEN) if name not in group]
+    if missing:
+        raise StoreError(f"{path}: arrays {missing} are missing; re-extract with --force")
+    return FeatureStore(group, path)
+
+
+def list_feature_stores(cache_root: Path) -> list[Path]:
+    root = features_dir(cache_root)
+    return sorted(root.glob("*.zarr")) if root.exists() else []

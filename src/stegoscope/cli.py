@@ -1,0 +1,194 @@
+"""The ``stegoscope`` command line: one command per stage, plus ``status`` and ``demo``."""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from . import cache_schema
+from .config import ConfigError, load_preset
+from .data import DatasetError
+from .models.backbone import BackboneError
+from .pipeline import LockHeld, run_stage
+from .progress import console
+
+app = typer.Typer(
+    help="Reproduce, extend and trust STEGO unsupervised segmentation on cached DINO tokens.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+USER_ERRORS = (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, LockHeld, ValueError, FileNotFoundError)
+
+
+def user_errors(fn):
+    """Bad input ends with one clear line and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+CacheOpt = Annotated[
+    Path, typer.Option("--cache", envvar="STEGOSCOPE_CACHE", help="Cache root holding feature stores and artefacts.")
+]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", "-p", help="Preset name (demo, directory, potsdam, …) or path to a preset YAML.")
+]
+DataRootOpt = Annotated[
+    Optional[Path], typer.Option("--data-root", help="Dataset folder (overrides the preset's data_root).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader decode workers (default min(4, cores)).")]
+
+
+def _apply_overrides(preset, **overrides):
+    return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+@user_errors
+def extract(
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    split: Annotated[
+        Optional[list[str]], typer.Option("--split", help="Split to extract; repeat for several (default: all of the preset).")
+    ] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset reader (directory, synthetic, …).")] = None,
+    backbone: Annotated[
+        Optional[str],
+        typer.Option(
+            "--backbone",
+            help="vit_small_patch8 | vit_small_patch16 | vit_base_patch8 | vit_base_patch16 (DINO via timm); "
+            "random:<arch> for seeded RANDOM weights (not pretrained).",
+        ),
+    ] = None,
+    weights: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--weights",
+            help="Official DINO .pth (plain or training checkpoint with 'teacher') or timm state dict. "
+            "Without it, timm's hub copy is downloaded (needs network once).",
+        ),
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a random: backbone.")] = None,
+    train_res: Annotated[Optional[int], typer.Option("--train-res", help="Train resolution (default 224).")] = None,
+    val_res: Annotated[Optional[int], typer.Option("--val-res", help="Val resolution (default 320).")] = None,
+    interpolation: Annotated[
+        Optional[str],
+        typer.Option("--interpolation", help="Image resize: nearest (STEGO parity) or bilinear (antialiased)."),
+    ] = None,
+    n_classes: Annotated[Optional[int], typer.Option("--n-classes", help="Classes of a labelled directory dataset.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass.")] = None,
+    shard_size: Annotated[
+        Optional[int], typer.Option("--shard-size", help="Images per store shard (the unit of resume).")
+    ] = None,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Re-extract even if a complete store exists.")] = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Exit at once if another process is extracting the same key.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Extract DINO tokens of a dataset's splits into Zarr stores (skipped when cached, resumed after a crash)."""
+    from .study import feature_stages
+
+    cfg = _apply_overrides(
+        load_preset(preset), dataset=dataset, backbone=backbone, weights=str(weights) if weights else None,
+        seed=seed, interpolation=interpolation, n_classes=n_classes, batch_size=batch_size, shard_images=shard_size,
+    )
+    res = {k: v for k, v in (("train", train_res), ("val", val_res)) if v is not None}
+    stages = feature_stages(cfg, cache, data_root, split, res, workers=workers, device=device, show_progress=progress)
+    for stage in stages:
+        _run_extract(stage, force, not no_wait)
+
+
+def _run_extract(stage, force: bool, wait: bool) -> None:
+    label = f"{stage.p.dataset}/{stage.p.split}"
+    result = run_stage(stage, force=force, wait=wait, on_wait=lambda holder: console.print(f"{label}: waiting for {holder}"))
+    if result.skipped:
+        console.print(f"{label}: cached, no backbone work ({result.seconds:.2f} s)")
+    else:
+        s = result.detail
+        reused = f", {s.shards_reused} reused" if s.shards_reused else ""
+        console.print(
+            f"{label}: {s.n_images} images, {s.shards_written} shards written{reused} "
+            f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s)"
+        )
+    print(stage.output)
+
+
+@app.command()
+@user_errors
+def status(
+    preset: Annotated[
+        Optional[str], typer.Option("--preset", "-p", help="Show the preset's stages; without it, list every store.")
+    ] = None,
+    data_root: DataRootOpt = None,
+    cache: CacheOpt = cache_schema.default_cache_root(),
+) -> None:
+    """Show what is cached (complete / partial / missing) and what a command would reuse. Runs nothing."""
+    if preset is None:
+        _list_stores(cache)
+        return
+    from .study import feature_stages
+
+    table = Table(title=f"preset {preset} — cache {cache}")
+    for column in ("stage", "split", "state", "key", "output"):
+        table.add_column(column)
+    for stage in feature_stages(load_preset(preset), cache, data_root, show_progress=False):
+        state = stage.state()
+        colour = {"complete": "green", "partial": "yellow"}.get(state, "red")
+        table.add_row(stage.name, stage.p.split, f"[{colour}]{state}[/]", stage.key[:12], str(stage.output))
+    console.print(table)
+
+
+def _list_stores(cache: Path) -> None:
+    table = Table(title=f"feature stores in {cache}")
+    for column in ("store", "status", "images", "tokens", "pretrained"):
+        table.add_column(column)
+    for path in cache_schema.list_feature_stores(cache):
+        try:
+            store = cache_schema.open_feature_store(path)
+            tokens = store[cache_schema.TOKENS]
+            table.add_row(path.name, store.status, str(tokens.shape[0]), "×".join(map(str, tokens.shape[1:])), str(store.attrs.get("pretrained")))
+        except cache_schema.StoreError as exc:
+            table.add_row(path.name, f"[red]unreadable: {exc}[/]", "", "", "")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def demo(
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+) -> None:
+    """Run every stage that exists on the built-in synthetic dataset (small random ViT; CPU-friendly)."""
+    from .study import feature_stages
+
+    start = time.perf_counter()
+    stages = feature_stages(load_preset("demo"), cache, workers=workers, device=device)
+    for stage in stages:
+        _run_extract(stage, force=False, wait=True)
+    status(preset="demo", data_root=None, cache=cache)
+    console.print(f"demo finished in {time.perf_counter() - start:.1f} s; stores:")
+    for stage in stages:
+        console.print(f"  {stage.p.split}: {stage.output}")
+
+
+if __name__ == "__main__":
+    app()

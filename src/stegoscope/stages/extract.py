@@ -1,0 +1,283 @@
+"""Stage one: a dataset split through a frozen DINO ViT into a Zarr token store.
+
+Decoding and resizing run in DataLoader workers, the forward pass in the main process (bf16
+autocast on CUDA, fp32 on CPU), and a writer thread stores finished shards while the next
+batches compute. A shard is written whole, then its ``written`` flag; a rerun skips flagged
+shards and rewrites any other, and ``status=complete`` is set only after the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import cache_schema
+from ..cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, FeatureStore, StoreError, StoreLayout
+from ..data import ExtractionDataset, SegmentationDataset, open_dataset
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from ..models import resolve_device
+from ..models.backbone import build_backbone, parse_backbone, weights_identity
+from ..pipeline import COMPLETE, MISSING, PARTIAL, FileHashMemo, Stage, fingerprint_files, package_versions
+from ..progress import console, progress_bar
+
+LAYER = "last_block_final_norm_no_cls"
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    """Everything that decides the tokens of one split (all of it is in the key)."""
+
+    dataset: str
+    split: str
+    res: int
+    backbone: str
+    weights: str | None = None
+    seed: int = 0  # random: backbones only
+    interpolation: str = "nearest"
+    n_classes: int | None = None
+    store_images: bool = False
+
+    def __post_init__(self):
+        if self.interpolation not in ("nearest", "bilinear"):
+            raise ValueError(f"interpolation must be nearest or bilinear, not {self.interpolation!r}")
+        spec, _ = parse_backbone(self.backbone)
+        if self.res % spec.patch_size:
+            raise ValueError(f"res {self.res} is not divisible by the patch size {spec.patch_size} of {spec.name}")
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    n_images: int
+    shards_written: int
+    shards_reused: int
+    seconds: float
+    images_per_second: float = field(default=0.0)
+
+
+class ExtractStage(Stage):
+    name = "extract"
+    version = 1
+
+    def __init__(
+        self,
+        cache_root: Path,
+        data_root: Path,
+        params: ExtractParams,
+        batch_size: int = 32,
+        workers: int | None = None,
+        shard_images: int = cache_schema.DEFAULT_SHARD_IMAGES,
+        device: str = "auto",
+        show_progress: bool = True,
+    ):
+        super().__init__(cache_root)
+        self.data_root = Path(data_root)
+        self.p = params
+        self.batch_size = batch_size
+        self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        self.shard_images = shard_images
+        self.device = device
+        self.show_progress = show_progress
+
+    # -- identity ------------------------------------------------------------------------------
+    @cached_property
+    def dataset(self) -> SegmentationDataset:
+        return open_dataset(self.p.dataset, self.data_root, self.p.split, self.p.n_classes)
+
+    @cached_property
+    def _memo(self) -> FileHashMemo:
+        return FileHashMemo(cache_schema.memo_path(self.cache_root, "file-hashes"))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint_files(self.data_root, self.dataset.files(), self._memo)
+
+    @cached_property
+    def weights(self) -> dict[str, Any]:
+        weights = Path(self.p.weights) if self.p.weights else None
+        identity = weights_identity(self.p.backbone, weights, self.p.seed, lambda path: self._memo.hash(path, full=True))
+        self._memo.save()
+        return identity
+
+    def params(self) -> dict[str, Any]:
+        spec, _ = parse_backbone(self.p.backbone)
+        return {
+            "data": self.dataset.spec(),
+            "res": self.p.res,
+            "crop": "center",
+            "interpolation": self.p.interpolation,
+            "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+            "backbone": {"arch": spec.name, "patch_size": spec.patch_size, "embed_dim": spec.embed_dim, "layer": LAYER},
+            "weights": self.weights,
+            "token_dtype": "float16",
+            "store_images": self.p.store_images,
+            "schema_version": cache_schema.SCHEMA_VERSION,
+        }
+
+    def inputs(self) -> list[str]:
+        return [f"dataset:{self.fingerprint}"]
+
+    @property
+    def output(self) -> Path:
+        spec, random = parse_backbone(self.p.backbone)
+        backbone = f"random_{spec.name}" if random else spec.name
+        return cache_schema.feature_store_path(self.cache_root, self.dataset.name, self.p.split, backbone, self.p.res, self.key)
+
+    def state(self) -> str:
+        if not self.output.exists():
+            return MISSING
+        try:
+            store = cache_schema.open_feature_store(self.output)
+        except StoreError:
+            return PARTIAL
+        return COMPLETE if store.complete and store.key == self.key else PARTIAL
+
+    # -- work ----------------------------------------------------------------------------------
+    def layout(self) -> StoreLayout:
+        spec, _ = parse_backbone(self.p.backbone)
+        grid = self.p.res // spec.patch_size
+        return StoreLayout(
+            n_images=len(self.dataset), grid=(grid, grid), channels=spec.embed_dim, pixels=(self.p.res, self.p.res),
+            labelled=self.dataset.labelled, with_images=self.p.store_images, shard_images=self.shard_images,
+        )
+
+    def _open_or_create(self, force: bool) -> FeatureStore:
+        if not force and self.output.exists():
+            try:
+                store = cache_schema.open_feature_store(self.output, mode="r+")
+                if store.key == self.key:
+                    return store  # resume: its own shard size and layout win
+            except StoreError:
+                pass  # unreadable remains of a crash before the metadata was written
+        spec, random = parse_backbone(self.p.backbone)
+        attrs = {
+            "key": self.key, "stage": self.name, "stage_version": self.version, "spec": self.params(),
+            "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
+            "inputs": self.inputs(), "dataset_root": str(self.data_root), "class_names": list(self.dataset.class_names),
+            "pretrained": not random, "versions": package_versions(), "started": time.time(),
+        }
+        return cache_schema.create_feature_store(self.output, self.layout(), attrs)
+
+    def execute(self, force: bool) -> ExtractSummary:
+        start = time.perf_counter()
+        store = self._open_or_create(force)
+        layout = store.layout
+        pending = store.pending_shards()
+        if pending:
+            self._extract(store, layout, pending)
+        store.mark_complete()
+        seconds = time.perf_counter() - start
+        n_new = sum(len(range(*layout.shard_slice(s).indices(layout.n_images))) for s in pending)
+        return ExtractSummary(store.path, layout.n_images, len(pending), layout.n_shards - len(pending), seconds, n_new / seconds)
+
+    def _extract(self, store: FeatureStore, layout: StoreLayout, pending: list[int]) -> None:
+        device = resolve_device(self.device)
+        spec, random = parse_backbone(self.p.backbone)
+        if random:
+            console.print(f"[bold red]WARNING: {self.p.backbone} has RANDOM weights (seed {self.p.seed}), NOT pretrained DINO.[/]")
+        backbone = build_backbone(self.p.backbone, Path(self.p.weights) if self.p.weights else None, self.p.seed).to(device)
+        indices = [i for s in pending for i in range(*layout.shard_slice(s).indices(layout.n_images))]
+        loader = torch.utils.data.DataLoader(
+            ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, indices),
+            batch_size=self.batch_size, num_workers=self.workers, pin_memory=device.type == "cuda",
+        )
+        ids = self.dataset.ids
+        assembler = _ShardAssembler(layout, ids)
+        writer = _ShardWriter(store)
+        label = f"extract {self.dataset.name}/{self.p.split} @{self.p.res}"
+        try:
+            with progress_bar("img", self.show_progress) as bar:
+                task = bar.add_task(label, total=len(indices))
+                for batch in loader:
+                    tokens, pooled = _forward(backbone, batch["pixels"], device)
+                    rows = {TOKENS: tokens, POOLED: pooled}
+                    if layout.labelled:
+                        rows[LABELS] = batch["label"].numpy()
+                    if layout.with_images:
+                        rows[IMAGES] = batch["pixels"].numpy()
+                    for shard, arrays in assembler.add(batch["index"].numpy(), rows):
+                        writer.put(shard, arrays)
+                    bar.advance(task, len(batch["index"]))
+        finally:
+            writer.close()
+
+
+@torch.inference_mode()
+def _forward(backbone: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 pixels → (float16 tokens (B, h, w, C), float32 pooled (B, C)) on the host."""
+    x = normalize(pixels.to(device, non_blocking=True))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        feats = backbone(x)
+    feats = feats.float()
+    pooled = feats.mean(dim=(1, 2))
+    return feats.half().cpu().numpy(), pooled.cpu().numpy()
+
+
+class _ShardAssembler:
+    """Collects rows (arriving in index order) into whole shards."""
+
+    def __init__(self, layout: StoreLayout, ids: list[str]):
+        self.layout, self.ids = layout, ids
+        self.parts: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
+
+    def add(self, indices: np.ndarray, rows: dict[str, np.ndarray]):
+        shards = indices // self.layout.shard_images
+        for shard in np.unique(shards):
+            sel = shards == shard
+            self.parts.setdefault(int(shard), []).append((indices[sel], {k: v[sel] for k, v in rows.items()}))
+            sl = self.layout.shard_slice(int(shard))
+            if sum(len(ix) for ix, _ in self.parts[int(shard)]) == sl.stop - sl.start:
+                yield int(shard), self._assemble(int(shard))
+
+    def _assemble(self, shard: int) -> dict[str, np.ndarray]:
+        parts = self.parts.pop(shard)
+        indices = np.concatenate([ix for ix, _ in parts])
+        sl = self.layout.shard_slice(shard)
+        if not np.array_equal(indices, np.arange(sl.start, sl.stop)):
+            raise RuntimeError(f"shard {shard}: rows arrived out of order")
+        out = {name: np.concatenate([rows[name] for _, rows in parts]) for name in parts[0][1]}
+        out[IDS] = np.array([self.ids[i] for i in indices], dtype=str)
+        return out
+
+
+class _ShardWriter:
+    """A thread that writes finished shards while the next batches compute.
+
+    The queue is short, so memory holds at most a few shards; an error in the thread is
+    re-raised in the caller at the next ``put`` or at ``close``.
+    """
+
+    def __init__(self, store: FeatureStore, max_pending: int = 2):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.store.write_shard(*item)
+                except BaseException as exc:  # keep draining so the producer never blocks
+                    self.error = exc
+
+    def put(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise StoreError(f"{self.store.path}: writing shard failed: {self.error}") from self.error
+        self.queue.put((shard, arrays))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise StoreError(f"{self.store.path}: writing shard failed: {self.error}") from self.error

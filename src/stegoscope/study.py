@@ -1,0 +1,59 @@
+"""The study's stage graph built from a preset: the only place that composes stages."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from . import cache_schema
+from .config import ConfigError, Preset
+from .data import write_synthetic
+from .pipeline import canonical_json
+from .stages.extract import ExtractParams, ExtractStage
+
+
+def resolve_data_root(preset: Preset, cache_root: Path, data_root: Path | None = None) -> Path:
+    """The dataset folder: given, from the preset, or (synthetic) generated once into the cache."""
+    if data_root is not None:
+        return Path(data_root)
+    if preset.data_root:
+        return Path(preset.data_root)
+    if preset.dataset == "synthetic":
+        options = {"seed": 0, "n_train": 64, "n_val": 32, "size": [128, 96], **preset.synthetic}
+        tag = hashlib.sha256(canonical_json(options).encode()).hexdigest()[:8]
+        root = cache_schema.dataset_dir(cache_root, f"synthetic-{tag}")
+        return write_synthetic(root, options["seed"], options["n_train"], options["n_val"], tuple(options["size"]))
+    raise ConfigError(f"preset {preset.name!r} needs its data: pass --data-root DIR (make: DATA_ROOT=DIR)")
+
+
+def feature_stages(
+    preset: Preset,
+    cache_root: Path,
+    data_root: Path | None = None,
+    splits: list[str] | None = None,
+    res: dict[str, int] | None = None,
+    **options: Any,
+) -> list[ExtractStage]:
+    """One extraction stage per split of the preset.
+
+    ``res`` overrides a split's resolution; ``options`` are ExtractStage run options
+    (batch_size, workers, shard_images, device, show_progress).
+    """
+    root = resolve_data_root(preset, cache_root, data_root)
+    stages = []
+    for split in splits or list(preset.splits):
+        if split not in preset.splits:
+            raise ConfigError(f"preset {preset.name!r} has no split {split!r}; it has {list(preset.splits)}")
+        cfg = preset.splits[split]
+        if res and split in res:
+            cfg = replace(cfg, res=res[split])
+        params = ExtractParams(
+            dataset=preset.dataset, split=split, res=cfg.res, backbone=preset.backbone, weights=preset.weights,
+            seed=preset.seed, interpolation=preset.interpolation, n_classes=preset.n_classes,
+            store_images=cfg.store_images,
+        )
+        run_options = {"batch_size": preset.batch_size, "shard_images": preset.shard_images, **options}
+        stages.append(ExtractStage(cache_root, root, params, **run_options))
+    return stages
