@@ -1,0 +1,68 @@
+"""The directory reader (pairing by stem, RGB conversion, ignore values) and the synthetic dataset."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stegoscope.data import DatasetError, DirectoryDataset, SyntheticDataset, write_synthetic
+from stegoscope.data.synthetic import CLASS_NAMES
+
+
+def test_directory_pairs_by_stem_and_converts_to_rgb(directory_dataset):
+    ds = DirectoryDataset(directory_dataset, "train", n_classes=3)
+    assert ds.ids == [f"img{i:03d}" for i in range(6)] and ds.labelled
+    for i in range(len(ds)):
+        assert ds.image(i).mode == "RGB"
+        label = ds.label(i)
+        assert set(np.unique(label)) <= {-1, 0, 1, 2} and (label[:8] == -1).all()
+    assert len(ds.files()) == 12
+
+
+def test_directory_unmatched_files_are_named(directory_dataset):
+    (directory_dataset / "labels" / "train" / "img002.png").unlink()
+    with pytest.raises(DatasetError, match=r"img002\.(png|jpg).*image without a label"):
+        DirectoryDataset(directory_dataset, "train", n_classes=3).files()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(directory_dataset / "labels" / "val" / "orphan.png")
+    with pytest.raises(DatasetError, match=r"orphan\.png.*label without an image"):
+        DirectoryDataset(directory_dataset, "val", n_classes=3).files()
+
+
+def test_directory_missing_split_and_unknown_classes(tmp_path, directory_dataset):
+    with pytest.raises(DatasetError, match="imgs/test.*not found"):
+        DirectoryDataset(directory_dataset, "test")
+    with pytest.raises(DatasetError, match="--n-classes"):
+        DirectoryDataset(directory_dataset, "train")
+    (tmp_path / "bare" / "imgs" / "train").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "bare" / "imgs" / "train" / "a.jpg")
+    bare = DirectoryDataset(tmp_path / "bare", "train")
+    assert not bare.labelled and bare.label(0) is None
+
+
+def test_directory_rejects_bad_label_and_corrupt_image(directory_dataset):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(directory_dataset / "labels" / "train" / "img000.png")
+    ds = DirectoryDataset(directory_dataset, "train", n_classes=3)
+    with pytest.raises(DatasetError, match="img000.png.*mode RGB"):
+        ds.label(0)
+    (directory_dataset / "imgs" / "train" / "img001.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(DatasetError, match="img001.jpg.*cannot decode"):
+        ds.image(1)
+
+
+def test_synthetic_is_deterministic_and_has_distinct_classes(tmp_path):
+    a = write_synthetic(tmp_path / "a", seed=5, n_train=6, n_val=3, size=(64, 48))
+    b = write_synthetic(tmp_path / "b", seed=5, n_train=6, n_val=3, size=(64, 48))
+    c = write_synthetic(tmp_path / "c", seed=6, n_train=6, n_val=3, size=(64, 48))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 18
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)
+
+    ds = SyntheticDataset(a, "train")
+    assert ds.class_names == CLASS_NAMES and ds.n_classes == 4
+    pixels = np.stack([np.asarray(ds.image(i)) for i in range(len(ds))]).reshape(-1, 3).astype(float)
+    labels = np.stack([ds.label(i) for i in range(len(ds))]).reshape(-1)
+    present = np.unique(labels)
+    assert len(present) >= 3 and labels.min() >= 0
+    means = np.stack([pixels[labels == k].mean(0) for k in present])
+    gaps = np.linalg.norm(means[:, None] - means[None], axis=-1)[np.triu_indices(len(present), 1)]
+    assert gaps.min() > 40  # classes differ in colour

@@ -1,0 +1,175 @@
+"""The extract stage end to end on generated fixtures: store contents, reuse, keys, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray
+from PIL import Image
+
+from stegoscope import cache_schema
+from stegoscope.data import DirectoryDataset
+from stegoscope.data.transforms import normalize, transform_image, transform_label
+from stegoscope.models.backbone import build_backbone
+from stegoscope.pipeline import run_stage
+from stegoscope.stages import extract as extract_module
+from stegoscope.stages.extract import ExtractParams, ExtractStage
+
+from conftest import write_directory_dataset
+
+MICRO = "random:vit_micro_patch8"
+
+
+def make_stage(cache, root, **overrides):
+    params = dict(dataset="directory", split="val", res=32, backbone=MICRO, n_classes=3, store_images=True)
+    params.update(overrides)
+    return ExtractStage(cache, root, ExtractParams(**params), batch_size=3, workers=0, shard_images=2, show_progress=False)
+
+
+def test_store_holds_the_backbone_tokens_labels_and_pixels(cache, directory_dataset):
+    stage = make_stage(cache, directory_dataset)
+    result = run_stage(stage)
+    assert not result.skipped and result.detail.shards_written == 2
+
+    ds = xarray.open_zarr(stage.output)
+    assert ds.tokens.dims == ("image", "y", "x", "channel") and ds.tokens.dtype == np.float16
+    assert ds.tokens.shape == (4, 4, 4, 96) and ds.labels.shape == (4, 32, 32)
+
+    store = cache_schema.open_feature_store(stage.output)
+    assert store.complete and store.key == stage.key
+    reader = DirectoryDataset(directory_dataset, "val", n_classes=3)
+    assert store.ids == reader.ids == ["img000", "img001", "img002", "img003"]
+    backbone = build_backbone(MICRO)
+    for i in range(4):
+        pixels = transform_image(reader.image(i), 32)
+        with torch.no_grad():
+            feats = backbone(normalize(torch.from_numpy(pixels.copy())[None]))[0]
+        np.testing.assert_array_equal(store[cache_schema.IMAGES][i], pixels)
+        np.testing.assert_array_equal(store[cache_schema.TOKENS][i], feats.half().numpy())
+        np.testing.assert_allclose(store[cache_schema.POOLED][i], feats.mean((0, 1)).numpy(), rtol=1e-5, atol=1e-6)
+        raw = np.asarray(Image.open(directory_dataset / "labels" / "val" / f"img{i:03d}.png")).astype(int)
+        expected = transform_label(np.where(raw == 255, -1, raw), 32)
+        np.testing.assert_array_equal(store[cache_schema.LABELS][i], expected)
+    labels = ds.labels.values
+    assert (labels == -1).any() and labels.min() == -1 and labels.max() <= 2  # 255 in the source → -1
+
+
+def test_second_run_does_no_backbone_work(cache, directory_dataset, monkeypatch):
+    run_stage(make_stage(cache, directory_dataset))
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built on a cached store")
+
+    monkeypatch.setattr(extract_module, "build_backbone", no_backbone)
+    again = run_stage(make_stage(cache, directory_dataset))
+    assert again.skipped
+
+
+def test_keyed_parameters_change_the_key(cache, directory_dataset, tmp_path):
+    base = make_stage(cache, directory_dataset).key
+    assert make_stage(cache, directory_dataset).key == base  # nothing changed: reused
+    for change in ({"res": 40}, {"interpolation": "bilinear"}, {"backbone": "random:vit_small_patch8"}, {"seed": 1}, {"split": "train"}):
+        assert make_stage(cache, directory_dataset, **change).key != base, change
+
+    # weights: two files with different contents
+    w1, w2 = tmp_path / "w1.pth", tmp_path / "w2.pth"
+    torch.save(build_backbone("random:vit_small_patch8", seed=1).vit.state_dict(), w1)
+    torch.save(build_backbone("random:vit_small_patch8", seed=2).vit.state_dict(), w2)
+    k1 = make_stage(cache, directory_dataset, backbone="vit_small_patch8", weights=str(w1)).key
+    k2 = make_stage(cache, directory_dataset, backbone="vit_small_patch8", weights=str(w2)).key
+    assert len({k1, k2, base}) == 3
+
+    # a dataset file modified, added, removed
+    image = directory_dataset / "imgs" / "val" / "img000.png"
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(image)
+    modified = make_stage(cache, directory_dataset).key
+    assert modified != base
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(directory_dataset / "imgs" / "val" / "extra.png")
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(directory_dataset / "labels" / "val" / "extra.png")
+    added = make_stage(cache, directory_dataset).key
+    assert added not in (base, modified)
+
+
+def test_sigkill_mid_extraction_resumes_to_the_same_store(tmp_path):
+    root = write_directory_dataset(tmp_path / "data", n_train=120, n_val=1, size=(64, 48))
+    cmd = [
+        sys.executable, "-m", "stegoscope.cli", "extract", "--preset", "directory", "--data-root", str(root),
+        "--split", "train", "--backbone", MICRO, "--n-classes", "3", "--train-res", "160",
+        "--batch-size", "2", "--shard-size", "4", "--workers", "0", "--no-progress", "--device", "cpu",
+    ]
+    cache = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--cache", str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    flags = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        flags = list(cache.glob("features/*.zarr/written/c/*"))
+        if len(flags) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "extraction finished before it could be killed"
+    store_path = next(cache.glob("features/*.zarr"))
+    store = cache_schema.open_feature_store(store_path)
+    assert not store.complete
+    flagged = [s for s in range(store.layout.n_shards) if s not in store.pending_shards()]
+    assert 3 <= len(flagged) < store.layout.n_shards
+    shard_files = {s: store_path / "tokens" / "c" / str(s) / "0" / "0" / "0" for s in flagged}
+    mtimes = {s: p.stat().st_mtime_ns for s, p in shard_files.items()}
+
+    resumed = subprocess.run([*cmd, "--cache", str(cache)], capture_output=True, text=True, check=True)
+    assert f"{len(flagged)} reused" in resumed.stderr
+    assert {s: p.stat().st_mtime_ns for s, p in shard_files.items()} == mtimes  # no shard written twice
+
+    fresh = tmp_path / "fresh"
+    subprocess.run([*cmd, "--cache", str(fresh)], capture_output=True, check=True)
+    a = cache_schema.open_feature_store(store_path)
+    b = cache_schema.open_feature_store(next(fresh.glob("features/*.zarr")))
+    assert a.complete and a.key == b.key
+    for name in (cache_schema.TOKENS, cache_schema.POOLED, cache_schema.LABELS):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    assert a.ids == b.ids and len(set(a.ids)) == 120
+
+
+def test_cli_extract_status_and_clear_errors(tmp_path, directory_dataset):
+    from typer.testing import CliRunner
+
+    from stegoscope.cli import app
+
+    runner = CliRunner()
+    args = ["--preset", "directory", "--data-root", str(directory_dataset), "--backbone", MICRO, "--n-classes", "3",
+            "--train-res", "32", "--val-res", "48", "--workers", "0", "--cache", str(tmp_path / "c"), "--no-progress"]
+    first = runner.invoke(app, ["extract", *args])
+    assert first.exit_code == 0, first.output
+    assert "RANDOM weights" in first.output and first.output.count(".zarr") == 2
+    second = runner.invoke(app, ["extract", *args])
+    assert second.output.count("cached, no backbone work") == 2
+    status = runner.invoke(app, ["status", "--cache", str(tmp_path / "c")])
+    assert status.exit_code == 0 and status.output.count("complete") == 2
+
+    missing = runner.invoke(app, ["extract", "--preset", "directory", "--data-root", str(tmp_path / "nowhere"),
+                                  "--backbone", MICRO, "--cache", str(tmp_path / "c")])
+    assert missing.exit_code == 2 and "nowhere/imgs/train" in missing.output and "Traceback" not in missing.output
+    offline = runner.invoke(app, ["extract", "--data-root", str(directory_dataset), "--n-classes", "3",
+                                  "--cache", str(tmp_path / "c")])
+    assert offline.exit_code == 2 and "--weights" in offline.output
+
+
+@pytest.mark.parametrize("help_for", ["extract", "status", "demo"])
+def test_every_option_is_explained(help_for):
+    from typer.testing import CliRunner
+
+    from stegoscope.cli import app
+
+    out = CliRunner().invoke(app, [help_for, "--help"], env={"COLUMNS": "200"}).output
+    options = [line for line in out.splitlines() if line.strip().startswith(("│ --", "│ -"))]
+    assert options
+    for line in options:
+        text = line.strip("│ ").split(None, 1)
+        assert len(text) == 2 and len(text[1].split()) >= 2, f"option without help: {line}"

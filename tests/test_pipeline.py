@@ -1,0 +1,81 @@
+"""Keys, locks and manifests of the stage contract."""
+
+import hashlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from stegoscope import cache_schema
+from stegoscope.pipeline import (
+    FileHashMemo, LockHeld, fingerprint_files, read_manifest, stage_key, stage_lock, write_manifest,
+)
+
+
+def test_key_is_sha256_of_canonical_json():
+    params = {"b": 1, "a": [1.5, "x"]}
+    expected = hashlib.sha256(
+        b'{"inputs":["up"],"params":{"a":[1.5,"x"],"b":1},"stage":"s","stage_version":2}'
+    ).hexdigest()
+    assert stage_key("s", 2, params, ["up"]) == expected
+    assert stage_key("s", 2, {"a": [1.5, "x"], "b": 1}, ["up"]) == expected  # order-free
+    assert stage_key("s", 3, params, ["up"]) != expected
+    assert stage_key("s", 2, params, ["other"]) != expected
+
+
+def test_fingerprint_tracks_content_and_memo_is_invalidated(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    for name in "abc":
+        (root / name).write_bytes(name.encode() * 10)
+    memo = FileHashMemo(tmp_path / "memo.json")
+    first = fingerprint_files(root, sorted(root.iterdir()), memo)
+    assert fingerprint_files(root, sorted(root.iterdir(), reverse=True), FileHashMemo(tmp_path / "memo.json")) == first
+    (root / "b").write_bytes(b"B" * 10)  # same size, new content
+    assert fingerprint_files(root, sorted(root.iterdir()), memo) != first
+
+
+def _hold_lock(path, seconds):
+    code = (
+        "import sys, time; from pathlib import Path; from stegoscope.pipeline import stage_lock\n"
+        f"with stage_lock(Path({str(path)!r})):\n    print('held', flush=True); time.sleep({seconds})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_waits_for_holder_and_no_wait_names_it(tmp_path):
+    path = cache_schema.lock_path(tmp_path, "k" * 64)
+    holder = _hold_lock(path, 1.5)
+    with pytest.raises(LockHeld, match=f"pid {holder.pid}"):
+        with stage_lock(path, wait=False):
+            pass
+    waited = []
+    start = time.monotonic()
+    with stage_lock(path, on_wait=waited.append):
+        assert time.monotonic() - start > 0.5 and waited
+    holder.wait()
+    with stage_lock(cache_schema.lock_path(tmp_path, "other"), wait=False):
+        with stage_lock(cache_schema.lock_path(tmp_path, "third"), wait=False):
+            pass  # different keys side by side
+
+
+def test_lock_of_a_killed_process_is_taken_over(tmp_path):
+    path = cache_schema.lock_path(tmp_path, "dead")
+    holder = _hold_lock(path, 60)
+    holder.kill()
+    holder.wait()
+    with stage_lock(path, wait=False):
+        pass
+
+
+def test_manifest_round_trip_and_damage(tmp_path):
+    assert read_manifest(tmp_path) is None
+    write_manifest(tmp_path, {"key": "abc", "seconds": 1.5})
+    assert read_manifest(tmp_path) == {"key": "abc", "seconds": 1.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp files left
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(cache_schema.StoreError, match="manifest.json.*--force"):
+        read_manifest(tmp_path)
