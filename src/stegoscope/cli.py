@@ -97,6 +97,14 @@ def extract(
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad",
+            help="Check every sample first and skip unreadable ones (missing, corrupt, bad label values), "
+            "recording their ids and reasons in the store; without it the first bad file stops the run.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-extract even if a complete store exists.")] = False,
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Exit at once if another process is extracting the same key.")
@@ -111,7 +119,9 @@ def extract(
         seed=seed, interpolation=interpolation, n_classes=n_classes, batch_size=batch_size, shard_images=shard_size,
     )
     res = {k: v for k, v in (("train", train_res), ("val", val_res)) if v is not None}
-    stages = feature_stages(cfg, cache, data_root, split, res, workers=workers, device=device, show_progress=progress)
+    stages = feature_stages(
+        cfg, cache, data_root, split, res, skip_bad=skip_bad, workers=workers, device=device, show_progress=progress
+    )
     for stage in stages:
         _run_extract(stage, force, not no_wait)
 
@@ -121,6 +131,7 @@ def _run_extract(stage, force: bool, wait: bool) -> None:
     result = run_stage(stage, force=force, wait=wait, on_wait=lambda holder: console.print(f"{label}: waiting for {holder}"))
     if result.skipped:
         console.print(f"{label}: cached, no backbone work ({result.seconds:.2f} s)")
+        skipped = cache_schema.open_feature_store(stage.output).attrs.get("skipped", [])
     else:
         s = result.detail
         reused = f", {s.shards_reused} reused" if s.shards_reused else ""
@@ -128,6 +139,11 @@ def _run_extract(stage, force: bool, wait: bool) -> None:
             f"{label}: {s.n_images} images, {s.shards_written} shards written{reused} "
             f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s)"
         )
+        skipped = [{"id": k, "reason": v} for k, v in s.skipped.items()]
+    if skipped:
+        console.print(f"[yellow]{label}: {len(skipped)} bad samples skipped (recorded in the store's attrs):[/]")
+        for entry in skipped:
+            console.print(f"  {entry['id']}: {entry['reason']}", soft_wrap=True)
     print(stage.output)
 
 

@@ -22,6 +22,39 @@ class SplitConfig:
 
     res: int
     store_images: bool = False
+    crop: str = "none"  # "five": five-crop 0.5 of the full-resolution image (STEGO's train splits)
+
+
+@dataclass
+class StegoConfig:
+    """The STEGO head and its training (paper Table 1 + supplementary Table 1)."""
+
+    steps: int = 5000
+    batch_size: int = 16
+    dim: int = 70  # D_STEGO
+    pointwise: bool = True  # pointwise centring of the feature correspondence
+    zero_clamp: bool = True
+    lambda_self: float = 0.67  # pos_intra_weight
+    lambda_knn: float = 0.25  # pos_inter_weight
+    lambda_rand: float = 0.63  # neg_inter_weight
+    b_self: float = 0.08  # pos_intra_shift
+    b_knn: float = 0.02  # pos_inter_shift
+    b_rand: float = 0.76  # neg_inter_shift
+    lr: float = 5e-4
+    dropout: float = 0.1
+    feature_samples: int = 11  # 11×11 sample points
+    neg_samples: int = 5
+    knn_neighbors: int = 7  # partner drawn from ranks 1..7
+
+
+@dataclass
+class ProbeConfig:
+    """Linear and cluster probes (supplementary Table 1)."""
+
+    linear_lr: float = 5e-3
+    cluster_lr: float = 5e-3
+    extra_clusters: int = 0
+    val_every: int = 100
 
 
 @dataclass
@@ -40,6 +73,9 @@ class Preset:
     batch_size: int = 32
     shard_images: int = 128
     synthetic: dict[str, Any] = field(default_factory=dict)
+    dims: list[int] = field(default_factory=list)  # the sweep's embedding dimensions
+    stego: StegoConfig = field(default_factory=StegoConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     path: Path | None = None
 
     @classmethod
@@ -56,6 +92,8 @@ class Preset:
             raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
         try:
             split_cfgs = {name: SplitConfig(**cfg) for name, cfg in splits.items()}
+            merged["stego"] = StegoConfig(**(merged.get("stego") or {}))
+            merged["probe"] = ProbeConfig(**(merged.get("probe") or {}))
             return cls(splits=split_cfgs, path=path, **merged)
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc

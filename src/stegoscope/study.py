@@ -34,6 +34,7 @@ def feature_stages(
     data_root: Path | None = None,
     splits: list[str] | None = None,
     res: dict[str, int] | None = None,
+    skip_bad: bool = False,
     **options: Any,
 ) -> list[ExtractStage]:
     """One extraction stage per split of the preset.
@@ -52,7 +53,7 @@ def feature_stages(
         params = ExtractParams(
             dataset=preset.dataset, split=split, res=cfg.res, backbone=preset.backbone, weights=preset.weights,
             seed=preset.seed, interpolation=preset.interpolation, n_classes=preset.n_classes,
-            store_images=cfg.store_images,
+            store_images=cfg.store_images, crop=cfg.crop, skip_bad=skip_bad,
         )
         run_options = {"batch_size": preset.batch_size, "shard_images": preset.shard_images, **options}
         stages.append(ExtractStage(cache_root, root, params, **run_options))

@@ -1,8 +1,9 @@
 """The generic ``directory`` dataset: ``imgs/<split>/*`` and optional ``labels/<split>/*.png``.
 
 Unlike STEGO (which pairs by sorted position and does not convert to RGB), images and labels
-are paired by file stem, any unmatched file is an error, and every image is converted to RGB.
-Label pixel values are class ids; values outside ``[0, n_classes)`` are ignored (-1).
+are paired by file stem, an unmatched file is reported by name, and every image is converted to
+RGB. Label pixel values are class ids; values outside ``[0, n_classes)`` are ignored (-1), as
+in STEGO.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .base import IMAGE_SUFFIXES, DatasetError, SegmentationDataset, read_label_png, read_rgb
+from .base import IMAGE_SUFFIXES, DatasetError, SegmentationDataset, read_label_png
 
 
 class DirectoryDataset(SegmentationDataset):
@@ -44,37 +44,27 @@ class DirectoryDataset(SegmentationDataset):
 
     @cached_property
     def _labels(self) -> dict[str, Path]:
-        if not self.label_dir.is_dir():
+        if not self.labelled:
             return {}
-        labels = _by_stem(sorted(p for p in self.label_dir.iterdir() if p.suffix.lower() == ".png"))
-        images = self._images
-        for stem, path in labels.items():
-            if stem not in images:
-                raise DatasetError(path, "label without an image of the same stem", f"add {self.image_dir}/{stem}.* or remove it")
-        for stem, path in images.items():
-            if stem not in labels:
-                raise DatasetError(path, "image without a label of the same stem", f"add {self.label_dir}/{stem}.png or remove it")
-        return labels
+        return _by_stem(sorted(p for p in self.label_dir.iterdir() if p.suffix.lower() == ".png"))
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
-        return list(self._images)
+        # An orphan label is a sample too, so that it is reported (or skipped) by name.
+        return sorted(set(self._images) | set(self._labels))
 
     @property
     def labelled(self) -> bool:
         return self.label_dir.is_dir()
 
-    def image(self, index: int) -> Image.Image:
-        return read_rgb(self._images[self.ids[index]])
+    def paths(self, index: int) -> tuple[Path, Path | None]:
+        stem = self.ids[index]
+        image = self._images.get(stem, self.image_dir / f"{stem}.*")
+        return image, (self._labels.get(stem, self.label_dir / f"{stem}.png") if self.labelled else None)
 
-    def label(self, index: int) -> np.ndarray | None:
-        if not self.labelled:
-            return None
-        raw = read_label_png(self._labels[self.ids[index]])
+    def read_label(self, path: Path) -> np.ndarray:
+        raw = read_label_png(path)
         return np.where((raw >= 0) & (raw < self.n_classes), raw, -1)
-
-    def files(self) -> list[Path]:
-        return list(self._images.values()) + list(self._labels.values())
 
 
 def _by_stem(files: list[Path]) -> dict[str, Path]:

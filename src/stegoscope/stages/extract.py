@@ -22,7 +22,8 @@ import torch
 
 from .. import cache_schema
 from ..cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, FeatureStore, StoreError, StoreLayout
-from ..data import ExtractionDataset, SegmentationDataset, open_dataset
+from ..data import DatasetError, ExtractionDataset, SegmentationDataset, find_bad_samples, open_dataset
+from ..data.crops import CROP_FIVE, CROP_NONE, crops_per_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..models import resolve_device
 from ..models.backbone import build_backbone, parse_backbone, weights_identity
@@ -45,8 +46,12 @@ class ExtractParams:
     interpolation: str = "nearest"
     n_classes: int | None = None
     store_images: bool = False
+    crop: str = CROP_NONE  # "five": five-crop of the full-resolution image first (train splits)
+    crop_ratio: float = 0.5
+    skip_bad: bool = False  # skip unreadable samples (recorded in the store) instead of stopping
 
     def __post_init__(self):
+        crops_per_image(self.crop)
         if self.interpolation not in ("nearest", "bilinear"):
             raise ValueError(f"interpolation must be nearest or bilinear, not {self.interpolation!r}")
         spec, _ = parse_backbone(self.backbone)
@@ -62,6 +67,7 @@ class ExtractSummary:
     shards_reused: int
     seconds: float
     images_per_second: float = field(default=0.0)
+    skipped: dict[str, str] = field(default_factory=dict)  # source id → reason
 
 
 class ExtractStage(Stage):
@@ -113,13 +119,15 @@ class ExtractStage(Stage):
         return {
             "data": self.dataset.spec(),
             "res": self.p.res,
-            "crop": "center",
+            "crop": {"type": self.p.crop, "ratio": self.p.crop_ratio} if self.p.crop == CROP_FIVE else CROP_NONE,
+            "resize": "shorter_side_then_center_crop",
             "interpolation": self.p.interpolation,
             "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
             "backbone": {"arch": spec.name, "patch_size": spec.patch_size, "embed_dim": spec.embed_dim, "layer": LAYER},
             "weights": self.weights,
             "token_dtype": "float16",
             "store_images": self.p.store_images,
+            "skip_bad": self.p.skip_bad,
             "schema_version": cache_schema.SCHEMA_VERSION,
         }
 
@@ -142,11 +150,33 @@ class ExtractStage(Stage):
         return COMPLETE if store.complete and store.key == self.key else PARTIAL
 
     # -- work ----------------------------------------------------------------------------------
-    def layout(self) -> StoreLayout:
+    def samples(self, skipped: dict[str, str]) -> list[tuple[int, int | None]]:
+        """(source index, crop index) of every store row, leaving out the skipped sources."""
+        crops = [None] if self.p.crop == CROP_NONE else list(range(crops_per_image(self.p.crop)))
+        return [(i, k) for i, sid in enumerate(self.dataset.ids) if sid not in skipped for k in crops]
+
+    def row_ids(self, samples: list[tuple[int, int | None]]) -> list[str]:
+        ids = self.dataset.ids
+        return [ids[i] if k is None else f"{ids[i]}#{k}" for i, k in samples]
+
+    def find_skipped(self) -> dict[str, str]:
+        """With ``skip_bad``: decode every sample once and return the unreadable ones (id → reason).
+        Without: stop at the first missing file (cheap, before any compute)."""
+        if not self.p.skip_bad:
+            problems = self.dataset.problems()
+            if problems:
+                raise problems[0][1]
+            return {}
+        with progress_bar("img", self.show_progress) as bar:
+            task = bar.add_task(f"check {self.dataset.name}/{self.p.split}", total=len(self.dataset))
+            bad = find_bad_samples(self.dataset, self.workers, lambda n: bar.advance(task, n))
+        return {self.dataset.ids[i]: reason for i, reason in bad.items()}
+
+    def layout(self, n_images: int) -> StoreLayout:
         spec, _ = parse_backbone(self.p.backbone)
         grid = self.p.res // spec.patch_size
         return StoreLayout(
-            n_images=len(self.dataset), grid=(grid, grid), channels=spec.embed_dim, pixels=(self.p.res, self.p.res),
+            n_images=n_images, grid=(grid, grid), channels=spec.embed_dim, pixels=(self.p.res, self.p.res),
             labelled=self.dataset.labelled, with_images=self.p.store_images, shard_images=self.shard_images,
         )
 
@@ -155,58 +185,70 @@ class ExtractStage(Stage):
             try:
                 store = cache_schema.open_feature_store(self.output, mode="r+")
                 if store.key == self.key:
-                    return store  # resume: its own shard size and layout win
+                    return store  # resume: its own shard size, layout and skipped samples win
             except StoreError:
                 pass  # unreadable remains of a crash before the metadata was written
+        skipped = self.find_skipped()
+        n_images = len(self.samples(skipped))
+        if n_images == 0:
+            raise DatasetError(self.dataset.root, f"no readable samples in split {self.p.split!r}")
         spec, random = parse_backbone(self.p.backbone)
         attrs = {
             "key": self.key, "stage": self.name, "stage_version": self.version, "spec": self.params(),
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
             "inputs": self.inputs(), "dataset_root": str(self.data_root), "class_names": list(self.dataset.class_names),
+            "skipped": [{"id": sid, "reason": reason} for sid, reason in skipped.items()],
             "pretrained": not random, "versions": package_versions(), "started": time.time(),
         }
-        return cache_schema.create_feature_store(self.output, self.layout(), attrs)
+        return cache_schema.create_feature_store(self.output, self.layout(n_images), attrs)
 
     def execute(self, force: bool) -> ExtractSummary:
         start = time.perf_counter()
         store = self._open_or_create(force)
+        skipped = {entry["id"]: entry["reason"] for entry in store.attrs.get("skipped", [])}
+        samples = self.samples(skipped)
         layout = store.layout
+        if len(samples) != layout.n_images:
+            raise StoreError(f"{store.path}: holds {layout.n_images} rows but the dataset gives {len(samples)}; re-extract with --force")
         pending = store.pending_shards()
         if pending:
-            self._extract(store, layout, pending)
+            self._extract(store, layout, samples, pending)
         store.mark_complete()
         seconds = time.perf_counter() - start
         n_new = sum(len(range(*layout.shard_slice(s).indices(layout.n_images))) for s in pending)
-        return ExtractSummary(store.path, layout.n_images, len(pending), layout.n_shards - len(pending), seconds, n_new / seconds)
+        return ExtractSummary(
+            store.path, layout.n_images, len(pending), layout.n_shards - len(pending), seconds, n_new / seconds, skipped
+        )
 
-    def _extract(self, store: FeatureStore, layout: StoreLayout, pending: list[int]) -> None:
+    def _extract(self, store: FeatureStore, layout: StoreLayout, samples: list, pending: list[int]) -> None:
         device = resolve_device(self.device)
         spec, random = parse_backbone(self.p.backbone)
         if random:
             console.print(f"[bold red]WARNING: {self.p.backbone} has RANDOM weights (seed {self.p.seed}), NOT pretrained DINO.[/]")
         backbone = build_backbone(self.p.backbone, Path(self.p.weights) if self.p.weights else None, self.p.seed).to(device)
-        indices = [i for s in pending for i in range(*layout.shard_slice(s).indices(layout.n_images))]
+        rows = [r for s in pending for r in range(*layout.shard_slice(s).indices(layout.n_images))]
         loader = torch.utils.data.DataLoader(
-            ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, indices),
+            ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, samples, rows, self.p.crop_ratio),
             batch_size=self.batch_size, num_workers=self.workers, pin_memory=device.type == "cuda",
         )
-        ids = self.dataset.ids
-        assembler = _ShardAssembler(layout, ids)
+        assembler = _ShardAssembler(layout, self.row_ids(samples))
         writer = _ShardWriter(store)
         label = f"extract {self.dataset.name}/{self.p.split} @{self.p.res}"
         try:
             with progress_bar("img", self.show_progress) as bar:
-                task = bar.add_task(label, total=len(indices))
+                task = bar.add_task(label, total=len(rows))
                 for batch in loader:
                     tokens, pooled = _forward(backbone, batch["pixels"], device)
-                    rows = {TOKENS: tokens, POOLED: pooled}
+                    arrays = {TOKENS: tokens, POOLED: pooled}
                     if layout.labelled:
-                        rows[LABELS] = batch["label"].numpy()
+                        arrays[LABELS] = batch["label"].numpy()
                     if layout.with_images:
-                        rows[IMAGES] = batch["pixels"].numpy()
-                    for shard, arrays in assembler.add(batch["index"].numpy(), rows):
-                        writer.put(shard, arrays)
+                        arrays[IMAGES] = batch["pixels"].numpy()
+                    for shard, shard_arrays in assembler.add(batch["index"].numpy(), arrays):
+                        writer.put(shard, shard_arrays)
                     bar.advance(task, len(batch["index"]))
+        except DatasetError as exc:
+            raise DatasetError.from_worker(exc) from None
         finally:
             writer.close()
 
