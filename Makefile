@@ -7,6 +7,8 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 CACHE   ?= .stegoscope-cache
 DATASET ?= demo
 DATA_ROOT ?=
+# More `stegoscope extract` options, e.g. ARGS='--weights dino_vitbase8_pretrain.pth --skip-bad'
+ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install test demo features status clean
@@ -25,7 +27,7 @@ demo:
 
 # Extract train and val tokens of one dataset preset, e.g. `make features DATASET=potsdam DATA_ROOT=/data`.
 features:
-	$(BIN)/stegoscope extract --preset $(DATASET) --cache $(CACHE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT),)
+	$(BIN)/stegoscope extract --preset $(DATASET) --cache $(CACHE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT),) $(ARGS)
 
 status:
 	$(BIN)/stegoscope status --preset $(DATASET) --cache $(CACHE)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import cache_schema
@@ -34,7 +35,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -143,7 +144,7 @@ def _run_extract(stage, force: bool, wait: bool) -> None:
     if skipped:
         console.print(f"[yellow]{label}: {len(skipped)} bad samples skipped (recorded in the store's attrs):[/]")
         for entry in skipped:
-            console.print(f"  {entry['id']}: {entry['reason']}", soft_wrap=True)
+            console.print(f"  {escape(entry['id'])}: {escape(entry['reason'])}", soft_wrap=True, highlight=False)
     print(stage.output)
 
 
