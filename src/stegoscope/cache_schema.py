@@ -72,6 +72,20 @@ def feature_store_path(cache_root: Path, dataset: str, split: str, backbone: str
     return Path(cache_root) / "features" / name
 
 
+def derived_store_path(cache_root: Path, source: Path, reducer_key: str) -> Path:
+    """A store of codes: ``source`` projected by the reducer ``reducer_key`` (e.g. h-NNE)."""
+    return Path(cache_root) / "derived" / f"{Path(source).stem}-by-{reducer_key[:12]}.zarr"
+
+
+def artefact_dir(cache_root: Path, stage: str, name: str, key: str) -> Path:
+    """``<cache>/artefacts/<stage>/<name>-<key12>/``: manifest.json + payload."""
+    return Path(cache_root) / "artefacts" / _slug(stage) / f"{_slug(name)}-{key[:12]}"
+
+
+PAYLOAD = "payload.npz"
+MANIFEST = "manifest.json"
+
+
 def features_dir(cache_root: Path) -> Path:
     return Path(cache_root) / "features"
 
@@ -99,6 +113,7 @@ class StoreLayout:
     labelled: bool
     with_images: bool
     shard_images: int = DEFAULT_SHARD_IMAGES
+    token_dtype: str = "float16"
 
     @property
     def n_shards(self) -> int:
@@ -144,7 +159,7 @@ class FeatureStore:
         n, h, w, c = tokens.shape
         shard = tokens.shards[0] if tokens.shards else tokens.chunks[0]
         pixels = tuple(self.group[LABELS].shape[1:]) if LABELS in self.group else tuple(self.attrs["pixels"])
-        return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard)
+        return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype))
 
     # -- arrays --------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> zarr.Array:
@@ -159,6 +174,21 @@ class FeatureStore:
     @property
     def ids(self) -> list[str]:
         return [str(s) for s in self.group[IDS][:]]
+
+    def token_matrix(self, images: np.ndarray | None = None, images_per_chunk: int = 32):
+        """The tokens as a dask array (n_tokens, channel), chunked by whole images.
+
+        ``images`` selects (sorted) image rows, e.g. a seeded subset.
+        """
+        import dask.array as da
+
+        tokens = self.group[TOKENS]
+        n, h, w, c = tokens.shape
+        x = da.from_zarr(tokens, chunks=(images_per_chunk, h, w, c))
+        if images is not None:
+            x = x[np.sort(np.asarray(images))]
+            x = x.rechunk((images_per_chunk, h, w, c))
+        return x.reshape(-1, c)
 
     # -- shards --------------------------------------------------------------------------------
     def pending_shards(self) -> list[int]:
@@ -191,7 +221,7 @@ def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any])
     n, s = layout.n_images, layout.shard_images
     (h, w), c, (ph, pw) = layout.grid, layout.channels, layout.pixels
     group.create_array(
-        TOKENS, shape=(n, h, w, c), dtype="float16", chunks=(1, h, w, c), shards=(s, h, w, c),
+        TOKENS, shape=(n, h, w, c), dtype=layout.token_dtype, chunks=(1, h, w, c), shards=(s, h, w, c),
         compressors=None, fill_value=0, dimension_names=("image", "y", "x", "channel"),
     )
     group.create_array(

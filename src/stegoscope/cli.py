@@ -150,6 +150,57 @@ def _run_extract(stage, force: bool, wait: bool) -> None:
 
 @app.command()
 @user_errors
+def reduce(
+    method: Annotated[str, typer.Option("--method", help="pca (exact, streamed), rp (random projection) or hnne.")],
+    dim: Annotated[
+        Optional[int], typer.Option("--dim", help="Output dimension D (rp, hnne). One PCA fit serves every D.")
+    ] = None,
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    standardize: Annotated[
+        str,
+        typer.Option(
+            "--standardize",
+            help="train: z-score with the train statistics (default); batch: with each batch's own statistics "
+            "(the study's code, for parity); none: no scaling.",
+        ),
+    ] = "train",
+    max_images: Annotated[
+        Optional[int], typer.Option("--max-images", help="Fit on a seeded random subset of train images (the study: 5000).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the image subset, the RP matrix and the h-NNE sample.")] = 0,
+    rp: Annotated[
+        str, typer.Option("--rp", help="gaussian: entries N(0, 1/D) (the study's code); orthogonal: orthonormal columns (the paper's text).")
+    ] = "gaussian",
+    fit_tokens: Annotated[int, typer.Option("--fit-tokens", help="h-NNE: tokens in the seeded fit sample.")] = 1_000_000,
+    scheduler: Annotated[
+        str,
+        typer.Option("--scheduler", help="threads (default), synchronous, local-cluster (2 worker processes) or tcp://host:port."),
+    ] = "threads",
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Refit even if the artefact exists.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit at once if another process runs the same key.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Fit PCA / random projection / h-NNE on the preset's train tokens (h-NNE also projects train and val)."""
+    from .compute import dask_scheduler
+    from .stages.reduce import ReduceParams
+    from .study import reduce_stages
+
+    params = ReduceParams(method, dim, standardize, max_images, seed, rp, fit_tokens)
+    stages = reduce_stages(load_preset(preset), cache, params, data_root, device=device, show_progress=progress)
+    with dask_scheduler(scheduler):
+        for stage in stages:
+            label = f"{stage.name} {method}" + (f" D={dim}" if dim else "")
+            result = run_stage(stage, force=force, wait=not no_wait, on_wait=lambda h: console.print(f"waiting for {h}"))
+            verb = "cached" if result.skipped else f"done in {result.seconds:.1f} s"
+            console.print(f"{label}: {verb}")
+            print(stage.output)
+
+
+@app.command()
+@user_errors
 def status(
     preset: Annotated[
         Optional[str], typer.Option("--preset", "-p", help="Show the preset's stages; without it, list every store.")

@@ -125,12 +125,17 @@ def fingerprint_files(root: Path, files: Iterable[Path], memo: FileHashMemo) -> 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -139,7 +144,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-MANIFEST = "manifest.json"
+MANIFEST = cache_schema.MANIFEST
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

@@ -11,7 +11,9 @@ from . import cache_schema
 from .config import ConfigError, Preset
 from .data import write_synthetic
 from .pipeline import canonical_json
+from .pipeline import COMPLETE
 from .stages.extract import ExtractParams, ExtractStage
+from .stages.reduce import ProjectStage, ReduceParams, ReduceStage
 
 
 def resolve_data_root(preset: Preset, cache_root: Path, data_root: Path | None = None) -> Path:
@@ -58,3 +60,25 @@ def feature_stages(
         run_options = {"batch_size": preset.batch_size, "shard_images": preset.shard_images, **options}
         stages.append(ExtractStage(cache_root, root, params, **run_options))
     return stages
+
+
+def complete_store(stage: ExtractStage) -> Path:
+    """The store of an extraction stage, which must have finished."""
+    if stage.state() != COMPLETE:
+        raise ConfigError(
+            f"{stage.p.dataset}/{stage.p.split} tokens are not extracted yet ({stage.output}); "
+            "run `stegoscope extract` with the same preset and options first"
+        )
+    return stage.output
+
+
+def reduce_stages(
+    preset: Preset, cache_root: Path, params: ReduceParams, data_root: Path | None = None,
+    device: str = "auto", show_progress: bool = True,
+) -> list:
+    """The fit on the train store, and for h-NNE the projections of the train and val stores."""
+    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
+    fit = ReduceStage(cache_root, complete_store(extract["train"]), params, device=device)
+    if params.method != "hnne":
+        return [fit]
+    return [fit] + [ProjectStage(cache_root, fit, complete_store(s), show_progress) for s in extract.values()]

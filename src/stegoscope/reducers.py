@@ -1,0 +1,297 @@
+"""Dimensionality reducers behind one scikit-learn-like shape.
+
+``fit(tokens) -> self`` takes a (n_tokens, C) dask or numpy array and streams it;
+``transform(tokens) -> codes`` maps (..., C) to (..., D) float32; fitted attributes end in ``_``;
+``state_dict()`` / ``from_state()`` persist them. PCA, random projection, h-NNE and raw DINO (the
+identity) share it, so the probes do not care which one they get.
+
+Standardisation (``standardize``):
+
+* ``train`` (default): z-score with the statistics of the fitted train tokens, fixed for every
+  later batch.
+* ``batch``: z-score each transformed batch with its own statistics — what the study's code does
+  [QUIRK]: a token's code then depends on the other images of its batch. For parity.
+* ``none``: no scaling (PCA still centres).
+"""
+
+from __future__ import annotations
+
+import pickle
+from abc import ABC, abstractmethod
+from importlib import metadata
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .ops.streaming import batch_standardize, eigh_descending, moments_from_gram, safe_scale, shifted_gram
+
+STANDARDIZE = ("train", "batch", "none")
+RP_KINDS = ("gaussian", "orthogonal")
+
+
+def _as_dask(tokens):
+    import dask.array as da
+
+    if isinstance(tokens, da.Array):
+        return tokens.rechunk({1: -1})
+    return da.from_array(np.asarray(tokens), chunks=(65536, -1))
+
+
+def streamed_moments(tokens, device: str = "cpu") -> tuple[int, np.ndarray, np.ndarray]:
+    """Exact (n, mean, population covariance) of a (n, C) token array, chunk → combine → aggregate.
+
+    Each chunk becomes an augmented Gram matrix (``ops.streaming.shifted_gram``), dask sums them
+    as a tree (so the same graph runs on a dask.distributed cluster), and the sum is turned into
+    moments. Memory holds a few chunks at a time.
+    """
+    x = _as_dask(tokens)
+    c = x.shape[1]
+    shift = np.asarray(x[: min(4096, x.shape[0])].astype(np.float64).mean(axis=0).compute())
+    partial = x.map_blocks(
+        lambda block: shifted_gram(block, shift, device)[None], new_axis=2, chunks=(1, c + 1, c + 1), dtype=np.float64
+    )
+    gram = partial.sum(axis=0).compute()
+    return moments_from_gram(gram, shift)
+
+
+class Reducer(ABC):
+    """Maps (..., C) tokens to (..., n_components) codes."""
+
+    method: ClassVar[str]
+    n_components: int | None
+
+    @abstractmethod
+    def fit(self, tokens) -> Reducer: ...
+
+    @abstractmethod
+    def transform(self, tokens: np.ndarray) -> np.ndarray: ...
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-able), stored in the manifest."""
+        return {}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Fitted attributes as arrays."""
+        return {}
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], state: dict[str, np.ndarray]) -> Reducer:
+        reducer = cls(**params)
+        for name, value in state.items():
+            setattr(reducer, name, value)
+        return reducer
+
+
+class _Standardized(Reducer):
+    """Shared standardisation: train statistics (``mean_``, ``scale_``), batch, or none."""
+
+    def __init__(self, standardize: str = "train"):
+        if standardize not in STANDARDIZE:
+            raise ValueError(f"standardize must be one of {STANDARDIZE}, not {standardize!r}")
+        self.standardize = standardize
+
+    def _standardized(self, tokens: np.ndarray, center_when_none: bool) -> np.ndarray:
+        x = np.asarray(tokens, dtype=np.float32)
+        if self.standardize == "batch":
+            return batch_standardize(x)
+        if self.standardize == "train":
+            return ((x - self.mean_) / self.scale_).astype(np.float32)
+        return (x - self.mean_).astype(np.float32) if center_when_none else x
+
+
+class IdentityReducer(Reducer):
+    """Raw DINO tokens: the codes are the tokens themselves."""
+
+    method = "identity"
+
+    def __init__(self, n_components: int | None = None):
+        self.n_components = n_components
+
+    def fit(self, tokens) -> IdentityReducer:
+        self.n_components = tokens.shape[-1]
+        return self
+
+    def transform(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(tokens, dtype=np.float32)
+
+
+class PCA(_Standardized):
+    """Exact PCA from a streamed mean and covariance (float64), eigendecomposed once.
+
+    One fit keeps every component, so it serves every D: ``with_components(D)``.
+
+    Parameters
+    ----------
+    n_components : number of components ``transform`` returns (None: all).
+    standardize : ``train`` | ``batch`` | ``none`` (module docstring). With ``train`` or
+        ``batch`` the eigendecomposition is of the correlation matrix (PCA of z-scored tokens,
+        as the study's ``StandardScaler`` + ``PCA``); with ``none``, of the covariance.
+    device : ``cpu`` or ``cuda`` for the per-chunk products.
+
+    Attributes
+    ----------
+    mean_, scale_ : (C,) train mean and standard deviation.
+    components_ : (C, C) principal axes as rows, by decreasing variance.
+    explained_variance_ : (C,) variances along the axes (ddof=1, as scikit-learn).
+    explained_variance_ratio_ : (C,) their share of the total.
+    n_samples_ : number of tokens fitted.
+    """
+
+    method = "pca"
+
+    def __init__(self, n_components: int | None = None, standardize: str = "train", device: str = "cpu"):
+        super().__init__(standardize)
+        self.n_components = n_components
+        self.device = device
+
+    def fit(self, tokens) -> PCA:
+        n, mean, cov = streamed_moments(tokens, self.device)
+        self.n_samples_, self.mean_ = n, mean
+        self.scale_ = safe_scale(np.diag(cov))
+        matrix = cov / np.outer(self.scale_, self.scale_) if self.standardize != "none" else cov
+        values, self.components_ = eigh_descending(matrix)
+        self.explained_variance_ = values * n / max(n - 1, 1)
+        self.explained_variance_ratio_ = values / values.sum()
+        return self
+
+    def with_components(self, n_components: int) -> PCA:
+        """The same fit, returning ``n_components`` codes."""
+        if not 0 < n_components <= len(self.components_):
+            raise ValueError(f"n_components must be in 1..{len(self.components_)}, not {n_components}")
+        other = PCA.from_state(self.params() | {"n_components": n_components}, self.state_dict())
+        return other
+
+    def transform(self, tokens: np.ndarray) -> np.ndarray:
+        d = self.n_components or len(self.components_)
+        z = self._standardized(tokens, center_when_none=True)
+        return z @ self.components_[:d].T.astype(np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"n_components": self.n_components, "standardize": self.standardize}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {
+            "mean_": self.mean_, "scale_": self.scale_, "components_": self.components_,
+            "explained_variance_": self.explained_variance_, "explained_variance_ratio_": self.explained_variance_ratio_,
+            "n_samples_": np.asarray(self.n_samples_),
+        }
+
+
+class RandomProjection(_Standardized):
+    """Seeded random projection to ``n_components`` dimensions.
+
+    ``kind="gaussian"``: entries N(0, 1/D), the matrix scikit-learn's
+    ``GaussianRandomProjection(n_components=D, random_state=seed)`` draws (the study's code).
+    ``kind="orthogonal"``: the same draw with orthonormalised columns (QR), as the paper's text
+    describes.
+
+    Attributes
+    ----------
+    components_ : (D, C) projection matrix; codes = standardised tokens @ components_.T.
+    mean_, scale_ : (C,) train statistics (``standardize="train"``).
+    """
+
+    method = "rp"
+
+    def __init__(self, n_components: int, kind: str = "gaussian", seed: int = 0, standardize: str = "train", device: str = "cpu"):
+        super().__init__(standardize)
+        if kind not in RP_KINDS:
+            raise ValueError(f"kind must be one of {RP_KINDS}, not {kind!r}")
+        self.n_components, self.kind, self.seed, self.device = n_components, kind, seed, device
+
+    def fit(self, tokens) -> RandomProjection:
+        c = tokens.shape[-1]
+        if self.standardize == "train":
+            _, self.mean_, cov = streamed_moments(tokens, self.device)
+            self.scale_ = safe_scale(np.diag(cov))
+        else:
+            self.mean_, self.scale_ = np.zeros(c), np.ones(c)
+        rng = np.random.RandomState(self.seed)  # scikit-learn's generator, for parity with its draw
+        gaussian = rng.normal(0.0, 1.0 / np.sqrt(self.n_components), size=(self.n_components, c))
+        if self.kind == "orthogonal":
+            q, r = np.linalg.qr(gaussian.T)
+            gaussian = (q * np.sign(np.diag(r))).T
+        self.components_ = gaussian
+        return self
+
+    def transform(self, tokens: np.ndarray) -> np.ndarray:
+        z = self._standardized(tokens, center_when_none=False)
+        return z @ self.components_.T.astype(np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"n_components": self.n_components, "kind": self.kind, "seed": self.seed, "standardize": self.standardize}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"mean_": self.mean_, "scale_": self.scale_, "components_": self.components_}
+
+
+def hnne_version() -> str:
+    return metadata.version("hnne")
+
+
+class HNNE(_Standardized):
+    """h-NNE (the ``hnne`` package, legacy ``v1`` algorithm as in the paper), cosine metric,
+    fitted on a seeded sample of ``fit_tokens`` tokens.
+
+    Its transform is expensive (nearest finest-level anchor, then a piecewise-affine map), so the
+    study projects whole stores once; see ``stages/reduce.py``.
+
+    Attributes
+    ----------
+    model_ : the fitted ``hnne.HNNE``.
+    mean_, scale_ : statistics of the fit sample (``standardize="train"``).
+    """
+
+    method = "hnne"
+
+    def __init__(
+        self, n_components: int, fit_tokens: int = 1_000_000, seed: int = 0, standardize: str = "train",
+        radius: float = 0.4, ann_threshold: int = 40_000,
+    ):
+        super().__init__(standardize)
+        self.n_components, self.fit_tokens, self.seed = n_components, fit_tokens, seed
+        self.radius, self.ann_threshold = radius, ann_threshold
+
+    def fit(self, tokens) -> HNNE:
+        from hnne import HNNE as _HNNE
+
+        x = _as_dask(tokens)
+        n = x.shape[0]
+        rows = np.sort(np.random.default_rng(self.seed).choice(n, size=min(self.fit_tokens, n), replace=False))
+        sample = np.asarray(x[rows].compute(), dtype=np.float32)
+        self.mean_ = sample.mean(axis=0, dtype=np.float64)
+        self.scale_ = safe_scale(sample.var(axis=0, dtype=np.float64))
+        z = batch_standardize(sample) if self.standardize != "none" else sample
+        # Parity settings: hnne 0.1.x defaults (radius 0.4, ann_threshold 40000) and its v1 algorithm.
+        version = {"hnne_version": "v1"} if int(hnne_version().split(".")[0]) >= 2 else {}
+        self.model_ = _HNNE(
+            n_components=self.n_components, metric="cosine", radius=self.radius, ann_threshold=self.ann_threshold,
+            random_state=self.seed, **version,
+        )
+        self.model_.fit(z)
+        return self
+
+    def transform(self, tokens: np.ndarray) -> np.ndarray:
+        x = np.asarray(tokens)
+        z = self._standardized(x, center_when_none=False).reshape(-1, x.shape[-1])
+        return np.asarray(self.model_.transform(z), dtype=np.float32).reshape(*x.shape[:-1], self.n_components)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "n_components": self.n_components, "fit_tokens": self.fit_tokens, "seed": self.seed,
+            "standardize": self.standardize, "radius": self.radius, "ann_threshold": self.ann_threshold,
+        }
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        model = np.frombuffer(pickle.dumps(self.model_), dtype=np.uint8)
+        return {"mean_": self.mean_, "scale_": self.scale_, "model_": model}
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], state: dict[str, np.ndarray]) -> HNNE:
+        reducer = cls(**params)
+        reducer.mean_, reducer.scale_ = state["mean_"], state["scale_"]
+        reducer.model_ = pickle.loads(state["model_"].tobytes())
+        return reducer
+
+
+REDUCERS: dict[str, type[Reducer]] = {r.method: r for r in (IdentityReducer, PCA, RandomProjection, HNNE)}

@@ -1,0 +1,141 @@
+"""PCA / RP / h-NNE against scikit-learn and hand formulas; streamed equals in-memory; the
+reduce stage end to end (artefacts, h-NNE derived stores, a dask.distributed cluster)."""
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA as SkPCA
+from sklearn.preprocessing import StandardScaler
+from sklearn.random_projection import GaussianRandomProjection
+from typer.testing import CliRunner
+
+from stegoscope import cache_schema
+from stegoscope.cache_schema import StoreLayout
+from stegoscope.compute import dask_scheduler
+from stegoscope.reducers import PCA, IdentityReducer, RandomProjection
+from stegoscope.stages.reduce import load_reducer
+
+
+def dino_like_tokens(n_images=24, grid=(4, 5), channels=24, seed=0):
+    """fp16 tokens with a decaying spectrum, and a few channels whose mean dwarfs their spread."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(channels, channels)) * np.geomspace(4, 0.05, channels)[:, None]
+    offset = np.zeros(channels)
+    offset[:3] = [40.0, -25.0, 60.0]
+    x = rng.normal(size=(n_images, *grid, channels)) @ mixing + offset
+    return x.astype(np.float16)
+
+
+def make_store(path, tokens, shard=5):
+    n, h, w, c = tokens.shape
+    store = cache_schema.create_feature_store(path, StoreLayout(n, (h, w), c, (h * 8, w * 8), False, False, shard), {"key": "k" * 64, "spec": {}})
+    for s in range(store.layout.n_shards):
+        sl = store.layout.shard_slice(s)
+        store.write_shard(s, {cache_schema.TOKENS: tokens[sl], cache_schema.POOLED: tokens[sl].mean((1, 2)).astype(np.float32),
+                              cache_schema.IDS: np.array([str(i) for i in range(sl.start, sl.stop)])})
+    store.mark_complete()
+    return store
+
+
+def assert_same_axes(a, b, tol=1e-4):
+    """Rows equal up to sign."""
+    signs = np.sign((a * b).sum(axis=1))
+    np.testing.assert_allclose(a * signs[:, None], b, atol=tol)
+
+
+@pytest.mark.parametrize("standardize", ["train", "none"])
+def test_streamed_pca_equals_scikit_learn(tmp_path, standardize):
+    tokens = dino_like_tokens()
+    store = make_store(tmp_path / "s.zarr", tokens)
+    flat = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
+    streamed = PCA(standardize=standardize).fit(store.token_matrix(images_per_chunk=3))
+    in_memory = PCA(standardize=standardize).fit(flat)
+    reference = SkPCA().fit(StandardScaler().fit_transform(flat) if standardize == "train" else flat)
+    np.testing.assert_allclose(streamed.explained_variance_ratio_, reference.explained_variance_ratio_, atol=1e-4)
+    np.testing.assert_allclose(streamed.explained_variance_ / reference.explained_variance_[0], reference.explained_variance_ / reference.explained_variance_[0], atol=1e-4)
+    k = 10  # the well-separated leading axes
+    assert_same_axes(streamed.components_[:k], reference.components_[:k])
+    np.testing.assert_allclose(streamed.components_, in_memory.components_, atol=1e-4)
+    np.testing.assert_allclose(streamed.mean_, flat.mean(0), rtol=1e-6, atol=1e-4)
+
+    codes = streamed.with_components(5).transform(tokens[:2])
+    z = (tokens[:2].astype(np.float64) - flat.mean(0)) / (flat.std(0) if standardize == "train" else 1)
+    expected = z @ streamed.components_[:5].T
+    assert codes.shape == (2, 4, 5, 5)
+    np.testing.assert_allclose(codes, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_batch_standardization_reproduces_the_study_quirk():
+    tokens = dino_like_tokens(n_images=6)
+    pca = PCA(n_components=4, standardize="batch").fit(tokens.reshape(-1, tokens.shape[-1]))
+    batch = tokens[:2].astype(np.float64)
+    flat = batch.reshape(-1, batch.shape[-1])
+    expected = (batch - flat.mean(0)) / flat.std(0) @ pca.components_[:4].T  # StandardScaler().fit_transform(batch)
+    np.testing.assert_allclose(pca.transform(tokens[:2]), expected, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(pca.transform(tokens[:1]), pca.transform(tokens[:2])[:1], atol=1e-3)  # depends on the batch
+
+
+def test_random_projection():
+    x = np.random.default_rng(0).normal(size=(50, 384)).astype(np.float32)
+    a = RandomProjection(64, seed=3, standardize="none").fit(x)
+    b = RandomProjection(64, seed=3, standardize="none").fit(x)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    np.testing.assert_array_equal(a.components_, GaussianRandomProjection(64, random_state=3).fit(x.astype(np.float64)).components_)
+    assert abs(a.components_.var() / (1 / 64) - 1) < 0.03 and abs(a.components_.mean()) < 3 * np.sqrt(1 / 64 / a.components_.size)
+    ortho = RandomProjection(64, kind="orthogonal", seed=3, standardize="none").fit(x)
+    np.testing.assert_allclose(ortho.components_ @ ortho.components_.T, np.eye(64), atol=1e-10)
+    np.testing.assert_allclose(a.transform(x), x @ a.components_.T, rtol=1e-4, atol=1e-4)
+    assert not np.array_equal(RandomProjection(64, seed=4, standardize="none").fit(x).components_, a.components_)
+
+
+def test_identity_reducer():
+    x = np.arange(12, dtype=np.float16).reshape(1, 2, 2, 3)
+    reducer = IdentityReducer().fit(x.reshape(-1, 3))
+    assert reducer.n_components == 3 and np.array_equal(reducer.transform(x), x.astype(np.float32))
+
+
+def test_pca_on_a_local_dask_cluster_equals_single_process(tmp_path):
+    store = make_store(tmp_path / "s.zarr", dino_like_tokens(n_images=12))
+    single = PCA().fit(store.token_matrix(images_per_chunk=2))
+    with dask_scheduler("local-cluster", workers=2):
+        clustered = PCA().fit(store.token_matrix(images_per_chunk=2))
+    np.testing.assert_allclose(clustered.components_, single.components_, atol=1e-10)
+    np.testing.assert_allclose(clustered.explained_variance_ratio_, single.explained_variance_ratio_, atol=1e-12)
+
+
+# -- the reduce stage through the CLI -----------------------------------------------------------
+
+def run(args):
+    result = CliRunner().invoke(__import__("stegoscope.cli", fromlist=["app"]).app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_reduce_stage_artefacts_reuse_and_hnne_projection(tmp_path, directory_dataset):
+    cache = str(tmp_path / "c")
+    common = ["--preset", "directory", "--data-root", str(directory_dataset), "--cache", cache, "--no-progress"]
+    run(["extract", *common, "--backbone", "random:vit_micro_patch8", "--n-classes", "3", "--train-res", "32",
+         "--val-res", "48", "--workers", "0"])
+    # reduce reads the same preset options: the extraction key needs the same backbone
+    preset = tmp_path / "p.yaml"
+    preset.write_text(
+        "name: p\ndataset: directory\nbackbone: random:vit_micro_patch8\nn_classes: 3\n"
+        "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 48, store_images: true}\n"
+    )
+    common = ["--preset", str(preset), "--data-root", str(directory_dataset), "--cache", cache, "--no-progress"]
+    out = run(["reduce", *common, "--method", "pca"])
+    artefact = next((tmp_path / "c" / "artefacts" / "reduce").glob("pca-*"))
+    pca = load_reducer(artefact, n_components=7)
+    assert pca.transform(np.zeros((1, 96), np.float16)).shape == (1, 7) and len(pca.explained_variance_ratio_) == 96
+    assert "cached" in run(["reduce", *common, "--method", "pca"])
+    assert "cached" not in run(["reduce", *common, "--method", "pca", "--standardize", "none"])
+
+    out = run(["reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300"])
+    derived = sorted((tmp_path / "c" / "derived").glob("*.zarr"))
+    assert len(derived) == 2 and out.count("done") == 3
+    for path in derived:
+        codes = cache_schema.open_feature_store(path)
+        source = cache_schema.open_feature_store(codes.attrs["source_store"])
+        assert codes.complete and codes[cache_schema.TOKENS].shape == source[cache_schema.TOKENS].shape[:3] + (4,)
+        assert np.isfinite(codes[cache_schema.TOKENS][:]).all() and codes.ids == source.ids
+    again = run(["reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300"])
+    assert again.count("cached") == 3  # the fit and both derived stores are reused
