@@ -25,9 +25,14 @@ def shifted_gram(block: np.ndarray, shift: np.ndarray, device: str = "cpu") -> n
         y = torch.as_tensor(block, device=device).double() - torch.as_tensor(shift, device=device).double()
         y = torch.cat([y, torch.ones(len(y), 1, device=device, dtype=torch.float64)], dim=1)
         return (y.T @ y).cpu().numpy()
-    y = block.astype(np.float64) - shift
-    y = np.concatenate([y, np.ones((len(y), 1))], axis=1)
-    return y.T @ y
+    y = block.astype(np.float64)
+    y -= shift
+    c = y.shape[1]
+    gram = np.empty((c + 1, c + 1))
+    gram[:c, :c] = y.T @ y
+    gram[:c, c] = gram[c, :c] = y.sum(axis=0)
+    gram[c, c] = len(y)
+    return gram
 
 
 def moments_from_gram(gram: np.ndarray, shift: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

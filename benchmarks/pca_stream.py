@@ -1,0 +1,115 @@
+"""Streamed exact PCA versus the raw read of the same token store, in one run.
+
+Builds a synthetic token store (default 8 GB of fp16 tokens, ViT-S/8 shapes: 28×28×384 per
+image), then, each in a fresh process and after evicting the store from the page cache:
+
+  read  every token shard through zarr (the raw read throughput of the store);
+  fit   stegoscope's PCA on all tokens (dask over the zarr chunks, numpy on CPU / torch on CUDA).
+
+Prints both throughputs, their ratio (fit / read) and each phase's peak RSS.
+
+    python benchmarks/pca_stream.py [--gb 8] [--channels 384] [--dir /tmp/pca-bench] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def evict(path: Path) -> None:
+    """Drop the store's pages from the page cache (no root needed for clean pages)."""
+    for file in path.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def build(path: Path, gb: float, channels: int, grid: int = 28, shard: int = 128) -> None:
+    from stegoscope import cache_schema
+    from stegoscope.cache_schema import StoreLayout
+
+    per_image = grid * grid * channels * 2
+    n = int(gb * 1e9 // per_image)
+    if path.exists() and (path / "zarr.json").exists():
+        store = cache_schema.open_feature_store(path)
+        if store.complete and len(store) == n:
+            return
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(channels, channels)).astype(np.float32) * np.geomspace(2, 0.01, channels, dtype=np.float32)
+    pool = (rng.normal(size=(shard, grid, grid, channels)).astype(np.float32) @ mixing).astype(np.float16)
+    layout = StoreLayout(n, (grid, grid), channels, (grid * 8, grid * 8), False, False, shard)
+    store = cache_schema.create_feature_store(path, layout, {"key": "bench" * 12, "spec": {}})
+    start = time.perf_counter()
+    for s in range(layout.n_shards):
+        sl = layout.shard_slice(s)
+        rows = sl.stop - sl.start
+        tokens = np.roll(pool, s, axis=0)[:rows] + np.float16(s % 7)
+        store.write_shard(s, {cache_schema.TOKENS: tokens, cache_schema.POOLED: tokens.mean((1, 2), dtype=np.float32),
+                              cache_schema.IDS: np.array([str(i) for i in range(sl.start, sl.stop)])})
+        print(f"\rbuilding {s + 1}/{layout.n_shards} shards", end="", file=sys.stderr)
+    store.mark_complete()
+    print(f"\nbuilt {n} images ({n * per_image / 1e9:.1f} GB) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def phase(path: Path, which: str, device: str) -> dict:
+    from stegoscope import cache_schema
+
+    store = cache_schema.open_feature_store(path)
+    tokens = store[cache_schema.TOKENS]
+    nbytes = tokens.nbytes
+    start = time.perf_counter()
+    if which == "read":
+        for s in range(store.layout.n_shards):
+            tokens[store.layout.shard_slice(s)]
+    else:
+        from stegoscope.models import resolve_device
+        from stegoscope.reducers import PCA
+
+        PCA(device=resolve_device(device).type).fit(store.token_matrix())
+    seconds = time.perf_counter() - start
+    return {"phase": which, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=8.0, help="store size in GB of tokens")
+    parser.add_argument("--channels", type=int, default=384)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/pca-bench"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    parser.add_argument("--phase", choices=["read", "fit"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    path = args.dir / "tokens.zarr"
+    if args.phase:
+        print(json.dumps(phase(path, args.phase, args.device)))
+        return
+    build(path, args.gb, args.channels)
+    results = {}
+    for which in ("read", "fit"):
+        evict(path)
+        out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--device", args.device, "--phase", which],
+                             capture_output=True, text=True, check=True)
+        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[which]
+        print(f"{which:5s} {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.1f} s = {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_gb']:.2f} GB")
+    ratio = results["fit"]["gb_per_s"] / results["read"]["gb_per_s"]
+    print(f"PCA fit throughput / raw read throughput = {ratio:.2f}; fit peak RSS {results['fit']['peak_rss_gb']:.2f} GB")
+    if not args.keep:
+        shutil.rmtree(args.dir)
+
+
+if __name__ == "__main__":
+    main()
