@@ -48,6 +48,7 @@ STATUS_WRITING = "writing"
 STATUS_COMPLETE = "complete"
 
 DEFAULT_SHARD_IMAGES = 128
+CHUNK_BYTES = 16 << 20  # dask chunk of tokens for streamed analyses
 
 # fp16 tokens barely compress (zstd + shuffle <= 8 % smaller, 3-5x slower writes): store them raw.
 # Labels and pixels compress well and cheaply.
@@ -175,15 +176,18 @@ class FeatureStore:
     def ids(self) -> list[str]:
         return [str(s) for s in self.group[IDS][:]]
 
-    def token_matrix(self, images: np.ndarray | None = None, images_per_chunk: int = 32):
+    def token_matrix(self, images: np.ndarray | None = None, images_per_chunk: int | None = None):
         """The tokens as a dask array (n_tokens, channel), chunked by whole images.
 
-        ``images`` selects (sorted) image rows, e.g. a seeded subset.
+        ``images`` selects (sorted) image rows, e.g. a seeded subset. By default a chunk holds
+        about 16 MiB of tokens, which bounds memory by (threads × a few chunks).
         """
         import dask.array as da
 
         tokens = self.group[TOKENS]
         n, h, w, c = tokens.shape
+        if images_per_chunk is None:
+            images_per_chunk = max(1, CHUNK_BYTES // (h * w * c * tokens.dtype.itemsize))
         x = da.from_zarr(tokens, chunks=(images_per_chunk, h, w, c))
         if images is not None:
             x = x[np.sort(np.asarray(images))]
