@@ -16,6 +16,7 @@ A feature store holds, along a shared ``image`` axis that is cut into shards:
 array     dtype      dims                           content
 ========  =========  =============================  ========================================
 tokens    float16    (image, y, x, channel)         last block after the final LayerNorm, no CLS
+tokens_flip float16  (image, y, x, channel)         the mirrored image's tokens, mirrored back (--flip)
 pooled    float32    (image, channel)               mean of the patch tokens (kNN descriptor)
 labels    int16      (image, pixel_y, pixel_x)      class ids at input resolution, -1 = ignore
 images    uint8      (image, pixel_y, pixel_x, rgb) preprocessed pixels (val splits)
@@ -42,6 +43,7 @@ from zarr.codecs import BloscCodec
 SCHEMA_VERSION = 1
 
 TOKENS, POOLED, LABELS, IMAGES, IDS, WRITTEN = "tokens", "pooled", "labels", "images", "ids", "written"
+TOKENS_FLIP = "tokens_flip"  # tokens of the horizontally mirrored image, mirrored back (flip TTA)
 IGNORE_LABEL = -1
 
 STATUS_WRITING = "writing"
@@ -115,6 +117,7 @@ class StoreLayout:
     with_images: bool
     shard_images: int = DEFAULT_SHARD_IMAGES
     token_dtype: str = "float16"
+    flip: bool = False
 
     @property
     def n_shards(self) -> int:
@@ -160,7 +163,7 @@ class FeatureStore:
         n, h, w, c = tokens.shape
         shard = tokens.shards[0] if tokens.shards else tokens.chunks[0]
         pixels = tuple(self.group[LABELS].shape[1:]) if LABELS in self.group else tuple(self.attrs["pixels"])
-        return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype))
+        return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype), TOKENS_FLIP in self.group)
 
     # -- arrays --------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> zarr.Array:
@@ -228,6 +231,11 @@ def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any])
         TOKENS, shape=(n, h, w, c), dtype=layout.token_dtype, chunks=(1, h, w, c), shards=(s, h, w, c),
         compressors=None, fill_value=0, dimension_names=("image", "y", "x", "channel"),
     )
+    if layout.flip:
+        group.create_array(
+            TOKENS_FLIP, shape=(n, h, w, c), dtype=layout.token_dtype, chunks=(1, h, w, c), shards=(s, h, w, c),
+            compressors=None, fill_value=0, dimension_names=("image", "y", "x", "channel"),
+        )
     group.create_array(
         POOLED, shape=(n, c), dtype="float32", chunks=(s, c), compressors=None, fill_value=0,
         dimension_names=("image", "channel"),

@@ -106,6 +106,9 @@ def extract(
             "recording their ids and reasons in the store; without it the first bad file stops the run.",
         ),
     ] = False,
+    flip: Annotated[
+        bool, typer.Option("--flip", help="Also store the tokens of the mirrored val images (flip TTA in `probe`).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-extract even if a complete store exists.")] = False,
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Exit at once if another process is extracting the same key.")
@@ -121,7 +124,7 @@ def extract(
     )
     res = {k: v for k, v in (("train", train_res), ("val", val_res)) if v is not None}
     stages = feature_stages(
-        cfg, cache, data_root, split, res, skip_bad=skip_bad, workers=workers, device=device, show_progress=progress
+        cfg, cache, data_root, split, res, skip_bad=skip_bad, flip=flip, workers=workers, device=device, show_progress=progress
     )
     for stage in stages:
         _run_extract(stage, force, not no_wait)
@@ -197,6 +200,48 @@ def reduce(
             verb = "cached" if result.skipped else f"done in {result.seconds:.1f} s"
             console.print(f"{label}: {verb}")
             print(stage.output)
+
+
+@app.command()
+@user_errors
+def probe(
+    reducer: Annotated[
+        str,
+        typer.Option("--reducer", help="identity (raw DINO), pca, rp, hnne (the cached fit of that method) or a reduce artefact path."),
+    ] = "identity",
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension D (pca, rp, hnne).")] = None,
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's, Table 1).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the probes' initialisation and batch order.")] = 0,
+    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate the chosen probes with the dense CRF.")] = True,
+    flip: Annotated[bool, typer.Option("--flip", help="Use the val store extracted with --flip (flip TTA).")] = False,
+    crf_workers: Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")] = 2,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if the artefact exists.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Train linear + cluster probes on reduced codes; print val mIoU / accuracy with and without CRF."""
+    import json
+
+    from .stages.probe import METRICS
+    from .study import probe_stage
+
+    stage = probe_stage(load_preset(preset), cache, reducer, dim, data_root, crf=crf, seed=seed, steps=steps, flip=flip,
+                        device=device, crf_workers=crf_workers, show_progress=progress)
+    result = run_stage(stage, force=force)
+    metrics = json.loads((stage.output / METRICS).read_text())
+    table = Table(title=f"{stage.method}{dim or ''} — {'cached' if result.skipped else f'{result.seconds:.0f} s'}")
+    for column in ("probe", "CRF", "step", "mIoU", "Accuracy"):
+        table.add_column(column)
+    rows = [("best", "no", metrics["best"])] + ([("best", "yes", metrics["best_crf"])] if "best_crf" in metrics else [])
+    rows.append(("final", "no", metrics["final"]))
+    for name, with_crf, row in rows:
+        for kind in ("linear", "cluster"):
+            table.add_row(f"{kind} ({name})", with_crf, str(row["step"]), f"{row[kind + '/mIoU']:.1f}", f"{row[kind + '/Accuracy']:.1f}")
+    console.print(table)
+    print(stage.output)
 
 
 @app.command()

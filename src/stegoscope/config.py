@@ -23,6 +23,7 @@ class SplitConfig:
     res: int
     store_images: bool = False
     crop: str = "none"  # "five": five-crop 0.5 of the full-resolution image (STEGO's train splits)
+    flip: bool = False  # also extract the mirrored images (flip TTA at evaluation)
 
 
 @dataclass

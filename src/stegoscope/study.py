@@ -13,6 +13,7 @@ from .data import write_synthetic
 from .pipeline import canonical_json
 from .pipeline import COMPLETE
 from .stages.extract import ExtractParams, ExtractStage
+from .stages.probe import ProbeParams, ProbeStage
 from .stages.reduce import ProjectStage, ReduceParams, ReduceStage
 
 
@@ -37,6 +38,7 @@ def feature_stages(
     splits: list[str] | None = None,
     res: dict[str, int] | None = None,
     skip_bad: bool = False,
+    flip: bool = False,
     **options: Any,
 ) -> list[ExtractStage]:
     """One extraction stage per split of the preset.
@@ -56,6 +58,7 @@ def feature_stages(
             dataset=preset.dataset, split=split, res=cfg.res, backbone=preset.backbone, weights=preset.weights,
             seed=preset.seed, interpolation=preset.interpolation, n_classes=preset.n_classes,
             store_images=cfg.store_images, crop=cfg.crop, skip_bad=skip_bad,
+            flip=cfg.flip or (flip and split != "train"),
         )
         run_options = {"batch_size": preset.batch_size, "shard_images": preset.shard_images, **options}
         stages.append(ExtractStage(cache_root, root, params, **run_options))
@@ -82,3 +85,34 @@ def reduce_stages(
     if params.method != "hnne":
         return [fit]
     return [fit] + [ProjectStage(cache_root, fit, complete_store(s), show_progress) for s in extract.values()]
+
+
+def probe_stage(
+    preset: Preset, cache_root: Path, reducer: str = "identity", dim: int | None = None, data_root: Path | None = None,
+    crf: bool = True, seed: int = 0, steps: int | None = None, flip: bool = False, **options: Any,
+) -> ProbeStage:
+    """Probes on the codes of ``reducer``: ``identity`` (raw DINO), ``pca`` / ``rp`` / ``hnne`` (the
+    preset's cached fit of that method; ``dim`` required) or the path of a reduce artefact."""
+    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, flip=flip, show_progress=False)}
+    train, val = complete_store(extract["train"]), complete_store(extract["val"])
+    artefact, derived = None, None
+    if reducer in ("pca", "rp", "hnne"):
+        if not dim:
+            raise ConfigError(f"--dim is required with --reducer {reducer}")
+        fit = reduce_stages(preset, cache_root, ReduceParams(reducer, None if reducer == "pca" else dim, seed=seed), data_root)
+        if fit[0].state() != COMPLETE:
+            raise ConfigError(f"no {reducer} fit in the cache yet; run `stegoscope reduce --method {reducer}` first")
+        artefact = fit[0].output
+        if reducer == "hnne":
+            derived = tuple(s.output for s in fit[1:])
+            if any(s.state() != COMPLETE for s in fit[1:]):
+                raise ConfigError("the h-NNE projections are not complete; rerun `stegoscope reduce --method hnne`")
+    elif reducer != "identity":
+        artefact = Path(reducer)
+    n_classes = len(cache_schema.open_feature_store(val).attrs["class_names"])
+    params = ProbeParams(
+        n_classes=n_classes, steps=steps or preset.stego.steps, batch_size=preset.stego.batch_size,
+        linear_lr=preset.probe.linear_lr, cluster_lr=preset.probe.cluster_lr, extra_clusters=preset.probe.extra_clusters,
+        val_every=preset.probe.val_every, seed=seed, crf=crf,
+    )
+    return ProbeStage(cache_root, train, val, params, artefact, dim if reducer != "identity" else None, derived, **options)

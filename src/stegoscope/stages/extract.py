@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import cache_schema
-from ..cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, FeatureStore, StoreError, StoreLayout
+from ..cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, StoreLayout
 from ..data import DatasetError, ExtractionDataset, SegmentationDataset, find_bad_samples, open_dataset
 from ..data.crops import CROP_FIVE, CROP_NONE, crops_per_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
@@ -49,6 +49,7 @@ class ExtractParams:
     crop: str = CROP_NONE  # "five": five-crop of the full-resolution image first (train splits)
     crop_ratio: float = 0.5
     skip_bad: bool = False  # skip unreadable samples (recorded in the store) instead of stopping
+    flip: bool = False  # also store the tokens of the horizontally flipped images (flip TTA)
 
     def __post_init__(self):
         crops_per_image(self.crop)
@@ -128,6 +129,7 @@ class ExtractStage(Stage):
             "token_dtype": "float16",
             "store_images": self.p.store_images,
             "skip_bad": self.p.skip_bad,
+            "flip": self.p.flip,
             "schema_version": cache_schema.SCHEMA_VERSION,
         }
 
@@ -178,6 +180,7 @@ class ExtractStage(Stage):
         return StoreLayout(
             n_images=n_images, grid=(grid, grid), channels=spec.embed_dim, pixels=(self.p.res, self.p.res),
             labelled=self.dataset.labelled, with_images=self.p.store_images, shard_images=self.shard_images,
+            flip=self.p.flip,
         )
 
     def _open_or_create(self, force: bool) -> FeatureStore:
@@ -240,6 +243,8 @@ class ExtractStage(Stage):
                 for batch in loader:
                     tokens, pooled = _forward(backbone, batch["pixels"], device)
                     arrays = {TOKENS: tokens, POOLED: pooled}
+                    if layout.flip:  # mirror the pixels, then mirror the token grid back
+                        arrays[TOKENS_FLIP] = np.ascontiguousarray(_forward(backbone, batch["pixels"].flip(2), device)[0][:, :, ::-1])
                     if layout.labelled:
                         arrays[LABELS] = batch["label"].numpy()
                     if layout.with_images:
