@@ -244,6 +244,42 @@ def probe(
     print(stage.output)
 
 
+@app.command("import-stego")
+@user_errors
+def import_stego(
+    checkpoint: Annotated[Path, typer.Argument(help="An original STEGO .ckpt (e.g. cocostuff27_vit_base_5.ckpt).")],
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate with the dense CRF (Table 2 is with CRF).")] = True,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip TTA when the val store was extracted with --flip.")] = True,
+    crf_workers: Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")] = 2,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Re-evaluate even if cached.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Evaluate a released STEGO checkpoint (head + probes) on the preset's val tokens, without Lightning."""
+    from .stages.import_stego import ImportStegoStage
+    from .study import complete_store, feature_stages
+
+    val = {s.p.split: s for s in feature_stages(load_preset(preset), cache, data_root, flip=flip, show_progress=False)}["val"]
+    stage = ImportStegoStage(cache, checkpoint, complete_store(val), crf, flip, device, crf_workers, progress)
+    result = run_stage(stage, force=force)
+    import json
+
+    metrics = json.loads((stage.output / "metrics.json").read_text())
+    table = Table(title=f"{checkpoint.name} — {'cached' if result.skipped else 'evaluated'}")
+    for column in ("probe", "CRF", "mIoU", "Accuracy"):
+        table.add_column(column)
+    for name, with_crf in (("no_crf", "no"), ("crf", "yes")):
+        for kind in ("linear", "cluster"):
+            if name in metrics:
+                row = metrics[name]
+                table.add_row(kind, with_crf, f"{row[kind + '/mIoU']:.1f}", f"{row[kind + '/Accuracy']:.1f}")
+    console.print(table)
+    print(stage.output)
+
+
 @app.command()
 @user_errors
 def status(
@@ -290,17 +326,34 @@ def demo(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
 ) -> None:
-    """Run every stage that exists on the built-in synthetic dataset (small random ViT; CPU-friendly)."""
-    from .study import feature_stages
+    """Every stage on the built-in synthetic dataset (small random ViT; CPU-friendly): extract,
+    reduce (PCA, RP), probes on raw tokens and on PCA / RP codes, with and without CRF."""
+    from .stages.reduce import ReduceParams
+    from .study import feature_stages, probe_stage, reduce_stages
 
     start = time.perf_counter()
-    stages = feature_stages(load_preset("demo"), cache, workers=workers, device=device)
+    preset = load_preset("demo")
+    stages = feature_stages(preset, cache, workers=workers, device=device)
     for stage in stages:
         _run_extract(stage, force=False, wait=True)
+    dim = preset.stego.dim
+    for params in (ReduceParams("pca"), ReduceParams("rp", dim)):
+        for stage in reduce_stages(preset, cache, params, device=device):
+            result = run_stage(stage)
+            console.print(f"reduce {params.method}: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
+    for reducer, d in (("identity", None), ("pca", dim), ("rp", dim)):
+        stage = probe_stage(preset, cache, reducer, d, device=device)
+        result = run_stage(stage)
+        console.print(f"probe {reducer}{d or ''}: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
+        metrics = __import__("json").loads((stage.output / "metrics.json").read_text())
+        for name in ("best", "best_crf"):
+            row = metrics[name]
+            console.print(f"  {name:8s} linear mIoU {row['linear/mIoU']:5.1f} acc {row['linear/Accuracy']:5.1f} | "
+                          f"cluster mIoU {row['cluster/mIoU']:5.1f} acc {row['cluster/Accuracy']:5.1f}")
     status(preset="demo", data_root=None, cache=cache)
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s; stores:")
     for stage in stages:
-        console.print(f"  {stage.p.split}: {stage.output}")
+        print(f"  {stage.p.split}: {stage.output}")
 
 
 if __name__ == "__main__":

@@ -294,4 +294,44 @@ class HNNE(_Standardized):
         return reducer
 
 
-REDUCERS: dict[str, type[Reducer]] = {r.method: r for r in (IdentityReducer, PCA, RandomProjection, HNNE)}
+class StegoHeadReducer(Reducer):
+    """A trained STEGO head (eval mode: no dropout) as a reducer: tokens → code.
+
+    Attributes
+    ----------
+    w1_, b1_ : linear branch (D, C), (D,).   w2a_, b2a_, w2b_, b2b_ : the 1×1–ReLU–1×1 branch.
+    """
+
+    method = "stego"
+
+    def __init__(self, n_components: int | None = None):
+        self.n_components = n_components
+
+    def fit(self, tokens) -> StegoHeadReducer:
+        raise NotImplementedError("a STEGO head is trained by `stegoscope train-stego` or imported by `import-stego`")
+
+    @classmethod
+    def from_head(cls, head) -> StegoHeadReducer:
+        conv = lambda m: (m.weight.detach().double().numpy()[:, :, 0, 0], m.bias.detach().double().numpy())  # noqa: E731
+        reducer = cls(head.cluster1[0].out_channels)
+        reducer.w1_, reducer.b1_ = conv(head.cluster1[0])
+        if head.cluster2 is not None:
+            (reducer.w2a_, reducer.b2a_), (reducer.w2b_, reducer.b2b_) = conv(head.cluster2[0]), conv(head.cluster2[2])
+        return reducer
+
+    def transform(self, tokens: np.ndarray) -> np.ndarray:
+        x = np.asarray(tokens, dtype=np.float32)
+        code = x @ self.w1_.T.astype(np.float32) + self.b1_.astype(np.float32)
+        if hasattr(self, "w2a_"):
+            hidden = np.maximum(x @ self.w2a_.T.astype(np.float32) + self.b2a_.astype(np.float32), 0)
+            code += hidden @ self.w2b_.T.astype(np.float32) + self.b2b_.astype(np.float32)
+        return code
+
+    def params(self) -> dict[str, Any]:
+        return {"n_components": self.n_components}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in vars(self).items() if k.endswith("_")}
+
+
+REDUCERS: dict[str, type[Reducer]] = {r.method: r for r in (IdentityReducer, PCA, RandomProjection, HNNE, StegoHeadReducer)}

@@ -1,0 +1,48 @@
+"""The probe stage on the demo stores, flip TTA, and the reported protocol."""
+
+import json
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from stegoscope import cache_schema
+from stegoscope.cli import app
+from stegoscope.data.transforms import normalize
+from stegoscope.models.backbone import build_backbone
+from stegoscope.reducers import IdentityReducer
+from stegoscope.stages.probe import CodeSource
+
+
+def invoke(args):
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_probe_on_demo_stores_with_crf_and_flip(tmp_path):
+    cache = str(tmp_path / "c")
+    invoke(["extract", "--preset", "demo", "--cache", cache, "--flip", "--workers", "0", "--no-progress"])
+    out = invoke(["probe", "--preset", "demo", "--reducer", "identity", "--steps", "20", "--flip", "--cache", cache,
+                  "--no-progress"])
+    for needle in ("linear (best)", "cluster (best)", "mIoU", "Accuracy"):
+        assert needle in out
+    assert "yes" in out and "no" in out  # with and without CRF
+    artefact = next((tmp_path / "c" / "artefacts" / "probe").glob("dino-*"))
+    metrics = json.loads((artefact / "metrics.json").read_text())
+    steps = [row["step"] for row in metrics["history"]]
+    assert steps == [20]  # demo preset validates every 50 steps, and always at the last
+    best = max(metrics["history"], key=lambda r: r["cluster/mIoU"])
+    assert metrics["best"] == best and metrics["best_crf"]["step"] == best["step"]
+    assert len(metrics["best"]["cluster/per_class_iou"]) == 4
+    assert "cached" in invoke(["probe", "--preset", "demo", "--reducer", "identity", "--steps", "20", "--flip",
+                               "--cache", cache, "--no-progress"])
+
+    # flip TTA: the stored mirrored tokens are the backbone's tokens of the mirrored image, mirrored back
+    [val] = [cache_schema.open_feature_store(p) for p in cache_schema.list_feature_stores(tmp_path / "c") if "-val-" in p.name]
+    pixels = torch.from_numpy(val[cache_schema.IMAGES][:2])
+    with torch.no_grad():
+        mirrored = build_backbone("random:vit_micro_patch8")(normalize(pixels.flip(2))).flip(2).half().numpy()
+    np.testing.assert_array_equal(val[cache_schema.TOKENS_FLIP][:2], mirrored)
+    codes = CodeSource(val, IdentityReducer(), flip=True)(np.array([0, 1]))
+    np.testing.assert_allclose(codes, (val[cache_schema.TOKENS][:2].astype(np.float32) + mirrored.astype(np.float32)) / 2)
