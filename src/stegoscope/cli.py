@@ -282,6 +282,62 @@ def import_stego(
 
 @app.command()
 @user_errors
+def knn(
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    k: Annotated[int, typer.Option("--k", help="Neighbours kept per image (STEGO: 30; rank 0 is normally itself).")] = 30,
+    block: Annotated[int, typer.Option("--block", help="Rows per block: memory is block × N similarities, never N × N.")] = 1024,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Recompute even if cached.")] = False,
+) -> None:
+    """Cosine top-k neighbours of every train image's pooled tokens (the STEGO kNN pairs)."""
+    from .study import knn_stage
+
+    stage = knn_stage(load_preset(preset), cache, data_root, k=k, block=block, device=device)
+    result = run_stage(stage, force=force)
+    console.print(f"knn: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
+    print(stage.output)
+
+
+@app.command("train-stego")
+@user_errors
+def train_stego(
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension (default: the preset's D_STEGO).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's, Table 1).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, batches, partners and sample points.")] = 0,
+    readd_global_mean: Annotated[
+        bool,
+        typer.Option("--readd-global-mean/--paper-centring",
+                     help="Centre F per query point and re-add its global mean (STEGO's code, default) or not (the paper's F^SC)."),
+    ] = True,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Train the STEGO head from cached tokens + kNN pairs (computed first if missing); keeps the best-by-val head."""
+    import json
+
+    from .study import train_stego_stage
+
+    knn_run, stage = train_stego_stage(load_preset(preset), cache, data_root, dim, steps, seed, readd_global_mean,
+                                       knn_options={"device": device}, device=device, show_progress=progress)
+    run_stage(knn_run)
+    result = run_stage(stage, force=force)
+    metrics = json.loads((stage.output / "metrics.json").read_text())
+    for name in ("best", "final"):
+        row = metrics[name]
+        console.print(f"{name:5s} step {row['step']}: linear mIoU {row['linear/mIoU']:.1f} acc {row['linear/Accuracy']:.1f} | "
+                      f"cluster mIoU {row['cluster/mIoU']:.1f} acc {row['cluster/Accuracy']:.1f}")
+    console.print(f"train-stego: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
+    print(stage.output)
+
+
+@app.command()
+@user_errors
 def status(
     preset: Annotated[
         Optional[str], typer.Option("--preset", "-p", help="Show the preset's stages; without it, list every store.")

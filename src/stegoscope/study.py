@@ -13,7 +13,9 @@ from .data import write_synthetic
 from .pipeline import canonical_json
 from .pipeline import COMPLETE
 from .stages.extract import ExtractParams, ExtractStage
+from .stages.knn import KnnStage
 from .stages.probe import ProbeParams, ProbeStage
+from .stages.train_stego import TrainStegoParams, TrainStegoStage
 from .stages.reduce import ProjectStage, ReduceParams, ReduceStage
 
 
@@ -116,3 +118,29 @@ def probe_stage(
         val_every=preset.probe.val_every, seed=seed, crf=crf,
     )
     return ProbeStage(cache_root, train, val, params, artefact, dim if reducer != "identity" else None, derived, **options)
+
+
+def knn_stage(preset: Preset, cache_root: Path, data_root: Path | None = None, **options: Any) -> KnnStage:
+    """kNN pairs of the preset's train store."""
+    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
+    return KnnStage(cache_root, complete_store(extract["train"]), **options)
+
+
+def train_stego_stage(
+    preset: Preset, cache_root: Path, data_root: Path | None = None, dim: int | None = None, steps: int | None = None,
+    seed: int = 0, readd_global_mean: bool = True, knn_options: dict | None = None, **options: Any,
+) -> tuple[KnnStage, TrainStegoStage]:
+    """The kNN stage and the STEGO head training on the preset's stores (Table 1 parameters)."""
+    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
+    knn = KnnStage(cache_root, complete_store(extract["train"]), **(knn_options or {}))
+    val = complete_store(extract["val"])
+    cfg = preset.stego
+    params = TrainStegoParams(
+        n_classes=len(cache_schema.open_feature_store(val).attrs["class_names"]), dim=dim or cfg.dim,
+        steps=steps or cfg.steps, batch_size=cfg.batch_size, lambda_self=cfg.lambda_self, lambda_knn=cfg.lambda_knn,
+        lambda_rand=cfg.lambda_rand, b_self=cfg.b_self, b_knn=cfg.b_knn, b_rand=cfg.b_rand, pointwise=cfg.pointwise,
+        zero_clamp=cfg.zero_clamp, readd_global_mean=readd_global_mean, lr=cfg.lr, probe_lr=preset.probe.linear_lr,
+        dropout=cfg.dropout, feature_samples=cfg.feature_samples, neg_samples=cfg.neg_samples,
+        knn_neighbors=cfg.knn_neighbors, extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every, seed=seed,
+    )
+    return knn, TrainStegoStage(cache_root, complete_store(extract["train"]), val, knn, params, **options)

@@ -1,0 +1,63 @@
+"""kNN pairs: cosine top-k neighbours of each train image's pooled descriptor (reference §3).
+
+With five-crop stores the neighbours are found among crops, as STEGO. Descriptors are the
+pre-dropout tokens' mean (STEGO left dropout on while computing them [QUIRK]; the cache holds the
+clean feature).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import cache_schema
+from ..cache_schema import POOLED
+from ..models import resolve_device
+from ..ops.knn import knn_blocked
+from ..pipeline import COMPLETE, MISSING, PARTIAL, Stage, atomic_write_bytes, package_versions, read_manifest, write_manifest
+from .reduce import _npz_bytes, open_complete_store
+
+NNS = "nns"
+
+
+class KnnStage(Stage):
+    name = "knn"
+    version = 1
+
+    def __init__(self, cache_root: Path, store: Path, k: int = 30, block: int = 1024, device: str = "auto"):
+        super().__init__(cache_root)
+        self.store, self.k, self.block, self.device = open_complete_store(store), k, block, device
+
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k, "descriptor": "mean_patch_token_l2", "similarity": "cosine"}
+
+    def inputs(self) -> list[str]:
+        return [self.store.key]
+
+    @property
+    def output(self) -> Path:
+        return cache_schema.artefact_dir(self.cache_root, self.name, f"knn{self.k}", self.key)
+
+    def state(self) -> str:
+        if read_manifest(self.output) is not None:
+            return COMPLETE
+        return PARTIAL if self.output.exists() else MISSING
+
+    def execute(self, force: bool) -> np.ndarray:
+        started = time.time()
+        nns = knn_blocked(self.store[POOLED][:], self.k, self.block, resolve_device(self.device).type)
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / cache_schema.MANIFEST).unlink(missing_ok=True)
+        atomic_write_bytes(self.output / cache_schema.PAYLOAD, _npz_bytes({NNS: nns}))
+        write_manifest(self.output, {"key": self.key, "stage": self.name, "stage_version": self.version,
+                                     "params": self.params(), "inputs": self.inputs(), "store": str(self.store.path),
+                                     "started": started, "finished": time.time(), "versions": package_versions()})
+        return nns
+
+
+def load_knn(artefact: Path) -> np.ndarray:
+    with np.load(Path(artefact) / cache_schema.PAYLOAD) as payload:
+        return payload[NNS]
