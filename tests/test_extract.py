@@ -1,11 +1,9 @@
 """The extract stage end to end on generated fixtures: store contents, reuse, keys, resume."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

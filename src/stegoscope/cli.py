@@ -51,6 +51,8 @@ DataRootOpt = Annotated[
     Optional[Path], typer.Option("--data-root", help="Dataset folder (overrides the preset's data_root).")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+CrfWorkersOpt = Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader decode workers (default min(4, cores)).")]
 
 
@@ -113,7 +115,7 @@ def extract(
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Exit at once if another process is extracting the same key.")
     ] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Extract DINO tokens of a dataset's splits into Zarr stores (skipped when cached, resumed after a crash)."""
     from .study import feature_stages
@@ -184,7 +186,7 @@ def reduce(
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Refit even if the artefact exists.")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit at once if another process runs the same key.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Fit PCA / random projection / h-NNE on the preset's train tokens (h-NNE also projects train and val)."""
     from .compute import dask_scheduler
@@ -216,11 +218,11 @@ def probe(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the probes' initialisation and batch order.")] = 0,
     crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate the chosen probes with the dense CRF.")] = True,
     flip: Annotated[bool, typer.Option("--flip", help="Use the val store extracted with --flip (flip TTA).")] = False,
-    crf_workers: Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")] = 2,
+    crf_workers: CrfWorkersOpt = 2,
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Retrain even if the artefact exists.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Train linear + cluster probes on reduced codes; print val mIoU / accuracy with and without CRF."""
     import json
@@ -252,11 +254,11 @@ def import_stego(
     data_root: DataRootOpt = None,
     crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate with the dense CRF (Table 2 is with CRF).")] = True,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip TTA when the val store was extracted with --flip.")] = True,
-    crf_workers: Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")] = 2,
+    crf_workers: CrfWorkersOpt = 2,
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Re-evaluate even if cached.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a released STEGO checkpoint (head + probes) on the preset's val tokens, without Lightning."""
     from .stages.import_stego import ImportStegoStage
@@ -316,7 +318,7 @@ def train_stego(
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Train the STEGO head from cached tokens + kNN pairs (computed first if missing); keeps the best-by-val head."""
     import json

@@ -147,6 +147,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 MANIFEST = cache_schema.MANIFEST
 
 
+def atomic_write_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """``np.savez`` of ``arrays`` written atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
@@ -160,6 +171,30 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except ValueError as exc:
         raise cache_schema.StoreError(f"{path}: manifest does not parse ({exc}); rerun the stage with --force") from exc
+
+
+def artefact_state(directory: Path) -> str:
+    """An artefact directory is complete once its manifest exists (it is written last)."""
+    if read_manifest(directory) is not None:
+        return COMPLETE
+    return PARTIAL if Path(directory).exists() else MISSING
+
+
+def store_state(path: Path, key: str) -> str:
+    """A Zarr store is complete when its attrs say so for this key; readable or not, else partial."""
+    if not Path(path).exists():
+        return MISSING
+    try:
+        store = cache_schema.open_feature_store(path)
+    except cache_schema.StoreError:
+        return PARTIAL
+    return COMPLETE if store.complete and store.key == key else PARTIAL
+
+
+def begin_artefact(directory: Path) -> None:
+    """Create the artefact directory and drop any old manifest, so a crash leaves it incomplete."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / MANIFEST).unlink(missing_ok=True)
 
 
 # -- locks --------------------------------------------------------------------------------------

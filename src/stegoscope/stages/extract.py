@@ -27,7 +27,7 @@ from ..data.crops import CROP_FIVE, CROP_NONE, crops_per_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..models import resolve_device
 from ..models.backbone import build_backbone, parse_backbone, weights_identity
-from ..pipeline import COMPLETE, MISSING, PARTIAL, FileHashMemo, Stage, fingerprint_files, package_versions
+from ..pipeline import FileHashMemo, Stage, fingerprint_files, package_versions, store_state
 from ..progress import console, progress_bar
 
 LAYER = "last_block_final_norm_no_cls"
@@ -143,13 +143,7 @@ class ExtractStage(Stage):
         return cache_schema.feature_store_path(self.cache_root, self.dataset.name, self.p.split, backbone, self.p.res, self.key)
 
     def state(self) -> str:
-        if not self.output.exists():
-            return MISSING
-        try:
-            store = cache_schema.open_feature_store(self.output)
-        except StoreError:
-            return PARTIAL
-        return COMPLETE if store.complete and store.key == self.key else PARTIAL
+        return store_state(self.output, self.key)
 
     # -- work ----------------------------------------------------------------------------------
     def samples(self, skipped: dict[str, str]) -> list[tuple[int, int | None]]:

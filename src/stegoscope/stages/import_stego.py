@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,11 +20,11 @@ from ..cache_schema import StoreError
 from ..models import resolve_device
 from ..models.stego_head import StegoHead, find_setting, read_stego_checkpoint
 from ..ops.kmeans import ClusterLookup
-from ..pipeline import COMPLETE, MISSING, PARTIAL, FileHashMemo, Stage, atomic_write_bytes, package_versions, read_manifest, write_manifest
+from ..pipeline import FileHashMemo, Stage, artefact_state, atomic_write_bytes, atomic_write_npz, begin_artefact, package_versions, write_manifest
 from ..progress import progress_bar
 from ..reducers import StegoHeadReducer
 from .probe import METRICS, CodeSource, CRFPool, ProbeParams, _flat, evaluate
-from .reduce import _npz_bytes, open_complete_store
+from .reduce import open_complete_store
 
 
 def modules_from_checkpoint(state: dict[str, torch.Tensor]) -> tuple[StegoHead, nn.Conv2d, ClusterLookup]:
@@ -69,9 +68,7 @@ class ImportStegoStage(Stage):
         return cache_schema.artefact_dir(self.cache_root, self.name, self.checkpoint.stem, self.key)
 
     def state(self) -> str:
-        if read_manifest(self.output) is not None:
-            return COMPLETE
-        return PARTIAL if self.output.exists() else MISSING
+        return artefact_state(self.output)
 
     def execute(self, force: bool) -> dict:
         started = time.time()
@@ -101,10 +98,9 @@ class ImportStegoStage(Stage):
                 pool.close()
         hparams = ckpt["hyper_parameters"]
         metrics["checkpoint"] = {k: find_setting(hparams, k) for k in ("model_type", "dino_patch_size", "dim", "dataset_name", "n_classes")}
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / cache_schema.MANIFEST).unlink(missing_ok=True)
+        begin_artefact(self.output)
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1, default=str).encode())
-        atomic_write_bytes(self.output / cache_schema.PAYLOAD, _npz_bytes(reducer.state_dict()))
+        atomic_write_npz(self.output / cache_schema.PAYLOAD, (reducer.state_dict()))
         write_manifest(self.output, {
             "key": self.key, "stage": self.name, "stage_version": self.version, "method": "stego",
             "reducer": reducer.params(), "params": self.params(), "inputs": self.inputs(),

@@ -17,8 +17,8 @@ from .. import cache_schema
 from ..cache_schema import POOLED
 from ..models import resolve_device
 from ..ops.knn import knn_blocked
-from ..pipeline import COMPLETE, MISSING, PARTIAL, Stage, atomic_write_bytes, package_versions, read_manifest, write_manifest
-from .reduce import _npz_bytes, open_complete_store
+from ..pipeline import Stage, artefact_state, atomic_write_npz, begin_artefact, package_versions, write_manifest
+from .reduce import open_complete_store
 
 NNS = "nns"
 
@@ -42,16 +42,13 @@ class KnnStage(Stage):
         return cache_schema.artefact_dir(self.cache_root, self.name, f"knn{self.k}", self.key)
 
     def state(self) -> str:
-        if read_manifest(self.output) is not None:
-            return COMPLETE
-        return PARTIAL if self.output.exists() else MISSING
+        return artefact_state(self.output)
 
     def execute(self, force: bool) -> np.ndarray:
         started = time.time()
         nns = knn_blocked(self.store[POOLED][:], self.k, self.block, resolve_device(self.device).type)
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / cache_schema.MANIFEST).unlink(missing_ok=True)
-        atomic_write_bytes(self.output / cache_schema.PAYLOAD, _npz_bytes({NNS: nns}))
+        begin_artefact(self.output)
+        atomic_write_npz(self.output / cache_schema.PAYLOAD, ({NNS: nns}))
         write_manifest(self.output, {"key": self.key, "stage": self.name, "stage_version": self.version,
                                      "params": self.params(), "inputs": self.inputs(), "store": str(self.store.path),
                                      "started": started, "finished": time.time(), "versions": package_versions()})

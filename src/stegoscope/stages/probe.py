@@ -36,7 +36,7 @@ from ..models import resolve_device
 from ..ops.crf import dense_crf, softmax
 from ..ops.kmeans import ClusterLookup
 from ..ops.metrics import SegmentationMetrics
-from ..pipeline import COMPLETE, MISSING, PARTIAL, Stage, atomic_write_bytes, package_versions, read_manifest, write_manifest
+from ..pipeline import Stage, artefact_state, atomic_write_bytes, begin_artefact, package_versions, read_manifest, write_manifest
 from ..progress import console, progress_bar
 from ..reducers import IdentityReducer, Reducer
 from .reduce import load_reducer, open_complete_store
@@ -182,9 +182,7 @@ class ProbeStage(Stage):
         return cache_schema.artefact_dir(self.cache_root, self.name, label, self.key)
 
     def state(self) -> str:
-        if read_manifest(self.output) is not None:
-            return COMPLETE
-        return PARTIAL if self.output.exists() else MISSING
+        return artefact_state(self.output)
 
     def sources(self) -> tuple[CodeSource, CodeSource]:
         reducer = load_reducer(self.reducer_path, self.dim) if self.reducer_path else IdentityReducer()
@@ -245,8 +243,7 @@ class ProbeStage(Stage):
             finally:
                 pool.close()
             metrics["best_crf"] = {"step": best["step"], **_flat(crf_result)}
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / cache_schema.MANIFEST).unlink(missing_ok=True)
+        begin_artefact(self.output)
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
         import io
 

@@ -18,7 +18,7 @@ import numpy as np
 from .. import cache_schema
 from ..cache_schema import IDS, POOLED, TOKENS, StoreError, StoreLayout
 from ..models import resolve_device
-from ..pipeline import COMPLETE, MISSING, PARTIAL, Stage, atomic_write_bytes, package_versions, read_manifest, write_manifest
+from ..pipeline import Stage, artefact_state, atomic_write_npz, begin_artefact, package_versions, read_manifest, store_state, write_manifest
 from ..progress import progress_bar
 from ..reducers import HNNE, PCA, REDUCERS, RandomProjection, Reducer, hnne_version
 
@@ -93,9 +93,7 @@ class ReduceStage(Stage):
         return cache_schema.artefact_dir(self.cache_root, self.name, label, self.key)
 
     def state(self) -> str:
-        if read_manifest(self.output) is not None:
-            return COMPLETE
-        return PARTIAL if self.output.exists() else MISSING
+        return artefact_state(self.output)
 
     def make_reducer(self, device: str) -> Reducer:
         p = self.p
@@ -112,10 +110,8 @@ class ReduceStage(Stage):
         if self.p.max_images and self.p.max_images < len(self.store):
             images = np.random.default_rng(self.p.seed).choice(len(self.store), self.p.max_images, replace=False)
         reducer = self.make_reducer(device).fit(self.store.token_matrix(images))
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / cache_schema.MANIFEST).unlink(missing_ok=True)
-        buffer = _npz_bytes(reducer.state_dict())
-        atomic_write_bytes(self.output / cache_schema.PAYLOAD, buffer)
+        begin_artefact(self.output)
+        atomic_write_npz(self.output / cache_schema.PAYLOAD, reducer.state_dict())
         write_manifest(self.output, {
             "key": self.key, "stage": self.name, "stage_version": self.version, "method": self.p.method,
             "params": self.params(), "inputs": self.inputs(), "train_store": str(self.store.path),
@@ -123,14 +119,6 @@ class ReduceStage(Stage):
             "seconds": time.time() - started, "versions": package_versions(("stegoscope", "numpy", "dask", "hnne")),
         })
         return reducer
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 class ProjectStage(Stage):
@@ -156,13 +144,7 @@ class ProjectStage(Stage):
         return cache_schema.derived_store_path(self.cache_root, self.source.path, self.reducer_key)
 
     def state(self) -> str:
-        if not self.output.exists():
-            return MISSING
-        try:
-            store = cache_schema.open_feature_store(self.output)
-        except StoreError:
-            return PARTIAL
-        return COMPLETE if store.complete and store.key == self.key else PARTIAL
+        return store_state(self.output, self.key)
 
     def execute(self, force: bool):
         reducer = load_reducer(self.artefact)

@@ -31,12 +31,12 @@ from ..models import resolve_device
 from ..models.stego_head import StegoHead
 from ..ops.correlation_loss import CorrelationLoss
 from ..ops.kmeans import ClusterLookup
-from ..pipeline import COMPLETE, MISSING, PARTIAL, Stage, atomic_write_bytes, package_versions, read_manifest, write_manifest
+from ..pipeline import Stage, artefact_state, atomic_write_bytes, atomic_write_npz, begin_artefact, package_versions, write_manifest
 from ..progress import progress_bar
 from ..reducers import StegoHeadReducer
 from .knn import KnnStage, load_knn
 from .probe import METRICS, PROBES, CodeSource, ProbeParams, _copy, _flat, evaluate
-from .reduce import _npz_bytes, open_complete_store
+from .reduce import open_complete_store
 
 LOG = "log.jsonl"
 FINAL = "final.npz"
@@ -112,9 +112,7 @@ class TrainStegoStage(Stage):
         return cache_schema.artefact_dir(self.cache_root, "train_stego", f"stego{self.p.dim}", self.key)
 
     def state(self) -> str:
-        if read_manifest(self.output) is not None:
-            return COMPLETE
-        return PARTIAL if self.output.exists() else MISSING
+        return artefact_state(self.output)
 
     def execute(self, force: bool) -> dict:
         started, p = time.time(), self.p
@@ -134,8 +132,7 @@ class TrainStegoStage(Stage):
         loss_fn = CorrelationLoss(p.lambda_self, p.lambda_knn, p.lambda_rand, p.b_self, p.b_knn, p.b_rand, p.pointwise,
                                   p.zero_clamp, p.readd_global_mean, p.feature_samples, p.neg_samples)
         probe_params = ProbeParams(p.n_classes, p.steps, p.batch_size, extra_clusters=p.extra_clusters)
-        self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / cache_schema.MANIFEST).unlink(missing_ok=True)
+        begin_artefact(self.output)
         writer = _tensorboard(self.output)
         log = open(self.output / LOG, "w")
         history, best, best_head = [], None, None
@@ -198,8 +195,8 @@ class TrainStegoStage(Stage):
             if writer is not None:
                 writer.close()
         final_head = StegoHeadReducer.from_head(head.eval().cpu())
-        atomic_write_bytes(self.output / FINAL, _npz_bytes(final_head.state_dict()))
-        atomic_write_bytes(self.output / cache_schema.PAYLOAD, _npz_bytes(best_head.state_dict()))
+        atomic_write_npz(self.output / FINAL, (final_head.state_dict()))
+        atomic_write_npz(self.output / cache_schema.PAYLOAD, (best_head.state_dict()))
         buffer = io.BytesIO()
         torch.save({"linear": _copy(linear), "cluster": _copy(cluster)}, buffer)
         atomic_write_bytes(self.output / PROBES, buffer.getvalue())
