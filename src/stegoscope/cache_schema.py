@@ -89,6 +89,10 @@ PAYLOAD = "payload.npz"
 MANIFEST = "manifest.json"
 
 
+def figures_dir(cache_root: Path) -> Path:
+    return Path(cache_root) / "figures"
+
+
 def features_dir(cache_root: Path) -> Path:
     return Path(cache_root) / "features"
 

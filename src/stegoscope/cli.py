@@ -340,6 +340,24 @@ def train_stego(
 
 @app.command()
 @user_errors
+def figures(
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <cache>/figures).")] = None,
+) -> None:
+    """Fig. 3, Fig. 4, supplementary Figs 1-2 (PNG + PDF) and Table 2 (md/csv/tex) from cached artefacts only."""
+    from .stages.figures import render
+
+    written = render(cache, out or cache_schema.figures_dir(cache))
+    if not written:
+        console.print("no probe, train-stego or PCA artefacts in the cache yet; run `stegoscope probe` / `reduce` first")
+    for name, paths in written.items():
+        console.print(f"{name}:")
+        for path in paths:
+            print(f"  {path}")
+
+
+@app.command()
+@user_errors
 def status(
     preset: Annotated[
         Optional[str], typer.Option("--preset", "-p", help="Show the preset's stages; without it, list every store.")

@@ -252,6 +252,7 @@ class ProbeStage(Stage):
         atomic_write_bytes(self.output / PROBES, buffer.getvalue())
         write_manifest(self.output, {
             "key": self.key, "stage": self.name, "stage_version": self.version, "params": self.params(),
+            "dataset": self.train.attrs["params"]["dataset"], "method": self.method, "code_dim": dim, "seed": p.seed,
             "inputs": self.inputs(), "started": started, "finished": time.time(), "seconds": time.time() - started,
             "versions": package_versions(),
         })

@@ -115,6 +115,7 @@ class ReduceStage(Stage):
         write_manifest(self.output, {
             "key": self.key, "stage": self.name, "stage_version": self.version, "method": self.p.method,
             "params": self.params(), "inputs": self.inputs(), "train_store": str(self.store.path),
+            "dataset": self.store.attrs["params"]["dataset"],
             "reducer": reducer.params(), "started": started, "finished": time.time(),
             "seconds": time.time() - started, "versions": package_versions(("stegoscope", "numpy", "dask", "hnne")),
         })

@@ -204,6 +204,7 @@ class TrainStegoStage(Stage):
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
         write_manifest(self.output, {
             "key": self.key, "stage": self.name, "stage_version": self.version, "method": "stego",
+            "dataset": self.train.attrs["params"]["dataset"], "code_dim": p.dim, "seed": p.seed,
             "reducer": best_head.params(), "params": self.params(), "inputs": self.inputs(),
             "resident": data.resident, "started": started, "finished": time.time(), "seconds": time.time() - started,
             "versions": package_versions(),
