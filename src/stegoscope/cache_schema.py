@@ -89,6 +89,11 @@ PAYLOAD = "payload.npz"
 MANIFEST = "manifest.json"
 
 
+def study_dir(cache_root: Path, name: str) -> Path:
+    """``<cache>/studies/<preset>/``: the results table of a study."""
+    return Path(cache_root) / "studies" / _slug(name)
+
+
 def figures_dir(cache_root: Path) -> Path:
     return Path(cache_root) / "figures"
 

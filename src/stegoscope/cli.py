@@ -369,16 +369,20 @@ def status(
     if preset is None:
         _list_stores(cache)
         return
-    from .study import feature_stages
+    from .study import node_states, study_graph
 
-    table = Table(title=f"preset {preset} — cache {cache}")
-    for column in ("stage", "split", "state", "key", "output"):
+    graph, whole = study_graph(load_preset(preset), cache, data_root)
+    states = node_states(graph)
+    table = Table(title=f"study {preset} — cache {cache}")
+    for column in ("node", "state", "key", "output"):
         table.add_column(column)
-    for stage in feature_stages(load_preset(preset), cache, data_root, show_progress=False):
-        state = stage.state()
-        colour = {"complete": "green", "partial": "yellow"}.get(state, "red")
-        table.add_row(stage.name, stage.p.split, f"[{colour}]{state}[/]", stage.key[:12], str(stage.output))
-    console.print(table)
+    colours = {"complete": "green", "partial": "yellow", "stale": "magenta"}
+    for node in graph:
+        state = states[id(node)]
+        table.add_row(node.label, f"[{colours.get(state, 'red')}]{state}[/]", node.stage.key[:12], str(node.stage.output))
+    console.print(table, soft_wrap=True)
+    if not whole:
+        console.print("the other nodes need both token stores: run `stegoscope extract` (or `study`) first")
 
 
 def _list_stores(cache: Path) -> None:
@@ -395,41 +399,56 @@ def _list_stores(cache: Path) -> None:
     console.print(table)
 
 
+def _run_study(preset_name: str, cache: Path, data_root, only, dims, seeds, device) -> dict:
+    from .progress import progress_bar
+    from .study import run_study
+
+    preset = load_preset(preset_name)
+    with progress_bar("node") as bar:
+        task = bar.add_task(f"study {preset.name}", total=None)
+
+        def advance(node, total):
+            bar.update(task, description=f"study {preset.name}: {node.label}", total=total)
+            bar.advance(task)
+
+        summary = run_study(preset, cache, data_root, only, dims, seeds, device, advance)
+    console.print(f"study {preset.name}: {summary['ran']} stages run, {summary['cached']} cached")
+    print(summary["results"])
+    return summary
+
+
+@app.command()
+@user_errors
+def study(
+    preset: Annotated[str, typer.Argument(help="Preset name (demo, cocostuff27, cityscapes, potsdam) or YAML path.")],
+    data_root: DataRootOpt = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Methods to run (dino, pca, rp, hnne, stego); repeat.")] = None,
+    dims: Annotated[Optional[list[int]], typer.Option("--dims", help="Dimensions D (default: the preset's); repeat.")] = None,
+    seeds: Annotated[Optional[list[int]], typer.Option("--seeds", help="Seeds to repeat the study with (default 0); repeat.")] = None,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = cache_schema.default_cache_root(),
+) -> None:
+    """Run the whole study of a preset — extract, kNN, reducers, STEGO heads, probes — skipping what is cached."""
+    _run_study(preset, cache, data_root, only, dims, seeds, device)
+
+
 @app.command()
 @user_errors
 def demo(
     cache: CacheOpt = cache_schema.default_cache_root(),
     device: DeviceOpt = "auto",
-    workers: WorkersOpt = None,
 ) -> None:
-    """Every stage on the built-in synthetic dataset (small random ViT; CPU-friendly): extract,
-    reduce (PCA, RP), probes on raw tokens and on PCA / RP codes, with and without CRF."""
-    from .stages.reduce import ReduceParams
-    from .study import feature_stages, probe_stage, reduce_stages
+    """The embedded default, end to end on the built-in synthetic dataset (small random ViT, CPU):
+    the study, then the figures and a Table-2-style summary."""
+    from .stages.figures import render, table2, table_texts
 
     start = time.perf_counter()
-    preset = load_preset("demo")
-    stages = feature_stages(preset, cache, workers=workers, device=device)
-    for stage in stages:
-        _run_extract(stage, force=False, wait=True)
-    dim = preset.stego.dim
-    for params in (ReduceParams("pca"), ReduceParams("rp", dim)):
-        for stage in reduce_stages(preset, cache, params, device=device):
-            result = run_stage(stage)
-            console.print(f"reduce {params.method}: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
-    for reducer, d in (("identity", None), ("pca", dim), ("rp", dim)):
-        stage = probe_stage(preset, cache, reducer, d, device=device)
-        result = run_stage(stage)
-        console.print(f"probe {reducer}{d or ''}: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
-        metrics = __import__("json").loads((stage.output / "metrics.json").read_text())
-        for name in ("best", "best_crf"):
-            row = metrics[name]
-            console.print(f"  {name:8s} linear mIoU {row['linear/mIoU']:5.1f} acc {row['linear/Accuracy']:5.1f} | "
-                          f"cluster mIoU {row['cluster/mIoU']:5.1f} acc {row['cluster/Accuracy']:5.1f}")
-    status(preset="demo", data_root=None, cache=cache)
-    console.print(f"demo finished in {time.perf_counter() - start:.1f} s; stores:")
-    for stage in stages:
-        print(f"  {stage.p.split}: {stage.output}")
+    summary = _run_study("demo", cache, None, None, None, None, device)
+    written = render(cache, cache_schema.figures_dir(cache))
+    console.print(table_texts(table2(summary["rows"]))["md"], highlight=False, markup=False)
+    for name, paths in written.items():
+        print(f"{name}: " + "  ".join(str(p) for p in paths))
+    console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

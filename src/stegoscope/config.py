@@ -75,6 +75,7 @@ class Preset:
     shard_images: int = 128
     synthetic: dict[str, Any] = field(default_factory=dict)
     dims: list[int] = field(default_factory=list)  # the sweep's embedding dimensions
+    methods: list[str] = field(default_factory=lambda: ["dino", "pca", "rp", "hnne", "stego"])
     stego: StegoConfig = field(default_factory=StegoConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     path: Path | None = None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from . import cache_schema
 from .config import ConfigError, Preset
 from .data import write_synthetic
 from .pipeline import canonical_json
+from .models.backbone import RANDOM_PREFIX, parse_backbone
 from .pipeline import COMPLETE
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.knn import KnnStage
@@ -33,6 +35,20 @@ def resolve_data_root(preset: Preset, cache_root: Path, data_root: Path | None =
     raise ConfigError(f"preset {preset.name!r} needs its data: pass --data-root DIR (make: DATA_ROOT=DIR)")
 
 
+def official_weights(backbone: str) -> str | None:
+    """The official DINO file of a backbone in ``$STEGOSCOPE_WEIGHTS`` (a folder), if it is there.
+
+    Set it once and every command (extract, reduce, probe, study …) keys its stores by the same
+    weights; otherwise the preset's ``weights`` or timm's hub copy is used.
+    """
+    folder = os.environ.get("STEGOSCOPE_WEIGHTS")
+    if not folder or backbone.startswith(RANDOM_PREFIX):
+        return None
+    spec, _ = parse_backbone(backbone)
+    path = Path(folder) / (spec.dino_file or "")
+    return str(path) if spec.dino_file and path.is_file() else None
+
+
 def feature_stages(
     preset: Preset,
     cache_root: Path,
@@ -49,6 +65,7 @@ def feature_stages(
     (batch_size, workers, shard_images, device, show_progress).
     """
     root = resolve_data_root(preset, cache_root, data_root)
+    weights = preset.weights or official_weights(preset.backbone)
     stages = []
     for split in splits or list(preset.splits):
         if split not in preset.splits:
@@ -57,7 +74,7 @@ def feature_stages(
         if res and split in res:
             cfg = replace(cfg, res=res[split])
         params = ExtractParams(
-            dataset=preset.dataset, split=split, res=cfg.res, backbone=preset.backbone, weights=preset.weights,
+            dataset=preset.dataset, split=split, res=cfg.res, backbone=preset.backbone, weights=weights,
             seed=preset.seed, interpolation=preset.interpolation, n_classes=preset.n_classes,
             store_images=cfg.store_images, crop=cfg.crop, skip_bad=skip_bad,
             flip=cfg.flip or (flip and split != "train"),
@@ -104,9 +121,9 @@ def probe_stage(
         fit = reduce_stages(preset, cache_root, ReduceParams(reducer, None if reducer == "pca" else dim, seed=seed), data_root)
         if fit[0].state() != COMPLETE:
             raise ConfigError(f"no {reducer} fit in the cache yet; run `stegoscope reduce --method {reducer}` first")
-        artefact = fit[0].output
+        artefact = fit[0]
         if reducer == "hnne":
-            derived = tuple(s.output for s in fit[1:])
+            derived = tuple(fit[1:])
             if any(s.state() != COMPLETE for s in fit[1:]):
                 raise ConfigError("the h-NNE projections are not complete; rerun `stegoscope reduce --method hnne`")
     elif reducer != "identity":
@@ -144,3 +161,136 @@ def train_stego_stage(
         knn_neighbors=cfg.knn_neighbors, extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every, seed=seed,
     )
     return knn, TrainStegoStage(cache_root, complete_store(extract["train"]), val, knn, params, **options)
+
+
+# -- the whole study --------------------------------------------------------------------------
+
+STUDY_METHODS = ("dino", "pca", "rp", "hnne", "stego")
+
+
+@dataclass
+class Node:
+    """One stage of the study graph and the nodes it depends on."""
+
+    label: str
+    stage: Any
+    deps: list[Node] = field(default_factory=list)
+
+    def upstream(self) -> set[int]:
+        seen: set[int] = set()
+        todo = list(self.deps)
+        while todo:
+            node = todo.pop()
+            if id(node) not in seen:
+                seen.add(id(node))
+                todo.extend(node.deps)
+        return seen
+
+
+def study_graph(
+    preset: Preset, cache_root: Path, data_root: Path | None = None, only: list[str] | None = None,
+    dims: list[int] | None = None, seeds: list[int] | None = None, device: str = "auto",
+) -> tuple[list[Node], bool]:
+    """The study's nodes in dependency order, and whether the graph is whole.
+
+    Nodes after extraction need the token stores to exist (their keys include the stores'), so
+    until both splits are extracted only the extraction nodes are returned (whole = False).
+    """
+    methods = [m for m in (only or preset.methods) if m in STUDY_METHODS]
+    unknown = set(only or []) - set(STUDY_METHODS)
+    if unknown:
+        raise ConfigError(f"unknown methods {sorted(unknown)}; choose from {STUDY_METHODS}")
+    dims = dims or preset.dims or [preset.stego.dim]
+    seeds = seeds or [0]
+    quiet = {"show_progress": False}
+    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False, device=device)}
+    nodes = {split: Node(f"extract {split}", stage) for split, stage in extract.items()}
+    graph = list(nodes.values())
+    if any(stage.state() != COMPLETE for stage in extract.values()):
+        return graph, False
+    train, val = extract["train"].output, extract["val"].output
+    base = [nodes["train"], nodes["val"]]
+    n_classes = extract["val"].dataset.n_classes
+    probe_args = dict(n_classes=n_classes, steps=preset.stego.steps, batch_size=preset.stego.batch_size,
+                      linear_lr=preset.probe.linear_lr, cluster_lr=preset.probe.cluster_lr,
+                      extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every)
+
+    def probe(label, deps, reducer=None, dim=None, derived=None, seed=0, crf=False):
+        params = ProbeParams(seed=seed, crf=crf, **probe_args)
+        stage = ProbeStage(cache_root, train, val, params, reducer, dim, derived, device=device, **quiet)
+        graph.append(Node(label, stage, base + deps))
+
+    pca_node = None
+    for seed in seeds:
+        if "dino" in methods:
+            probe(f"probe dino seed {seed}", [], seed=seed, crf=True)
+        for dim in dims:
+            if "pca" in methods:
+                if pca_node is None:
+                    pca_node = Node("reduce pca", ReduceStage(cache_root, train, ReduceParams("pca"), device=device), [nodes["train"]])
+                    graph.append(pca_node)
+                probe(f"probe pca D={dim} seed {seed}", [pca_node], pca_node.stage, dim, seed=seed)
+            if "rp" in methods:
+                fit = Node(f"reduce rp D={dim} seed {seed}", ReduceStage(cache_root, train, ReduceParams("rp", dim, seed=seed), device=device), [nodes["train"]])
+                graph.append(fit)
+                probe(f"probe rp D={dim} seed {seed}", [fit], fit.stage, dim, seed=seed)
+            if "hnne" in methods:
+                fit_stage = ReduceStage(cache_root, train, ReduceParams("hnne", dim, seed=seed), device=device)
+                fit = Node(f"reduce hnne D={dim} seed {seed}", fit_stage, [nodes["train"]])
+                projections = [Node(f"project {split} hnne D={dim} seed {seed}", ProjectStage(cache_root, fit_stage, store, False), [fit, nodes[split]])
+                               for split, store in (("train", train), ("val", val))]
+                graph.extend([fit, *projections])
+                probe(f"probe hnne D={dim} seed {seed}", projections, fit_stage, dim, tuple(p.stage for p in projections), seed=seed)
+        if "stego" in methods:
+            for dim in dims:
+                knn, stage = train_stego_stage(preset, cache_root, data_root, dim, seed=seed, knn_options={"device": device},
+                                               device=device, **quiet)
+                knn_node = next((n for n in graph if n.stage.key == knn.key), None)
+                if knn_node is None:
+                    knn_node = Node("knn", knn, [nodes["train"]])
+                    graph.append(knn_node)
+                graph.append(Node(f"train-stego D={dim} seed {seed}", stage, base + [knn_node]))
+    return graph, True
+
+
+def node_states(graph: list[Node]) -> dict[int, str]:
+    """complete / partial / missing per node; ``stale`` when complete but something upstream is not."""
+    own = {id(n): n.stage.state() for n in graph}
+    states = {}
+    for node in graph:
+        state = own[id(node)]
+        if state == COMPLETE and any(own.get(u) != COMPLETE for u in node.upstream()):
+            state = "stale"
+        states[id(node)] = state
+    return states
+
+
+def run_study(preset: Preset, cache_root: Path, data_root: Path | None = None, only=None, dims=None, seeds=None,
+              device: str = "auto", progress=None) -> dict[str, Any]:
+    """Run what is not cached (and what depends on anything recomputed); write the results table."""
+    from .pipeline import run_stage
+    from .stages.figures import collect_results, results_csv
+
+    ran: set[int] = set()
+    counts = {"ran": 0, "cached": 0}
+    for phase in range(2):  # extraction first; then the nodes that need the stores
+        graph, whole = study_graph(preset, cache_root, data_root, only, dims, seeds, device)
+        todo = [n for n in graph if phase == 1 or n.label.startswith("extract")]
+        for node in todo:
+            if id(node) in ran or (phase == 1 and node.label.startswith("extract")):
+                continue
+            force = node.stage.state() == COMPLETE and any(u in ran for u in node.upstream())
+            if progress is not None:
+                progress(node, len(todo))
+            result = run_stage(node.stage, force=force)
+            counts["cached" if result.skipped else "ran"] += 1
+            if not result.skipped:
+                ran.add(id(node))
+        # Rebuilt stores keep their keys (same inputs, same tokens), so later nodes stay valid.
+        ran = set() if phase == 0 else ran
+    keys = {n.stage.key for n in graph}
+    rows = [r for r in collect_results(cache_root) if r["key"] in keys]
+    out = cache_schema.study_dir(cache_root, preset.name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.csv").write_text(results_csv(rows))
+    return {"graph": graph, "rows": rows, "results": out / "results.csv", **counts}

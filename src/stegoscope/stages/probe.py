@@ -154,27 +154,35 @@ class ProbeStage(Stage):
     version = 1
 
     def __init__(self, cache_root: Path, train_store: Path, val_store: Path, params: ProbeParams,
-                 reducer: Path | None = None, dim: int | None = None, derived: tuple[Path, Path] | None = None,
+                 reducer: Stage | Path | None = None, dim: int | None = None, derived: tuple | None = None,
                  device: str = "auto", crf_workers: int = 2, show_progress: bool = True):
+        """``reducer``: None (raw tokens), an upstream reduce / train-stego stage (which need not
+        have run yet), or a finished artefact directory; ``derived``: the stages (or store paths)
+        holding precomputed train and val codes (h-NNE)."""
         super().__init__(cache_root)
         self.train, self.val = open_complete_store(train_store), open_complete_store(val_store)
         for store in (self.train, self.val):
             if LABELS not in store:
                 raise StoreError(f"{store.path}: no labels; probes need a labelled dataset")
-        self.p, self.reducer_path, self.dim, self.device = params, reducer, dim, device
-        self.derived = tuple(open_complete_store(d) for d in derived) if derived else None
+        self.p, self.dim, self.device = params, dim, device
         self.crf_workers, self.show_progress = crf_workers, show_progress
-        manifest = read_manifest(reducer) if reducer is not None else None
-        if reducer is not None and manifest is None:
-            raise StoreError(f"{reducer}: the reducer fit is not complete; run `stegoscope reduce` first")
-        self.reducer_key = manifest["key"] if manifest else "identity"
-        self.method = manifest["method"] if manifest else "dino"
+        self.reducer_path, self.reducer_key, self.method = None, "identity", "dino"
+        if isinstance(reducer, Stage):
+            self.reducer_path, self.reducer_key = reducer.output, reducer.key
+            self.method = getattr(reducer.p, "method", "stego")
+        elif reducer is not None:
+            manifest = read_manifest(reducer)
+            if manifest is None:
+                raise StoreError(f"{reducer}: the reducer fit is not complete; run `stegoscope reduce` first")
+            self.reducer_path, self.reducer_key, self.method = Path(reducer), manifest["key"], manifest["method"]
+        self.derived = [(d.output, d.key) if isinstance(d, Stage) else (Path(d), open_complete_store(d).key)
+                        for d in derived] if derived else None
 
     def params(self) -> dict[str, Any]:
         return asdict(self.p) | {"dim": self.dim, "method": self.method}
 
     def inputs(self) -> list[str]:
-        return [self.train.key, self.val.key, self.reducer_key] + [d.key for d in self.derived or ()]
+        return [self.train.key, self.val.key, self.reducer_key] + [key for _, key in self.derived or ()]
 
     @property
     def output(self) -> Path:
@@ -186,7 +194,7 @@ class ProbeStage(Stage):
 
     def sources(self) -> tuple[CodeSource, CodeSource]:
         reducer = load_reducer(self.reducer_path, self.dim) if self.reducer_path else IdentityReducer()
-        train_derived, val_derived = self.derived or (None, None)
+        train_derived, val_derived = [open_complete_store(path) for path, _ in self.derived] if self.derived else (None, None)
         return (CodeSource(self.train, reducer, train_derived),
                 CodeSource(self.val, reducer, val_derived, flip=self.p.flip_tta))
 
