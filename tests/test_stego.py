@@ -119,6 +119,7 @@ def test_train_stego_from_cache_on_demo(tmp_path):
     assert all(k in rows[0] for k in ("loss/self", "loss/knn", "loss/rand", "cd/self", "cd/knn", "cd/rand"))
     metrics = json.loads((artefact / "metrics.json").read_text())
     assert metrics["best"] == max(metrics["history"], key=lambda r: r["cluster/mIoU"])
+    assert metrics["best_crf"]["step"] == metrics["best"]["step"]
     probe = runner.invoke(app, ["probe", "--preset", "demo", "--cache", cache, "--reducer", str(artefact), "--steps", "10",
                                 "--no-progress", "--crf-workers", "1"], env={"COLUMNS": "200"})
     assert probe.exit_code == 0, probe.output

@@ -315,6 +315,7 @@ def train_stego(
         typer.Option("--readd-global-mean/--paper-centring",
                      help="Centre F per query point and re-add its global mean (STEGO's code, default) or not (the paper's F^SC)."),
     ] = True,
+    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate the best head's probes with the dense CRF.")] = True,
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
@@ -326,13 +327,15 @@ def train_stego(
     from .study import train_stego_stage
 
     knn_run, stage = train_stego_stage(load_preset(preset), cache, data_root, dim, steps, seed, readd_global_mean,
-                                       knn_options={"device": device}, device=device, show_progress=progress)
+                                       knn_options={"device": device}, crf=crf, device=device, show_progress=progress)
     run_stage(knn_run)
     result = run_stage(stage, force=force)
     metrics = json.loads((stage.output / "metrics.json").read_text())
-    for name in ("best", "final"):
+    for name in ("best", "best_crf", "final"):
+        if name not in metrics:
+            continue
         row = metrics[name]
-        console.print(f"{name:5s} step {row['step']}: linear mIoU {row['linear/mIoU']:.1f} acc {row['linear/Accuracy']:.1f} | "
+        console.print(f"{name:8s} step {row['step']}: linear mIoU {row['linear/mIoU']:.1f} acc {row['linear/Accuracy']:.1f} | "
                       f"cluster mIoU {row['cluster/mIoU']:.1f} acc {row['cluster/Accuracy']:.1f}")
     console.print(f"train-stego: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
     print(stage.output)

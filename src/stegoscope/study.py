@@ -145,7 +145,7 @@ def knn_stage(preset: Preset, cache_root: Path, data_root: Path | None = None, *
 
 def train_stego_stage(
     preset: Preset, cache_root: Path, data_root: Path | None = None, dim: int | None = None, steps: int | None = None,
-    seed: int = 0, readd_global_mean: bool = True, knn_options: dict | None = None, **options: Any,
+    seed: int = 0, readd_global_mean: bool = True, knn_options: dict | None = None, crf: bool = False, **options: Any,
 ) -> tuple[KnnStage, TrainStegoStage]:
     """The kNN stage and the STEGO head training on the preset's stores (Table 1 parameters)."""
     extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
@@ -159,6 +159,7 @@ def train_stego_stage(
         zero_clamp=cfg.zero_clamp, readd_global_mean=readd_global_mean, lr=cfg.lr, probe_lr=preset.probe.linear_lr,
         dropout=cfg.dropout, feature_samples=cfg.feature_samples, neg_samples=cfg.neg_samples,
         knn_neighbors=cfg.knn_neighbors, extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every, seed=seed,
+        crf=crf,
     )
     return knn, TrainStegoStage(cache_root, complete_store(extract["train"]), val, knn, params, **options)
 
@@ -243,8 +244,9 @@ def study_graph(
                 probe(f"probe hnne D={dim} seed {seed}", projections, fit_stage, dim, tuple(p.stage for p in projections), seed=seed)
         if "stego" in methods:
             for dim in dims:
+                # With CRF at D_STEGO only, where the paper reports it (Table 2).
                 knn, stage = train_stego_stage(preset, cache_root, data_root, dim, seed=seed, knn_options={"device": device},
-                                               device=device, **quiet)
+                                               crf=dim == preset.stego.dim, device=device, **quiet)
                 knn_node = next((n for n in graph if n.stage.key == knn.key), None)
                 if knn_node is None:
                     knn_node = Node("knn", knn, [nodes["train"]])

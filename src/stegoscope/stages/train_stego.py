@@ -35,7 +35,7 @@ from ..pipeline import Stage, artefact_state, atomic_write_bytes, atomic_write_n
 from ..progress import progress_bar
 from ..reducers import StegoHeadReducer
 from .knn import KnnStage, load_knn
-from .probe import METRICS, PROBES, CodeSource, ProbeParams, _copy, _flat, evaluate
+from .probe import METRICS, PROBES, CodeSource, CRFPool, ProbeParams, _copy, _flat, evaluate
 from .reduce import open_complete_store
 
 LOG = "log.jsonl"
@@ -66,6 +66,7 @@ class TrainStegoParams:
     extra_clusters: int = 0
     val_every: int = 100
     seed: int = 0
+    crf: bool = False  # evaluate the best head and its probes with the dense CRF too (Table 2)
 
 
 class _Tokens:
@@ -189,18 +190,29 @@ class TrainStegoStage(Stage):
                         history.append({"step": step, **_flat(result)})
                         if best is None or history[-1]["cluster/mIoU"] > best["cluster/mIoU"]:
                             best, best_head = history[-1], reducer
+                            best_probes = {"linear": _copy(linear), "cluster": _copy(cluster)}
                     bar.advance(task)
         finally:
             log.close()
             if writer is not None:
                 writer.close()
         final_head = StegoHeadReducer.from_head(head.eval().cpu())
+        final_probes = {"linear": _copy(linear), "cluster": _copy(cluster)}
         atomic_write_npz(self.output / FINAL, (final_head.state_dict()))
         atomic_write_npz(self.output / cache_schema.PAYLOAD, (best_head.state_dict()))
         buffer = io.BytesIO()
-        torch.save({"linear": _copy(linear), "cluster": _copy(cluster)}, buffer)
+        torch.save({"best": best_probes, "final": final_probes}, buffer)
         atomic_write_bytes(self.output / PROBES, buffer.getvalue())
         metrics = {"history": history, "best": best, "final": history[-1]}
+        if p.crf:
+            linear.load_state_dict(best_probes["linear"])
+            cluster.load_state_dict(best_probes["cluster"])
+            pool = CRFPool()
+            try:
+                result = evaluate(CodeSource(self.val, best_head, flip=True), self.val, linear, cluster, probe_params, device, crf=pool)
+            finally:
+                pool.close()
+            metrics["best_crf"] = {"step": best["step"], **_flat(result)}
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
         write_manifest(self.output, {
             "key": self.key, "stage": self.name, "stage_version": self.version, "method": "stego",
