@@ -143,25 +143,30 @@ def knn_stage(preset: Preset, cache_root: Path, data_root: Path | None = None, *
     return KnnStage(cache_root, complete_store(extract["train"]), **options)
 
 
+def stego_params(preset: Preset, n_classes: int, dim: int | None = None, steps: int | None = None, seed: int = 0,
+                 readd_global_mean: bool = True, crf: bool = False) -> TrainStegoParams:
+    """The preset's Table 1 / supplementary parameters for one STEGO head."""
+    cfg = preset.stego
+    return TrainStegoParams(
+        n_classes=n_classes, dim=dim or cfg.dim, steps=steps or cfg.steps, batch_size=cfg.batch_size,
+        lambda_self=cfg.lambda_self, lambda_knn=cfg.lambda_knn, lambda_rand=cfg.lambda_rand, b_self=cfg.b_self,
+        b_knn=cfg.b_knn, b_rand=cfg.b_rand, pointwise=cfg.pointwise, zero_clamp=cfg.zero_clamp,
+        readd_global_mean=readd_global_mean, lr=cfg.lr, probe_lr=preset.probe.linear_lr, dropout=cfg.dropout,
+        feature_samples=cfg.feature_samples, neg_samples=cfg.neg_samples, knn_neighbors=cfg.knn_neighbors,
+        extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every, seed=seed, crf=crf,
+    )
+
+
 def train_stego_stage(
     preset: Preset, cache_root: Path, data_root: Path | None = None, dim: int | None = None, steps: int | None = None,
     seed: int = 0, readd_global_mean: bool = True, knn_options: dict | None = None, crf: bool = False, **options: Any,
 ) -> tuple[KnnStage, TrainStegoStage]:
     """The kNN stage and the STEGO head training on the preset's stores (Table 1 parameters)."""
     extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
-    knn = KnnStage(cache_root, complete_store(extract["train"]), **(knn_options or {}))
-    val = complete_store(extract["val"])
-    cfg = preset.stego
-    params = TrainStegoParams(
-        n_classes=len(cache_schema.open_feature_store(val).attrs["class_names"]), dim=dim or cfg.dim,
-        steps=steps or cfg.steps, batch_size=cfg.batch_size, lambda_self=cfg.lambda_self, lambda_knn=cfg.lambda_knn,
-        lambda_rand=cfg.lambda_rand, b_self=cfg.b_self, b_knn=cfg.b_knn, b_rand=cfg.b_rand, pointwise=cfg.pointwise,
-        zero_clamp=cfg.zero_clamp, readd_global_mean=readd_global_mean, lr=cfg.lr, probe_lr=preset.probe.linear_lr,
-        dropout=cfg.dropout, feature_samples=cfg.feature_samples, neg_samples=cfg.neg_samples,
-        knn_neighbors=cfg.knn_neighbors, extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every, seed=seed,
-        crf=crf,
-    )
-    return knn, TrainStegoStage(cache_root, complete_store(extract["train"]), val, knn, params, **options)
+    train, val = complete_store(extract["train"]), complete_store(extract["val"])
+    knn = KnnStage(cache_root, train, **(knn_options or {}))
+    params = stego_params(preset, extract["val"].dataset.n_classes, dim, steps, seed, readd_global_mean, crf)
+    return knn, TrainStegoStage(cache_root, train, val, knn, params, **options)
 
 
 # -- the whole study --------------------------------------------------------------------------
@@ -221,7 +226,7 @@ def study_graph(
         stage = ProbeStage(cache_root, train, val, params, reducer, dim, derived, device=device, **quiet)
         graph.append(Node(label, stage, base + deps))
 
-    pca_node = None
+    pca_node = knn_node = None
     for seed in seeds:
         if "dino" in methods:
             probe(f"probe dino seed {seed}", [], seed=seed, crf=True)
@@ -243,14 +248,13 @@ def study_graph(
                 graph.extend([fit, *projections])
                 probe(f"probe hnne D={dim} seed {seed}", projections, fit_stage, dim, tuple(p.stage for p in projections), seed=seed)
         if "stego" in methods:
+            if knn_node is None:
+                knn_node = Node("knn", KnnStage(cache_root, train, device=device), [nodes["train"]])
+                graph.append(knn_node)
             for dim in dims:
                 # With CRF at D_STEGO only, where the paper reports it (Table 2).
-                knn, stage = train_stego_stage(preset, cache_root, data_root, dim, seed=seed, knn_options={"device": device},
-                                               crf=dim == preset.stego.dim, device=device, **quiet)
-                knn_node = next((n for n in graph if n.stage.key == knn.key), None)
-                if knn_node is None:
-                    knn_node = Node("knn", knn, [nodes["train"]])
-                    graph.append(knn_node)
+                params = stego_params(preset, n_classes, dim, seed=seed, crf=dim == preset.stego.dim)
+                stage = TrainStegoStage(cache_root, train, val, knn_node.stage, params, device=device, **quiet)
                 graph.append(Node(f"train-stego D={dim} seed {seed}", stage, base + [knn_node]))
     return graph, True
 
