@@ -9,7 +9,8 @@ import pytest
 
 from stegoscope import cache_schema
 from stegoscope.pipeline import (
-    FileHashMemo, LockHeld, fingerprint_files, read_manifest, stage_key, stage_lock, write_manifest,
+    COMPLETE, PARTIAL, FileHashMemo, LockHeld, artefact_state, fingerprint_files, read_manifest, stage_key, stage_lock,
+    write_manifest,
 )
 
 
@@ -72,10 +73,23 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
 
 
 def test_manifest_round_trip_and_damage(tmp_path):
-    assert read_manifest(tmp_path) is None
-    write_manifest(tmp_path, {"key": "abc", "seconds": 1.5})
-    assert read_manifest(tmp_path) == {"key": "abc", "seconds": 1.5}
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp files left
+    assert read_manifest(tmp_path) is None and artefact_state(tmp_path) == PARTIAL
+    payload = b"\x00payload" * 100
+    (tmp_path / "payload.bin").write_bytes(payload)
+    write_manifest(tmp_path, {"key": "abc", "seconds": 1.5, "stage": "reduce"})
+    expected_files = {"payload.bin": {"bytes": 800, "sha256": hashlib.sha256(payload).hexdigest()}}
+    assert read_manifest(tmp_path) == {"key": "abc", "seconds": 1.5, "stage": "reduce", "files": expected_files}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "payload.bin"]  # no temp files left
+    assert artefact_state(tmp_path) == COMPLETE
+
+    (tmp_path / "payload.bin").write_bytes(payload[:400])  # truncated
+    assert artefact_state(tmp_path) == PARTIAL
+    with pytest.raises(cache_schema.StoreError, match=r"400 bytes.*800.*stegoscope reduce"):
+        read_manifest(tmp_path)
+    (tmp_path / "payload.bin").write_bytes(payload[::-1])  # same size, other content
+    with pytest.raises(cache_schema.StoreError, match="sha256"):
+        read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(cache_schema.StoreError, match="manifest.json.*--force"):
+    assert artefact_state(tmp_path) == PARTIAL
+    with pytest.raises(cache_schema.StoreError, match="manifest.json does not parse"):
         read_manifest(tmp_path)

@@ -24,12 +24,18 @@ ids       string     (image,)                       source id of each row
 written   bool       (shard,)                       shard complete (resume)
 ========  =========  =============================  ========================================
 
+Completion is marked in three steps, each safe to be killed after: ``status=complete`` in the
+attrs, consolidated metadata, and last ``inventory.json`` (every file's size). A store is
+complete only with all three; opening a complete store checks the inventory, so a chunk file
+that went missing or was truncated is named instead of being read as fill values.
+
 Tokens live at patch resolution (``y, x``) and labels / images at pixel resolution
 (``pixel_y, pixel_x``): distinct dimension names keep ``xarray.open_zarr`` consistent.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,6 +45,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+
+from .atomic import PARTIAL_SUFFIX, atomic_write_text, fsync_tree, remove_partials
 
 SCHEMA_VERSION = 1
 
@@ -75,6 +83,24 @@ def feature_store_path(cache_root: Path, dataset: str, split: str, backbone: str
     return Path(cache_root) / "features" / name
 
 
+def sibling_stores(path: Path) -> list[Path]:
+    """Other stores of the same dataset, split, backbone and resolution (other keys)."""
+    path = Path(path)
+    prefix = path.name[: -len("-" + path.name.rsplit("-", 1)[1])]
+    return sorted(p for p in path.parent.glob(f"{prefix}-*.zarr") if p != path and p.name.rsplit("-", 1)[0] == prefix)
+
+
+def write_sources(path: Path, rows: list[list]) -> None:
+    atomic_write_text(Path(path) / SOURCES, json.dumps(rows))
+
+
+def read_sources(path: Path) -> list[list] | None:
+    try:
+        return json.loads((Path(path) / SOURCES).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def derived_store_path(cache_root: Path, source: Path, reducer_key: str) -> Path:
     """A store of codes: ``source`` projected by the reducer ``reducer_key`` (e.g. h-NNE)."""
     return Path(cache_root) / "derived" / f"{Path(source).stem}-by-{reducer_key[:12]}.zarr"
@@ -87,6 +113,8 @@ def artefact_dir(cache_root: Path, stage: str, name: str, key: str) -> Path:
 
 PAYLOAD = "payload.npz"
 MANIFEST = "manifest.json"
+INVENTORY = "inventory.json"  # a feature store's completion marker: relative path → bytes
+SOURCES = "sources.json"  # the dataset files an extraction read: [relative path, size, hash]
 
 
 def study_dir(cache_root: Path, name: str) -> Path:
@@ -164,7 +192,14 @@ class FeatureStore:
 
     @property
     def complete(self) -> bool:
-        return self.status == STATUS_COMPLETE
+        return self.status == STATUS_COMPLETE and (self.path / INVENTORY).exists()
+
+    @property
+    def fix_hint(self) -> str:
+        """The command that rebuilds this store."""
+        if self.attrs.get("stage") == "project":
+            return "rerun the `stegoscope reduce --method hnne` (or `study`) command that made it"
+        return "rerun the `stegoscope extract` (or `study`) command that made it"
 
     @property
     def layout(self) -> StoreLayout:
@@ -222,13 +257,72 @@ class FeatureStore:
         self.group[WRITTEN][shard] = True
 
     def mark_complete(self) -> None:
+        """Flush everything to disk, then mark complete; the inventory is written last."""
         pending = self.pending_shards()
         if pending:
             raise StoreError(f"{self.path}: shards {pending[:8]} are not written; cannot mark complete")
+        fsync_tree(self.path)
         self.group.attrs["status"] = STATUS_COMPLETE
         with warnings.catch_warnings():  # "not part of the v3 spec": xarray reads it all the same
             warnings.filterwarnings("ignore", category=UserWarning, message=".*[Cc]onsolidated metadata")
             zarr.consolidate_metadata(str(self.path))
+        atomic_write_text(self.path / INVENTORY, json.dumps({"files": _file_sizes(self.path)}, sort_keys=True))
+
+    # -- integrity -----------------------------------------------------------------------------
+    def damage(self) -> dict[str, str]:
+        """Files of a complete store that no longer match its inventory: relative path → what."""
+        try:
+            inventory = json.loads((self.path / INVENTORY).read_text())["files"]
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as exc:
+            return {INVENTORY: f"does not parse ({exc})"}
+        damaged = {}
+        for name, size in inventory.items():
+            try:
+                actual = (self.path / name).stat().st_size
+            except FileNotFoundError:
+                damaged[name] = "missing"
+                continue
+            if actual != size:
+                damaged[name] = f"truncated or rewritten: {actual} bytes, {size} expected"
+        return damaged
+
+    def reopen_for_writing(self) -> list[int]:
+        """Prepare an unfinished or damaged store for the rest of its shards.
+
+        Drops the temporaries of a killed writer and the completion marker, and unflags every
+        shard with a damaged chunk file so that it is written again. Returns those shards.
+        """
+        damage = self.damage()
+        shards = sorted({_shard_of(name) for name in damage})
+        if None in shards:
+            raise StoreError(f"{self.path}: metadata files {sorted(damage)} are damaged; re-extract with --force")
+        remove_partials(self.path)
+        (self.path / INVENTORY).unlink(missing_ok=True)
+        for shard in shards:
+            self.group[WRITTEN][shard] = False
+        if shards:
+            self.group.attrs["status"] = STATUS_WRITING
+        return shards
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {
+        p.relative_to(path).as_posix(): p.stat().st_size
+        for p in sorted(Path(path).rglob("*"))
+        if p.is_file() and p.name != INVENTORY and not p.name.endswith(PARTIAL_SUFFIX)
+    }
+
+
+def _shard_of(name: str) -> int | None:
+    """The shard a chunk file belongs to (``<array>/c/<shard>/...``); None for metadata.
+
+    Every array is chunked along ``image`` by whole shards (``written`` by one shard per
+    chunk), so the first chunk coordinate is the shard index.
+    """
+    parts = name.split("/")
+    return int(parts[2]) if len(parts) >= 3 and parts[1] == "c" and parts[2].isdigit() else None
 
 
 def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any]) -> FeatureStore:
@@ -270,8 +364,10 @@ def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any])
     return FeatureStore(group, path)
 
 
-def open_feature_store(path: Path, mode: str = "r") -> FeatureStore:
-    """Open an existing store and check that it is one this version understands."""
+def open_feature_store(path: Path, mode: str = "r", verify: bool = True) -> FeatureStore:
+    """Open an existing store and check that it is one this version understands, that its
+    arrays agree with each other and with its attrs, and (``verify``, complete stores) that no
+    chunk file is missing or truncated."""
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no feature store here; run `stegoscope extract` first")
@@ -288,7 +384,66 @@ def open_feature_store(path: Path, mode: str = "r") -> FeatureStore:
     missing = [name for name in (TOKENS, POOLED, IDS, WRITTEN) if name not in group]
     if missing:
         raise StoreError(f"{path}: arrays {missing} are missing; re-extract with --force")
-    return FeatureStore(group, path)
+    store = FeatureStore(group, path)
+    disagreement = _disagreement(store)
+    if disagreement:
+        raise StoreError(f"{path}: {disagreement}, so it cannot be trusted; re-extract with `stegoscope extract --force`")
+    if verify and store.complete:
+        damage = store.damage()
+        if damage:
+            listed = "; ".join(f"{name} {what}" for name, what in sorted(damage.items())[:3])
+            more = f" (and {len(damage) - 3} more)" if len(damage) > 3 else ""
+            raise StoreError(f"{path}: {listed}{more}. {store.fix_hint}: it rewrites only the damaged shards")
+    return store
+
+
+def _disagreement(store: FeatureStore) -> str | None:
+    """How the arrays disagree with each other or with the attrs (None when they agree)."""
+    group, attrs = store.group, store.attrs
+    if not isinstance(attrs.get("key"), str):
+        return "its attrs have no stage key"
+    tokens = group[TOKENS]
+    n, h, w, c = tokens.shape
+    for name in (POOLED, IDS, LABELS, IMAGES, TOKENS_FLIP):
+        if name in group and group[name].shape[0] != n:
+            return f"{name} has {group[name].shape[0]} rows but tokens has {n}"
+    if TOKENS_FLIP in group and group[TOKENS_FLIP].shape != tokens.shape:
+        return f"tokens_flip has shape {group[TOKENS_FLIP].shape}, tokens {tokens.shape}"
+    if group[POOLED].shape[1] != c:
+        return f"pooled has {group[POOLED].shape[1]} channels, tokens {c}"
+    shard = tokens.shards[0] if tokens.shards else tokens.chunks[0]
+    if group[WRITTEN].shape[0] != -(-n // shard):
+        return f"written has {group[WRITTEN].shape[0]} flags for {-(-n // shard)} shards"
+    pixels = tuple(attrs.get("pixels", ()))
+    for name in (LABELS, IMAGES):
+        if name in group and tuple(group[name].shape[1:3]) != pixels:
+            return f"{name} is {tuple(group[name].shape[1:3])} pixels, the attrs say {pixels}"
+    spec = attrs.get("spec", {})
+    if "res" in spec:  # an extraction store: the grid and width follow from res and the backbone
+        patch, width = spec["backbone"]["patch_size"], spec["backbone"]["embed_dim"]
+        if (h, w, c) != (spec["res"] // patch, spec["res"] // patch, width):
+            return (f"tokens are {h}×{w}×{c} but the attrs say res {spec['res']}, patch {patch}, "
+                    f"width {width} ({spec['res'] // patch}×{spec['res'] // patch}×{width})")
+        if bool(spec.get("store_images")) != (IMAGES in group):
+            return f"the attrs say store_images={spec.get('store_images')} but images is {'' if IMAGES in group else 'not '}there"
+        if bool(spec.get("flip")) != (TOKENS_FLIP in group):
+            return f"the attrs say flip={spec.get('flip')} but tokens_flip is {'' if TOKENS_FLIP in group else 'not '}there"
+    return None
+
+
+def resume_store(path: Path, key: str) -> FeatureStore | None:
+    """The store at ``path`` ready to continue writing for ``key`` (see
+    :meth:`FeatureStore.reopen_for_writing`), or None when there is nothing of that key to resume."""
+    if not Path(path).exists():
+        return None
+    try:
+        store = open_feature_store(path, mode="r+", verify=False)
+    except StoreError:
+        return None  # remains of a crash before the metadata was written: start again
+    if store.key != key:
+        return None
+    store.reopen_for_writing()
+    return store
 
 
 def list_feature_stores(cache_root: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import time
 from dataclasses import replace
@@ -16,7 +17,7 @@ from . import cache_schema
 from .config import ConfigError, load_preset
 from .data import DatasetError
 from .models.backbone import BackboneError
-from .pipeline import LockHeld, run_stage
+from .pipeline import LockHeld, read_json, run_stage
 from .progress import console
 
 app = typer.Typer(
@@ -27,6 +28,10 @@ app = typer.Typer(
 USER_ERRORS = (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, LockHeld, ValueError, FileNotFoundError)
 
 
+# Write errors the user can fix (full disk, quota, read-only or failing disk, permissions).
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def user_errors(fn):
     """Bad input ends with one clear line and exit code 2, never a traceback."""
 
@@ -35,10 +40,23 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
+            message = str(exc)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            message = (f"{exc}. Nothing was marked complete and finished work is kept: fix the cause "
+                       "(e.g. free disk space) and rerun the same command.")
+        console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _run(stage, force: bool, no_wait: bool, label: str | None = None):
+    """Run a stage under its key's lock, saying so when another process holds it."""
+    label = label or stage.name
+    return run_stage(stage, force=force, wait=not no_wait,
+                     on_wait=lambda holder: console.print(f"{label}: waiting for {holder} (same key)"))
 
 
 CacheOpt = Annotated[
@@ -53,6 +71,9 @@ DataRootOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 CrfWorkersOpt = Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")]
+NoWaitOpt = Annotated[
+    bool, typer.Option("--no-wait", help="Exit at once if another process is running the same stage key.")
+]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader decode workers (default min(4, cores)).")]
 
 
@@ -112,9 +133,7 @@ def extract(
         bool, typer.Option("--flip", help="Also store the tokens of the mirrored val images (flip TTA in `probe`).")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-extract even if a complete store exists.")] = False,
-    no_wait: Annotated[
-        bool, typer.Option("--no-wait", help="Exit at once if another process is extracting the same key.")
-    ] = False,
+    no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Extract DINO tokens of a dataset's splits into Zarr stores (skipped when cached, resumed after a crash)."""
@@ -129,12 +148,12 @@ def extract(
         cfg, cache, data_root, split, res, skip_bad=skip_bad, flip=flip, workers=workers, device=device, show_progress=progress
     )
     for stage in stages:
-        _run_extract(stage, force, not no_wait)
+        _run_extract(stage, force, no_wait)
 
 
-def _run_extract(stage, force: bool, wait: bool) -> None:
+def _run_extract(stage, force: bool, no_wait: bool) -> None:
     label = f"{stage.p.dataset}/{stage.p.split}"
-    result = run_stage(stage, force=force, wait=wait, on_wait=lambda holder: console.print(f"{label}: waiting for {holder}"))
+    result = _run(stage, force, no_wait, label)
     if result.skipped:
         console.print(f"{label}: cached, no backbone work ({result.seconds:.2f} s)")
         skipped = cache_schema.open_feature_store(stage.output).attrs.get("skipped", [])
@@ -185,7 +204,7 @@ def reduce(
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Refit even if the artefact exists.")] = False,
-    no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit at once if another process runs the same key.")] = False,
+    no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Fit PCA / random projection / h-NNE on the preset's train tokens (h-NNE also projects train and val)."""
@@ -198,7 +217,7 @@ def reduce(
     with dask_scheduler(scheduler):
         for stage in stages:
             label = f"{stage.name} {method}" + (f" D={dim}" if dim else "")
-            result = run_stage(stage, force=force, wait=not no_wait, on_wait=lambda h: console.print(f"waiting for {h}"))
+            result = _run(stage, force, no_wait, label)
             verb = "cached" if result.skipped else f"done in {result.seconds:.1f} s"
             console.print(f"{label}: {verb}")
             print(stage.output)
@@ -222,18 +241,17 @@ def probe(
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Retrain even if the artefact exists.")] = False,
+    no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Train linear + cluster probes on reduced codes; print val mIoU / accuracy with and without CRF."""
-    import json
-
     from .stages.probe import METRICS
     from .study import probe_stage
 
     stage = probe_stage(load_preset(preset), cache, reducer, dim, data_root, crf=crf, seed=seed, steps=steps, flip=flip,
                         device=device, crf_workers=crf_workers, show_progress=progress)
-    result = run_stage(stage, force=force)
-    metrics = json.loads((stage.output / METRICS).read_text())
+    result = _run(stage, force, no_wait)
+    metrics = read_json(stage.output, METRICS)
     table = Table(title=f"{stage.method}{dim or ''} — {'cached' if result.skipped else f'{result.seconds:.0f} s'}")
     for column in ("probe", "CRF", "step", "mIoU", "Accuracy"):
         table.add_column(column)
@@ -258,6 +276,7 @@ def import_stego(
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Re-evaluate even if cached.")] = False,
+    no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a released STEGO checkpoint (head + probes) on the preset's val tokens, without Lightning."""
@@ -266,10 +285,8 @@ def import_stego(
 
     val = {s.p.split: s for s in feature_stages(load_preset(preset), cache, data_root, flip=flip, show_progress=False)}["val"]
     stage = ImportStegoStage(cache, checkpoint, complete_store(val), crf, flip, device, crf_workers, progress)
-    result = run_stage(stage, force=force)
-    import json
-
-    metrics = json.loads((stage.output / "metrics.json").read_text())
+    result = _run(stage, force, no_wait)
+    metrics = read_json(stage.output, "metrics.json")
     table = Table(title=f"{checkpoint.name} — {'cached' if result.skipped else 'evaluated'}")
     for column in ("probe", "CRF", "mIoU", "Accuracy"):
         table.add_column(column)
@@ -292,12 +309,13 @@ def knn(
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Recompute even if cached.")] = False,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Cosine top-k neighbours of every train image's pooled tokens (the STEGO kNN pairs)."""
     from .study import knn_stage
 
     stage = knn_stage(load_preset(preset), cache, data_root, k=k, block=block, device=device)
-    result = run_stage(stage, force=force)
+    result = _run(stage, force, no_wait)
     console.print(f"knn: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
     print(stage.output)
 
@@ -319,18 +337,17 @@ def train_stego(
     device: DeviceOpt = "auto",
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
+    no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Train the STEGO head from cached tokens + kNN pairs (computed first if missing); keeps the best-by-val head."""
-    import json
-
     from .study import train_stego_stage
 
     knn_run, stage = train_stego_stage(load_preset(preset), cache, data_root, dim, steps, seed, readd_global_mean,
                                        knn_options={"device": device}, crf=crf, device=device, show_progress=progress)
-    run_stage(knn_run)
-    result = run_stage(stage, force=force)
-    metrics = json.loads((stage.output / "metrics.json").read_text())
+    _run(knn_run, False, no_wait)
+    result = _run(stage, force, no_wait)
+    metrics = read_json(stage.output, "metrics.json")
     for name in ("best", "best_crf", "final"):
         if name not in metrics:
             continue
@@ -377,13 +394,17 @@ def status(
     graph, whole = study_graph(load_preset(preset), cache, data_root)
     states = node_states(graph)
     table = Table(title=f"study {preset} — cache {cache}")
-    for column in ("node", "state", "key", "output"):
+    for column in ("node", "state", "key", "output", "note"):
         table.add_column(column)
     colours = {"complete": "green", "partial": "yellow", "stale": "magenta"}
     for node in graph:
         state = states[id(node)]
-        table.add_row(node.label, f"[{colours.get(state, 'red')}]{state}[/]", node.stage.key[:12], str(node.stage.output))
+        note = "" if state == "complete" else node.stage.note()
+        table.add_row(node.label, f"[{colours.get(state, 'red')}]{state}[/]", node.stage.key[:12], str(node.stage.output),
+                      escape(note))
     console.print(table, soft_wrap=True)
+    if any(state != "complete" for state in states.values()):
+        console.print(f"`stegoscope study {preset}` (re)computes what is not complete; finished stages are reused")
     if not whole:
         console.print("the other nodes need both token stores: run `stegoscope extract` (or `study`) first")
 
@@ -395,10 +416,12 @@ def _list_stores(cache: Path) -> None:
     for path in cache_schema.list_feature_stores(cache):
         try:
             store = cache_schema.open_feature_store(path)
-            tokens = store[cache_schema.TOKENS]
-            table.add_row(path.name, store.status, str(tokens.shape[0]), "×".join(map(str, tokens.shape[1:])), str(store.attrs.get("pretrained")))
         except cache_schema.StoreError as exc:
-            table.add_row(path.name, f"[red]unreadable: {exc}[/]", "", "", "")
+            table.add_row(path.name, f"[red]damaged: {escape(str(exc))}[/]", "", "", "")
+            continue
+        tokens, layout = store[cache_schema.TOKENS], store.layout
+        state = "complete" if store.complete else f"partial ({layout.n_shards - len(store.pending_shards())}/{layout.n_shards} shards)"
+        table.add_row(path.name, state, str(tokens.shape[0]), "×".join(map(str, tokens.shape[1:])), str(store.attrs.get("pretrained")))
     console.print(table)
 
 

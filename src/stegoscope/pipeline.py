@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache_schema
+from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_npz, atomic_write_text, remove_partials  # noqa: F401 (re-exported)
 
 MISSING, PARTIAL, COMPLETE = "missing", "partial", "complete"
 
@@ -108,8 +108,8 @@ class FileHashMemo:
         self._dirty = False
 
 
-def fingerprint_files(root: Path, files: Iterable[Path], memo: FileHashMemo) -> str:
-    """Dataset fingerprint: sha256 over sorted (relative path, size, fast content hash)."""
+def file_rows(root: Path, files: Iterable[Path], memo: FileHashMemo) -> list[list]:
+    """Sorted (relative path, size, fast content hash) of a dataset's files."""
     root = Path(root)
     rows = []
     for path in files:
@@ -117,84 +117,154 @@ def fingerprint_files(root: Path, files: Iterable[Path], memo: FileHashMemo) -> 
         rows.append([path.relative_to(root).as_posix(), path.stat().st_size, memo.hash(path)])
     rows.sort()
     memo.save()
+    return rows
+
+
+def fingerprint_rows(rows: list[list]) -> str:
     return hashlib.sha256(canonical_json(rows).encode()).hexdigest()
 
 
-# -- atomic writes, manifests -------------------------------------------------------------------
+def fingerprint_files(root: Path, files: Iterable[Path], memo: FileHashMemo) -> str:
+    """Dataset fingerprint: sha256 over sorted (relative path, size, fast content hash)."""
+    return fingerprint_rows(file_rows(root, files, memo))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
-    atomic_write_bytes(path, text.encode())
+def diff_rows(old: list[list], new: list[list]) -> str:
+    """What changed between two listings of :func:`file_rows`, in words."""
+    before, after = {r[0]: r[1:] for r in old}, {r[0]: r[1:] for r in new}
+    changes = {
+        "added": sorted(after.keys() - before.keys()),
+        "removed": sorted(before.keys() - after.keys()),
+        "modified": sorted(k for k in before.keys() & after.keys() if before[k] != after[k]),
+    }
+    parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+             for what, names in changes.items() if names]
+    return "; ".join(parts) or "no file differs"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+# -- manifests ----------------------------------------------------------------------------------
 
 MANIFEST = cache_schema.MANIFEST
 
 
-def atomic_write_npz(path: Path, arrays: dict[str, Any]) -> None:
-    """``np.savez`` of ``arrays`` written atomically."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+def _artefact_files(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.endswith(PARTIAL_SUFFIX))
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+def write_manifest(directory: Path, manifest: dict[str, Any], files: Iterable[Path] | None = None) -> None:
+    """Write the manifest last: it lists the artefact's files (default: all in ``directory``)
+    with size and sha256, so a file that is later truncated or changed is noticed before it is read."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in (_artefact_files(directory) if files is None else map(Path, files))}
+    atomic_write_text(directory / MANIFEST, json.dumps({**manifest, "files": files}, indent=2, sort_keys=True))
+
+
+def _parse_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, problem): (None, None) when there is no manifest, i.e. the run did not finish."""
+    path = Path(directory) / MANIFEST
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    try:
+        manifest = json.loads(text)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        return None, f"{path} does not parse ({exc})"
+    return manifest, None
+
+
+def _fix_hint(manifest: dict[str, Any] | None) -> str:
+    stage = (manifest or {}).get("stage", "<stage>").replace("_", "-")
+    return f"rerun the `stegoscope {stage}` (or `study`) command that made it; it recomputes this artefact"
+
+
+def artefact_problem(directory: Path) -> str | None:
+    """What is wrong with a finished artefact (None when nothing): an unparsable manifest, or a
+    listed file that is missing, truncated or changed since the manifest was written."""
+    directory = Path(directory)
+    manifest, problem = _parse_manifest(directory)
+    if problem or manifest is None:
+        return problem
+    for name, entry in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{path} has {size} bytes, its manifest says {entry['bytes']} (truncated or rewritten)"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{path} does not match the sha256 in its manifest (changed after it was written)"
+    return None
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest of a finished stage, or None when there is none (not done)."""
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise cache_schema.StoreError(f"{path}: manifest does not parse ({exc}); rerun the stage with --force") from exc
+    """The manifest of a finished stage, or None when there is none (not done).
+
+    A manifest that does not parse, or files that do not match it, raise StoreError with the fix.
+    """
+    manifest, problem = _parse_manifest(directory)
+    problem = problem or (artefact_problem(directory) if manifest is not None else None)
+    if problem:
+        raise cache_schema.StoreError(f"{problem}; {_fix_hint(manifest)}")
+    return manifest
+
+
+def artefact_file(directory: Path, name: str) -> Path:
+    """The path of a file of a finished, intact artefact (StoreError naming the fix otherwise)."""
+    if read_manifest(directory) is None:
+        raise cache_schema.StoreError(f"{directory}: no manifest, so the run that makes it did not finish; run it (again)")
+    return Path(directory) / name
+
+
+def load_npz(directory: Path, name: str = cache_schema.PAYLOAD) -> dict[str, Any]:
+    """Every array of an artefact's ``.npz``, after checking it against the manifest."""
+    import numpy as np
+
+    with np.load(artefact_file(directory, name)) as payload:
+        return {key: payload[key] for key in payload.files}
+
+
+def read_json(directory: Path, name: str) -> Any:
+    """A JSON file of a finished, intact artefact."""
+    return json.loads(artefact_file(directory, name).read_text())
 
 
 def artefact_state(directory: Path) -> str:
-    """An artefact directory is complete once its manifest exists (it is written last)."""
-    if read_manifest(directory) is not None:
+    """Complete once the manifest exists (it is written last) and every file matches it."""
+    manifest, problem = _parse_manifest(directory)
+    if manifest is not None and artefact_problem(directory) is None:
         return COMPLETE
     return PARTIAL if Path(directory).exists() else MISSING
 
 
 def store_state(path: Path, key: str) -> str:
-    """A Zarr store is complete when its attrs say so for this key; readable or not, else partial."""
-    if not Path(path).exists():
-        return MISSING
+    """A Zarr store is complete when it says so for this key and its files are intact; else partial."""
+    return MISSING if not Path(path).exists() else (COMPLETE if store_problem(path, key) is None else PARTIAL)
+
+
+def store_problem(path: Path, key: str) -> str | None:
+    """Why the store at ``path`` is not a complete store of ``key`` (None when it is)."""
     try:
         store = cache_schema.open_feature_store(path)
-    except cache_schema.StoreError:
-        return PARTIAL
-    return COMPLETE if store.complete and store.key == key else PARTIAL
+    except cache_schema.StoreError as exc:
+        return str(exc)
+    if store.key != key:
+        return f"{path} was made for another key"
+    if not store.complete:
+        pending = store.pending_shards()
+        return f"{path} is not complete ({store.layout.n_shards - len(pending)} of {store.layout.n_shards} shards written)"
+    return None
 
 
 def begin_artefact(directory: Path) -> None:
     """Create the artefact directory and drop any old manifest, so a crash leaves it incomplete."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     (Path(directory) / MANIFEST).unlink(missing_ok=True)
+    remove_partials(directory)
 
 
 # -- locks --------------------------------------------------------------------------------------
@@ -222,7 +292,8 @@ def stage_lock(path: Path, wait: bool = True, on_wait=None) -> Iterator[None]:
                 raise
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
             if not wait:
-                raise LockHeld(f"{path} is held by {holder}") from None
+                raise LockHeld(f"{path} is held by {holder}, which runs the same stage key; "
+                               "wait for it to finish (run without --no-wait) and its result is reused") from None
             if on_wait is not None:
                 on_wait(holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -269,6 +340,14 @@ class Stage(ABC):
     @abstractmethod
     def execute(self, force: bool) -> Any:
         """Do the work (resuming when possible; from scratch with ``force``)."""
+
+    def note(self) -> str:
+        """Why the output is not complete, when that can be told (shown by ``status``)."""
+        out = self.output
+        if not out.exists():
+            return ""
+        problem = store_problem(out, self.key) if out.suffix == ".zarr" else artefact_problem(out)
+        return problem or ""
 
 
 @dataclass

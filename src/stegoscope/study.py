@@ -13,7 +13,7 @@ from .config import ConfigError, Preset
 from .data import write_synthetic
 from .pipeline import canonical_json
 from .models.backbone import RANDOM_PREFIX, parse_backbone
-from .pipeline import COMPLETE
+from .pipeline import COMPLETE, MISSING
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.knn import KnnStage
 from .stages.probe import ProbeParams, ProbeStage
@@ -260,12 +260,15 @@ def study_graph(
 
 
 def node_states(graph: list[Node]) -> dict[int, str]:
-    """complete / partial / missing per node; ``stale`` when complete but something upstream is not."""
+    """complete / partial / missing per node; ``stale`` when complete but something upstream is
+    not, or (extraction) when only a store made from other inputs exists."""
     own = {id(n): n.stage.state() for n in graph}
     states = {}
     for node in graph:
         state = own[id(node)]
         if state == COMPLETE and any(own.get(u) != COMPLETE for u in node.upstream()):
+            state = "stale"
+        elif state == MISSING and isinstance(node.stage, ExtractStage) and node.stage.stale_reason():
             state = "stale"
         states[id(node)] = state
     return states

@@ -27,7 +27,7 @@ from ..data.crops import CROP_FIVE, CROP_NONE, crops_per_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..models import resolve_device
 from ..models.backbone import build_backbone, parse_backbone, weights_identity
-from ..pipeline import FileHashMemo, Stage, fingerprint_files, package_versions, store_state
+from ..pipeline import FileHashMemo, Stage, canonical_json, diff_rows, file_rows, fingerprint_rows, package_versions, store_state
 from ..progress import console, progress_bar
 
 LAYER = "last_block_final_norm_no_cls"
@@ -105,8 +105,12 @@ class ExtractStage(Stage):
         return FileHashMemo(cache_schema.memo_path(self.cache_root, "file-hashes"))
 
     @cached_property
+    def source_rows(self) -> list[list]:
+        return file_rows(self.data_root, self.dataset.files(), self._memo)
+
+    @cached_property
     def fingerprint(self) -> str:
-        return fingerprint_files(self.data_root, self.dataset.files(), self._memo)
+        return fingerprint_rows(self.source_rows)
 
     @cached_property
     def weights(self) -> dict[str, Any]:
@@ -145,6 +149,27 @@ class ExtractStage(Stage):
     def state(self) -> str:
         return store_state(self.output, self.key)
 
+    def stale_reason(self) -> str | None:
+        """When this key has no store but an earlier extraction of the same split does: why."""
+        if self.output.exists():
+            return None
+        for other in reversed(cache_schema.sibling_stores(self.output)):
+            try:
+                store = cache_schema.open_feature_store(other)
+            except StoreError:
+                continue
+            if not store.complete:
+                continue
+            if canonical_json(store.attrs.get("spec")) != canonical_json(self.params()):
+                return f"{other.name} was extracted with other parameters or weights"
+            old_rows = cache_schema.read_sources(other)
+            changes = diff_rows(old_rows, self.source_rows) if old_rows is not None else "files differ"
+            return f"the dataset changed since {other.name} was extracted: {changes}"
+        return None
+
+    def note(self) -> str:
+        return self.stale_reason() or super().note()
+
     # -- work ----------------------------------------------------------------------------------
     def samples(self, skipped: dict[str, str]) -> list[tuple[int, int | None]]:
         """(source index, crop index) of every store row, leaving out the skipped sources."""
@@ -178,13 +203,10 @@ class ExtractStage(Stage):
         )
 
     def _open_or_create(self, force: bool) -> FeatureStore:
-        if not force and self.output.exists():
-            try:
-                store = cache_schema.open_feature_store(self.output, mode="r+")
-                if store.key == self.key:
-                    return store  # resume: its own shard size, layout and skipped samples win
-            except StoreError:
-                pass  # unreadable remains of a crash before the metadata was written
+        if not force:
+            store = cache_schema.resume_store(self.output, self.key)
+            if store is not None:
+                return store  # resume: its own shard size, layout and skipped samples win
         skipped = self.find_skipped()
         n_images = len(self.samples(skipped))
         if n_images == 0:
@@ -197,7 +219,9 @@ class ExtractStage(Stage):
             "skipped": [{"id": sid, "reason": reason} for sid, reason in skipped.items()],
             "pretrained": not random, "versions": package_versions(), "started": time.time(),
         }
-        return cache_schema.create_feature_store(self.output, self.layout(n_images), attrs)
+        store = cache_schema.create_feature_store(self.output, self.layout(n_images), attrs)
+        cache_schema.write_sources(self.output, self.source_rows)
+        return store
 
     def execute(self, force: bool) -> ExtractSummary:
         start = time.perf_counter()
@@ -313,12 +337,19 @@ class _ShardWriter:
                     self.error = exc
 
     def put(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        if self.error is not None:
-            raise StoreError(f"{self.store.path}: writing shard failed: {self.error}") from self.error
+        self._raise()
         self.queue.put((shard, arrays))
 
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
         if self.error is not None:
-            raise StoreError(f"{self.store.path}: writing shard failed: {self.error}") from self.error
+            kept = self.store.layout.n_shards - len(self.store.pending_shards())
+            raise StoreError(
+                f"{self.store.path}: writing a shard failed ({self.error}). Nothing is marked complete; "
+                f"the {kept} shards already written are kept. Fix the cause (e.g. free disk space) and rerun "
+                "the same command: it resumes."
+            ) from self.error

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import cache_schema, paper
-from ..pipeline import read_manifest
+from ..pipeline import atomic_write_bytes, atomic_write_text, begin_artefact, load_npz, read_json, read_manifest, write_manifest
 from .probe import METRICS
 
 METHODS = {  # label, marker, colour index
@@ -35,9 +35,9 @@ def collect_results(cache_root: Path) -> list[dict[str, Any]]:
     root = Path(cache_root) / "artefacts"
     for directory in sorted(root.glob("probe/*")) + sorted(root.glob("train_stego/*")):
         manifest = read_manifest(directory)
-        if manifest is None or "dataset" not in manifest or not (directory / METRICS).exists():
+        if manifest is None or "dataset" not in manifest or METRICS not in manifest.get("files", {}):
             continue  # unfinished, or written before manifests named their dataset
-        metrics = json.loads((directory / METRICS).read_text())
+        metrics = read_json(directory, METRICS)
         base = {"dataset": manifest["dataset"], "method": manifest["method"], "dim": manifest["code_dim"],
                 "seed": manifest.get("seed", 0), "key": manifest["key"]}
         for crf, row in (("no", metrics.get("best")), ("yes", metrics.get("best_crf"))):
@@ -62,8 +62,7 @@ def pca_curves(cache_root: Path) -> dict[str, np.ndarray]:
         manifest = read_manifest(directory)
         if manifest is None or manifest.get("dataset") in curves:
             continue
-        with np.load(directory / cache_schema.PAYLOAD) as payload:
-            curves[manifest["dataset"]] = payload["explained_variance_ratio_"]
+        curves[manifest["dataset"]] = load_npz(directory)["explained_variance_ratio_"]
     return curves
 
 
@@ -215,7 +214,7 @@ def render(cache_root: Path, out_dir: Path) -> dict[str, list[Path]]:
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    begin_artefact(out_dir)  # a run killed before the end leaves no manifest
     rows = collect_results(cache_root)
     written: dict[str, list[Path]] = {}
     figures = {}
@@ -230,13 +229,19 @@ def render(cache_root: Path, out_dir: Path) -> dict[str, list[Path]]:
     for name, fig in figures.items():
         written[name] = [out_dir / f"{name}.{ext}" for ext in ("png", "pdf")]
         for path in written[name]:
-            fig.savefig(path, dpi=150)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=path.suffix[1:], dpi=150)
+            atomic_write_bytes(path, buffer.getvalue())
         plt.close(fig)
     if rows:
-        written["table2"] = []
-        for ext, text in table_texts(table2(rows)).items():
-            (out_dir / f"table2.{ext}").write_text(text)
-            written["table2"].append(out_dir / f"table2.{ext}")
-        (out_dir / "results.csv").write_text(results_csv(rows))
+        texts = {f"table2.{ext}": text for ext, text in table_texts(table2(rows)).items()}
+        texts["results.csv"] = results_csv(rows)
+        for name, text in texts.items():
+            atomic_write_text(out_dir / name, text)
+        written["table2"] = [out_dir / name for name in texts if name.startswith("table2")]
         written["results"] = [out_dir / "results.csv"]
+    if written:
+        inputs = sorted({r["key"] for r in rows})
+        write_manifest(out_dir, {"stage": "figures", "inputs": inputs, "finished": time.time()},
+                       [p for paths in written.values() for p in paths])
     return written

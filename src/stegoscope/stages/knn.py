@@ -17,7 +17,7 @@ from .. import cache_schema
 from ..cache_schema import POOLED
 from ..models import resolve_device
 from ..ops.knn import knn_blocked
-from ..pipeline import Stage, artefact_state, atomic_write_npz, begin_artefact, package_versions, write_manifest
+from ..pipeline import Stage, artefact_state, atomic_write_npz, begin_artefact, load_npz, package_versions, write_manifest
 from .reduce import open_complete_store
 
 NNS = "nns"
@@ -56,5 +56,4 @@ class KnnStage(Stage):
 
 
 def load_knn(artefact: Path) -> np.ndarray:
-    with np.load(Path(artefact) / cache_schema.PAYLOAD) as payload:
-        return payload[NNS]
+    return load_npz(artefact)[NNS]

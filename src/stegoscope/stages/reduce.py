@@ -18,7 +18,9 @@ import numpy as np
 from .. import cache_schema
 from ..cache_schema import IDS, POOLED, TOKENS, StoreError, StoreLayout
 from ..models import resolve_device
-from ..pipeline import Stage, artefact_state, atomic_write_npz, begin_artefact, package_versions, read_manifest, store_state, write_manifest
+from ..pipeline import (
+    Stage, artefact_state, atomic_write_npz, begin_artefact, load_npz, package_versions, read_manifest, store_state, write_manifest,
+)
 from ..progress import progress_bar
 from ..reducers import HNNE, PCA, REDUCERS, RandomProjection, Reducer, hnne_version
 
@@ -54,8 +56,7 @@ def load_reducer(artefact: Path, n_components: int | None = None) -> Reducer:
     manifest = read_manifest(artefact)
     if manifest is None:
         raise StoreError(f"{artefact}: no manifest, so the fit did not finish; rerun `stegoscope reduce`")
-    with np.load(Path(artefact) / cache_schema.PAYLOAD) as payload:
-        state = {name: payload[name] for name in payload.files}
+    state = load_npz(artefact)
     reducer = REDUCERS[manifest["method"]].from_state(manifest["reducer"], state)
     if n_components is not None and isinstance(reducer, PCA):
         reducer = reducer.with_components(n_components)
@@ -150,13 +151,7 @@ class ProjectStage(Stage):
     def execute(self, force: bool):
         reducer = load_reducer(self.artefact)
         src = self.source.layout
-        store = None
-        if not force and self.output.exists():
-            try:
-                store = cache_schema.open_feature_store(self.output, mode="r+")
-                store = store if store.key == self.key else None
-            except StoreError:
-                store = None
+        store = None if force else cache_schema.resume_store(self.output, self.key)
         if store is None:
             layout = StoreLayout(src.n_images, src.grid, reducer.n_components, src.pixels, False, False, src.shard_images, "float32")
             attrs = {"key": self.key, "stage": self.name, "stage_version": self.version, "spec": {"reducer": self.reducer_key},

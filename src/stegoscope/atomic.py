@@ -1,0 +1,60 @@
+"""Atomic file writes: a reader (or a rerun after a crash) sees the old file or the new one,
+never half of one. Leftover temporaries of a killed writer end in ``.partial``."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PARTIAL_SUFFIX = ".partial"  # zarr's LocalStore names its temporaries the same way
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """``np.savez`` of ``arrays`` written atomically."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def remove_partials(directory: Path) -> int:
+    """Delete the temporaries a killed writer left under ``directory``; returns how many."""
+    leftovers = list(Path(directory).rglob(f"*{PARTIAL_SUFFIX}")) if Path(directory).exists() else []
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file and folder under ``directory`` to disk (before a completion marker)."""
+    for root, _, files in os.walk(directory):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
