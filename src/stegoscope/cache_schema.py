@@ -291,8 +291,8 @@ class FeatureStore:
     def reopen_for_writing(self) -> list[int]:
         """Prepare an unfinished or damaged store for the rest of its shards.
 
-        Drops the temporaries of a killed writer and the completion marker, and unflags every
-        shard with a damaged chunk file so that it is written again. Returns those shards.
+        Drops the temporaries of a killed writer and the completion marker, deletes damaged chunk
+        files and unflags their shards so that they are written again. Returns those shards.
         """
         damage = self.damage()
         shards = sorted({_shard_of(name) for name in damage})
@@ -300,6 +300,8 @@ class FeatureStore:
             raise StoreError(f"{self.path}: metadata files {sorted(damage)} are damaged; re-extract with --force")
         remove_partials(self.path)
         (self.path / INVENTORY).unlink(missing_ok=True)
+        for name in damage:  # zarr would read a damaged shard file back before rewriting it
+            (self.path / name).unlink(missing_ok=True)
         for shard in shards:
             self.group[WRITTEN][shard] = False
         if shards:
@@ -327,7 +329,8 @@ def _shard_of(name: str) -> int | None:
 
 def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any]) -> FeatureStore:
     """Create an empty store (``status=writing``), replacing whatever was at ``path``."""
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    attrs = {**attrs, "schema_version": SCHEMA_VERSION, "status": STATUS_WRITING, "pixels": list(layout.pixels)}
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
     n, s = layout.n_images, layout.shard_images
     (h, w), c, (ph, pw) = layout.grid, layout.channels, layout.pixels
     group.create_array(
@@ -357,9 +360,6 @@ def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any])
     group.create_array(
         WRITTEN, shape=(layout.n_shards,), dtype="bool", chunks=(1,), fill_value=False,
         dimension_names=("shard",),
-    )
-    group.attrs.update(
-        {**attrs, "schema_version": SCHEMA_VERSION, "status": STATUS_WRITING, "pixels": [ph, pw]}
     )
     return FeatureStore(group, path)
 
@@ -393,6 +393,8 @@ def open_feature_store(path: Path, mode: str = "r", verify: bool = True) -> Feat
         if damage:
             listed = "; ".join(f"{name} {what}" for name, what in sorted(damage.items())[:3])
             more = f" (and {len(damage) - 3} more)" if len(damage) > 3 else ""
+            if any(_shard_of(name) is None for name in damage):
+                raise StoreError(f"{path}: {listed}{more}. Metadata is damaged: re-extract with `stegoscope extract --force`")
             raise StoreError(f"{path}: {listed}{more}. {store.fix_hint}: it rewrites only the damaged shards")
     return store
 

@@ -394,17 +394,22 @@ def status(
     graph, whole = study_graph(load_preset(preset), cache, data_root)
     states = node_states(graph)
     table = Table(title=f"study {preset} — cache {cache}")
-    for column in ("node", "state", "key", "output", "note"):
+    for column in ("node", "state", "key", "output"):
         table.add_column(column)
     colours = {"complete": "green", "partial": "yellow", "stale": "magenta"}
+    notes = []
     for node in graph:
         state = states[id(node)]
+        table.add_row(node.label, f"[{colours.get(state, 'red')}]{state}[/]", node.stage.key[:12], str(node.stage.output))
         note = "" if state == "complete" else node.stage.note()
-        table.add_row(node.label, f"[{colours.get(state, 'red')}]{state}[/]", node.stage.key[:12], str(node.stage.output),
-                      escape(note))
+        if note:
+            notes.append(f"{node.label}: {note}")
     console.print(table, soft_wrap=True)
+    for note in notes:
+        console.print(escape(note), soft_wrap=True, highlight=False)
     if any(state != "complete" for state in states.values()):
-        console.print(f"`stegoscope study {preset}` (re)computes what is not complete; finished stages are reused")
+        console.print(f"`stegoscope study {escape(preset)}` (re)computes what is not complete; finished stages are reused",
+                      soft_wrap=True, highlight=False)
     if not whole:
         console.print("the other nodes need both token stores: run `stegoscope extract` (or `study`) first")
 

@@ -84,13 +84,16 @@ def feature_stages(
     return stages
 
 
+def require_complete(stage: Any, command: str) -> None:
+    """Stop with what is wrong and the command that fixes it unless ``stage`` has finished."""
+    if stage.state() != COMPLETE:
+        problem = stage.note() or f"{stage.output} is not computed yet"
+        raise ConfigError(f"{problem}; run `{command}` (same preset and options) first")
+
+
 def complete_store(stage: ExtractStage) -> Path:
     """The store of an extraction stage, which must have finished."""
-    if stage.state() != COMPLETE:
-        raise ConfigError(
-            f"{stage.p.dataset}/{stage.p.split} tokens are not extracted yet ({stage.output}); "
-            "run `stegoscope extract` with the same preset and options first"
-        )
+    require_complete(stage, "stegoscope extract")
     return stage.output
 
 
@@ -119,13 +122,12 @@ def probe_stage(
         if not dim:
             raise ConfigError(f"--dim is required with --reducer {reducer}")
         fit = reduce_stages(preset, cache_root, ReduceParams(reducer, None if reducer == "pca" else dim, seed=seed), data_root)
-        if fit[0].state() != COMPLETE:
-            raise ConfigError(f"no {reducer} fit in the cache yet; run `stegoscope reduce --method {reducer}` first")
+        command = f"stegoscope reduce --method {reducer}" + ("" if reducer == "pca" else f" --dim {dim}")
+        for stage in fit:
+            require_complete(stage, command)
         artefact = fit[0]
         if reducer == "hnne":
             derived = tuple(fit[1:])
-            if any(s.state() != COMPLETE for s in fit[1:]):
-                raise ConfigError("the h-NNE projections are not complete; rerun `stegoscope reduce --method hnne`")
     elif reducer != "identity":
         artefact = Path(reducer)
     n_classes = len(cache_schema.open_feature_store(val).attrs["class_names"])

@@ -206,6 +206,8 @@ class ExtractStage(Stage):
         if not force:
             store = cache_schema.resume_store(self.output, self.key)
             if store is not None:
+                if cache_schema.read_sources(store.path) is None:  # killed right after creating the store
+                    cache_schema.write_sources(store.path, self.source_rows)
                 return store  # resume: its own shard size, layout and skipped samples win
         skipped = self.find_skipped()
         n_images = len(self.samples(skipped))
