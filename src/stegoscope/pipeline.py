@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache_schema
-from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_npz, atomic_write_text, remove_partials  # noqa: F401 (re-exported)
+from .atomic import PARTIAL_SUFFIX, atomic_write_text, remove_partials
 
 MISSING, PARTIAL, COMPLETE = "missing", "partial", "complete"
 

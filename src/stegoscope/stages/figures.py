@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import cache_schema, paper
-from ..pipeline import atomic_write_bytes, atomic_write_text, begin_artefact, load_npz, read_json, read_manifest, write_manifest
+from .. import paper
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..pipeline import begin_artefact, load_npz, read_json, read_manifest, write_manifest
 from .probe import METRICS
 
 METHODS = {  # label, marker, colour index

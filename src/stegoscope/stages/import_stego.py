@@ -20,7 +20,8 @@ from ..cache_schema import StoreError
 from ..models import resolve_device
 from ..models.stego_head import StegoHead, find_setting, read_stego_checkpoint
 from ..ops.kmeans import ClusterLookup
-from ..pipeline import FileHashMemo, Stage, artefact_state, atomic_write_bytes, atomic_write_npz, begin_artefact, package_versions, write_manifest
+from ..atomic import atomic_write_bytes, atomic_write_npz
+from ..pipeline import FileHashMemo, Stage, artefact_state, begin_artefact, package_versions, write_manifest
 from ..progress import progress_bar
 from ..reducers import StegoHeadReducer
 from .probe import METRICS, CodeSource, CRFPool, ProbeParams, _flat, evaluate

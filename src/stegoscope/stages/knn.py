@@ -17,7 +17,8 @@ from .. import cache_schema
 from ..cache_schema import POOLED
 from ..models import resolve_device
 from ..ops.knn import knn_blocked
-from ..pipeline import Stage, artefact_state, atomic_write_npz, begin_artefact, load_npz, package_versions, write_manifest
+from ..atomic import atomic_write_npz
+from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, package_versions, write_manifest
 from .reduce import open_complete_store
 
 NNS = "nns"

@@ -36,7 +36,8 @@ from ..models import resolve_device
 from ..ops.crf import dense_crf, softmax
 from ..ops.kmeans import ClusterLookup
 from ..ops.metrics import SegmentationMetrics
-from ..pipeline import Stage, artefact_state, atomic_write_bytes, begin_artefact, package_versions, read_manifest, write_manifest
+from ..atomic import atomic_write_bytes
+from ..pipeline import Stage, artefact_state, begin_artefact, package_versions, read_manifest, write_manifest
 from ..progress import console, progress_bar
 from ..reducers import IdentityReducer, Reducer
 from .reduce import load_reducer, open_complete_store

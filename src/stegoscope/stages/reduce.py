@@ -18,9 +18,8 @@ import numpy as np
 from .. import cache_schema
 from ..cache_schema import IDS, POOLED, TOKENS, StoreError, StoreLayout
 from ..models import resolve_device
-from ..pipeline import (
-    Stage, artefact_state, atomic_write_npz, begin_artefact, load_npz, package_versions, read_manifest, store_state, write_manifest,
-)
+from ..atomic import atomic_write_npz
+from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, package_versions, read_manifest, store_state, write_manifest
 from ..progress import progress_bar
 from ..reducers import HNNE, PCA, REDUCERS, RandomProjection, Reducer, hnne_version
 

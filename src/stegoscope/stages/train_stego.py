@@ -31,7 +31,8 @@ from ..models import resolve_device
 from ..models.stego_head import StegoHead
 from ..ops.correlation_loss import CorrelationLoss
 from ..ops.kmeans import ClusterLookup
-from ..pipeline import Stage, artefact_state, atomic_write_bytes, atomic_write_npz, begin_artefact, package_versions, write_manifest
+from ..atomic import atomic_write_bytes, atomic_write_npz
+from ..pipeline import Stage, artefact_state, begin_artefact, package_versions, write_manifest
 from ..progress import progress_bar
 from ..reducers import StegoHeadReducer
 from .knn import KnnStage, load_knn
