@@ -125,3 +125,35 @@ def test_every_option_is_explained(help_for):
     for line in options:
         text = line.strip("│ ").split(None, 1)
         assert len(text) == 2 and len(text[1].split()) >= 2, f"option without help: {line}"
+
+
+@pytest.mark.parametrize("split, crop", [("val", "none"), ("train", "five")])
+def test_decoding_on_the_device_gives_the_cpu_paths_store(tmp_path, directory_dataset, monkeypatch, split, crop):
+    """The GPU path's code (decode_jpeg, tensor crop and resize) run on the CPU: the same store."""
+    from stegoscope.data import decode
+
+    decoded = []
+    real = decode._decode_jpegs
+    monkeypatch.setattr(decode, "_decode_jpegs", lambda encoded, device: decoded.extend(encoded) or real(encoded, device))
+    stores = {}
+    for mode in ("cpu", "device"):
+        params = ExtractParams(dataset="directory", split=split, res=32, backbone=MICRO, n_classes=3, store_images=True, crop=crop)
+        stage = ExtractStage(tmp_path / mode, directory_dataset, params, batch_size=3, workers=0, shard_images=4,
+                             show_progress=False, decode=mode)
+        run_stage(stage)
+        stores[mode] = cache_schema.open_feature_store(stage.output)
+    jpegs = len(list((directory_dataset / "imgs" / split).glob("*.jpg")))
+    assert jpegs and len(decoded) == jpegs * (5 if crop == "five" else 1)  # JPEGs went through decode_jpeg
+    cpu, device = stores["cpu"], stores["device"]
+    assert cpu.key == device.key and cpu.ids == device.ids
+    for name in (cache_schema.IMAGES, cache_schema.LABELS, cache_schema.TOKENS, cache_schema.POOLED):
+        np.testing.assert_array_equal(device[name][:], cpu[name][:], err_msg=name)
+
+
+def test_a_corrupt_jpeg_decoded_on_the_device_is_named(tmp_path, directory_dataset):
+    bad = next((directory_dataset / "imgs" / "val").glob("*.jpg"))
+    bad.write_bytes(bad.read_bytes()[:200])
+    params = ExtractParams(dataset="directory", split="val", res=32, backbone=MICRO, n_classes=3)
+    stage = ExtractStage(tmp_path / "c", directory_dataset, params, workers=0, show_progress=False, decode="device")
+    with pytest.raises(Exception, match=f"{bad.name}: cannot decode image"):
+        run_stage(stage)

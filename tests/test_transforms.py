@@ -36,3 +36,28 @@ def test_normalize_is_totensor_then_imagenet():
     pixels = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     expected = torch.stack([T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(p)) for p in pixels])
     torch.testing.assert_close(normalize(torch.from_numpy(pixels)), expected)
+
+
+@pytest.mark.parametrize("interpolation, tolerance", [("nearest", 0), ("bilinear", 1)])
+def test_tensor_transform_matches_the_pil_transform(interpolation, tolerance):
+    from stegoscope.data.transforms import transform_images
+
+    rng = np.random.default_rng(0)
+    sizes = [(640, 480, 224), (480, 640, 320), (33, 57, 24), (40, 32, 32), (100, 100, 224), (500, 375, 320)]
+    sizes += [tuple(int(v) for v in rng.integers(8, 700, 2)) + (int(rng.integers(8, 330)),) for _ in range(40)]
+    for width, height, res in sizes:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        expected = transform_image(Image.fromarray(pixels), res, interpolation).astype(int)
+        got = transform_images([torch.from_numpy(pixels).permute(2, 0, 1)], res, interpolation)[0].numpy().astype(int)
+        assert got.shape == expected.shape == (res, res, 3)
+        assert np.abs(got - expected).max() <= tolerance, (width, height, res)
+
+
+def test_images_of_mixed_sizes_keep_their_order():
+    from stegoscope.data.transforms import transform_images
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in ((64, 48), (50, 70), (64, 48), (30, 30))]
+    batch = transform_images([torch.from_numpy(a).permute(2, 0, 1) for a in images], 24)
+    for got, pixels in zip(batch, images):
+        np.testing.assert_array_equal(got.numpy(), transform_image(Image.fromarray(pixels), 24))

@@ -132,6 +132,20 @@ def extract(
     flip: Annotated[
         bool, typer.Option("--flip", help="Also store the tokens of the mirrored val images (flip TTA in `probe`).")
     ] = False,
+    decode: Annotated[
+        str,
+        typer.Option(
+            "--decode",
+            help="Where JPEGs are decoded and images resized: auto (on the GPU when --device is CUDA), "
+            "cpu (DataLoader workers, PIL) or device (torchvision decode_jpeg where the model runs).",
+        ),
+    ] = "auto",
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the backbone (faster on GPUs after a warm-up).")
+    ] = False,
+    writers: Annotated[
+        Optional[int], typer.Option("--writers", help="Threads writing finished shards (default 2 on CUDA, 1 on CPU).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-extract even if a complete store exists.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
@@ -145,7 +159,8 @@ def extract(
     )
     res = {k: v for k, v in (("train", train_res), ("val", val_res)) if v is not None}
     stages = feature_stages(
-        cfg, cache, data_root, split, res, skip_bad=skip_bad, flip=flip, workers=workers, device=device, show_progress=progress
+        cfg, cache, data_root, split, res, skip_bad=skip_bad, flip=flip, workers=workers, device=device, show_progress=progress,
+        decode=decode, compile=compile_model, writers=writers,
     )
     for stage in stages:
         _run_extract(stage, force, no_wait)

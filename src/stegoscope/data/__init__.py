@@ -14,6 +14,7 @@ from .directory import DirectoryDataset
 from .potsdam import Potsdam3, PotsdamRaw
 from .synthetic import SyntheticDataset, write_synthetic
 from .crops import five_crop_boxes
+from .decode import encoded_jpeg
 from .transforms import transform_image, transform_label
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
@@ -36,33 +37,63 @@ def open_dataset(name: str, root: Path, split: str, n_classes: int | None = None
 
 
 class ExtractionDataset(torch.utils.data.Dataset):
-    """Decoded, cropped, resized and centre-cropped samples (runs in DataLoader workers).
+    """Samples for extraction, prepared in DataLoader workers.
 
     ``samples[row]`` is ``(source index, crop index or None)`` of store row ``row``; ``rows`` are the
-    store rows to produce. Returns uint8 pixels; normalisation happens on the compute device.
+    store rows to produce. By default a sample's image is decoded, cropped, resized and centre-cropped
+    here (uint8 pixels; normalisation happens on the compute device). With ``decode_on_device`` a
+    JPEG is only read (its bytes) and :func:`.decode.device_pixels` finishes it where the model
+    runs; labels are always finished here.
     """
 
     def __init__(
         self, dataset: SegmentationDataset, res: int, interpolation: str,
-        samples: list[tuple[int, int | None]], rows: list[int], crop_ratio: float = 0.5,
+        samples: list[tuple[int, int | None]], rows: list[int], crop_ratio: float = 0.5, decode_on_device: bool = False,
     ):
         self.dataset, self.res, self.interpolation = dataset, res, interpolation
         self.samples, self.rows, self.crop_ratio = samples, rows, crop_ratio
+        self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         source, crop = self.samples[row]
+        if self.decode_on_device:
+            return self._undecoded(row, source, crop)
         image, label = self.dataset.sample(source)
         if crop is not None:
             left, top, right, bottom = five_crop_boxes(*image.size, self.crop_ratio)[crop]
             image = image.crop((left, top, right, bottom))
             label = label[top:bottom, left:right] if label is not None else None
         pixels = transform_image(image, self.res, self.interpolation)
-        label = transform_label(label, self.res) if label is not None else np.full((self.res, self.res), -1, np.int16)
-        return {"index": torch.tensor(row), "pixels": torch.from_numpy(pixels.copy()), "label": torch.from_numpy(label.copy())}
+        return {"index": torch.tensor(row), "pixels": torch.from_numpy(pixels.copy()), "label": self._label(label)}
+
+    def _label(self, label: np.ndarray | None) -> torch.Tensor:
+        if label is None:
+            return torch.full((self.res, self.res), -1, dtype=torch.int16)
+        return torch.from_numpy(transform_label(label, self.res).copy())
+
+    def _undecoded(self, row: int, source: int, crop: int | None) -> dict:
+        jpeg = encoded_jpeg(self.dataset, source)
+        image = None if jpeg is not None else torch.from_numpy(np.asarray(self.dataset.image(source)).copy()).permute(2, 0, 1)
+        label = self.dataset.label(source)
+        label_shape = None if label is None else tuple(label.shape)
+        if crop is not None and label is not None:  # the label is the image's size (checked after decoding)
+            left, top, right, bottom = five_crop_boxes(label.shape[1], label.shape[0], self.crop_ratio)[crop]
+            label = label[top:bottom, left:right]
+        return {"index": torch.tensor(row), "label": self._label(label), "source": source, "crop": crop,
+                "jpeg": jpeg, "image": image, "label_shape": label_shape}
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Stack what has one shape; keep lists of the encoded or variable-size rest."""
+        out = {}
+        for key in samples[0]:
+            values = [s[key] for s in samples]
+            out[key] = torch.stack(values) if key in ("index", "pixels", "label") else values
+        return out
 
 
 class _Check(torch.utils.data.Dataset):

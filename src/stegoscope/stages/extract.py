@@ -1,8 +1,10 @@
 """Stage one: a dataset split through a frozen DINO ViT into a Zarr token store.
 
-Decoding and resizing run in DataLoader workers, the forward pass in the main process (bf16
-autocast on CUDA, fp32 on CPU), and a writer thread stores finished shards while the next
-batches compute. A shard is written whole, then its ``written`` flag; a rerun skips flagged
+Decoding and resizing run in DataLoader workers, or for JPEGs on the GPU (``decode``); the
+forward pass runs in the main process (bf16 autocast on CUDA, fp32 on CPU, optionally
+``torch.compile``d). Each batch's outputs are copied into whole-shard host buffers (pinned, the
+copies asynchronous, on CUDA), and writer threads store finished shards while the next batches
+compute. A shard is written whole, then its ``written`` flag; a rerun skips flagged
 shards and rewrites any other, and ``status=complete`` is set only after the last one.
 """
 
@@ -23,6 +25,7 @@ import torch
 from .. import cache_schema
 from ..cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, StoreLayout
 from ..data import DatasetError, ExtractionDataset, SegmentationDataset, find_bad_samples, open_dataset
+from ..data.decode import device_pixels
 from ..data.crops import CROP_FIVE, CROP_NONE, crops_per_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..models import resolve_device
@@ -31,6 +34,11 @@ from ..pipeline import FileHashMemo, Stage, canonical_json, diff_rows, file_rows
 from ..progress import console, progress_bar
 
 LAYER = "last_block_final_norm_no_cls"
+# Where JPEGs are decoded and resized: DataLoader workers with PIL, or the compute device
+# (nvJPEG on CUDA). Not part of the key: both give the same geometry, and decoders agree to
+# within JPEG rounding, like bf16 on CUDA and fp32 on CPU agree to within their precision.
+DECODE_AUTO, DECODE_CPU, DECODE_DEVICE = "auto", "cpu", "device"
+DECODE_MODES = (DECODE_AUTO, DECODE_CPU, DECODE_DEVICE)
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,13 @@ class ExtractStage(Stage):
         shard_images: int = cache_schema.DEFAULT_SHARD_IMAGES,
         device: str = "auto",
         show_progress: bool = True,
+        decode: str = DECODE_AUTO,
+        compile: bool = False,
+        writers: int | None = None,
     ):
         super().__init__(cache_root)
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
         self.data_root = Path(data_root)
         self.p = params
         self.batch_size = batch_size
@@ -94,6 +107,13 @@ class ExtractStage(Stage):
         self.shard_images = shard_images
         self.device = device
         self.show_progress = show_progress
+        self.decode, self.compile, self.writers = decode, compile, writers
+
+    def decode_mode(self, device: torch.device) -> str:
+        """Where JPEGs are decoded: ``auto`` means on the device when it is a GPU."""
+        if self.decode != DECODE_AUTO:
+            return self.decode
+        return DECODE_DEVICE if device.type == "cuda" else DECODE_CPU
 
     # -- identity ------------------------------------------------------------------------------
     @cached_property
@@ -245,32 +265,38 @@ class ExtractStage(Stage):
 
     def _extract(self, store: FeatureStore, layout: StoreLayout, samples: list, pending: list[int]) -> None:
         device = resolve_device(self.device)
+        on_device = self.decode_mode(device) == DECODE_DEVICE
         spec, random = parse_backbone(self.p.backbone)
         if random:
             console.print(f"[bold red]WARNING: {self.p.backbone} has RANDOM weights (seed {self.p.seed}), NOT pretrained DINO.[/]")
         backbone = build_backbone(self.p.backbone, Path(self.p.weights) if self.p.weights else None, self.p.seed).to(device)
+        if self.compile:
+            backbone = torch.compile(backbone, dynamic=False)
         rows = [r for s in pending for r in range(*layout.shard_slice(s).indices(layout.n_images))]
+        view = ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, samples, rows, self.p.crop_ratio, on_device)
         loader = torch.utils.data.DataLoader(
-            ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, samples, rows, self.p.crop_ratio),
-            batch_size=self.batch_size, num_workers=self.workers, pin_memory=device.type == "cuda",
+            view, batch_size=self.batch_size, num_workers=self.workers, pin_memory=device.type == "cuda",
+            collate_fn=view.collate, persistent_workers=False,
         )
-        assembler = _ShardAssembler(layout, self.row_ids(samples))
-        writer = _ShardWriter(store)
+        writers = self.writers or (2 if device.type == "cuda" else 1)
+        buffers = _ShardBuffers(layout, self.row_ids(samples), pinned=device.type == "cuda", slots=writers + 2)
+        writer = _ShardWriter(store, buffers, writers)
         label = f"extract {self.dataset.name}/{self.p.split} @{self.p.res}"
         try:
             with progress_bar("img", self.show_progress) as bar:
                 task = bar.add_task(label, total=len(rows))
                 for batch in loader:
-                    tokens, pooled = _forward(backbone, batch["pixels"], device)
-                    arrays = {TOKENS: tokens, POOLED: pooled}
-                    if layout.flip:  # mirror the pixels, then mirror the token grid back
-                        arrays[TOKENS_FLIP] = np.ascontiguousarray(_forward(backbone, batch["pixels"].flip(2), device)[0][:, :, ::-1])
+                    if on_device:
+                        pixels = device_pixels(batch, self.dataset, self.p.res, self.p.interpolation, self.p.crop_ratio, device)
+                    else:
+                        pixels = batch["pixels"].to(device, non_blocking=True)
+                    arrays = _forward(backbone, pixels, device, layout.flip)
                     if layout.labelled:
-                        arrays[LABELS] = batch["label"].numpy()
+                        arrays[LABELS] = batch["label"]
                     if layout.with_images:
-                        arrays[IMAGES] = batch["pixels"].numpy()
-                    for shard, shard_arrays in assembler.add(batch["index"].numpy(), arrays):
-                        writer.put(shard, shard_arrays)
+                        arrays[IMAGES] = pixels
+                    for shard in buffers.add(batch["index"].numpy(), arrays):
+                        writer.put(shard)
                     bar.advance(task, len(batch["index"]))
         except DatasetError as exc:
             raise DatasetError.from_worker(exc) from None
@@ -279,72 +305,124 @@ class ExtractStage(Stage):
 
 
 @torch.inference_mode()
-def _forward(backbone: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 pixels → (float16 tokens (B, h, w, C), float32 pooled (B, C)) on the host."""
-    x = normalize(pixels.to(device, non_blocking=True))
+def _forward(backbone: torch.nn.Module, pixels: torch.Tensor, device: torch.device, flip: bool) -> dict[str, torch.Tensor]:
+    """uint8 pixels (B, H, W, 3) on ``device`` → float16 tokens (B, h, w, C) and float32 pooled
+    (B, C), still on ``device``; with ``flip`` also the mirrored image's tokens, mirrored back."""
+    x = normalize(pixels)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        feats = backbone(x)
-    feats = feats.float()
-    pooled = feats.mean(dim=(1, 2))
-    return feats.half().cpu().numpy(), pooled.cpu().numpy()
+        feats = backbone(x).float()
+        out = {TOKENS: feats.half(), POOLED: feats.mean(dim=(1, 2))}
+        if flip:
+            out[TOKENS_FLIP] = backbone(x.flip(3)).flip(2).half()
+    return out
 
 
-class _ShardAssembler:
-    """Collects rows (arriving in index order) into whole shards."""
+@dataclass
+class _Shard:
+    """A filled shard buffer on its way to the writer (``ready`` is set once its copies land)."""
 
-    def __init__(self, layout: StoreLayout, ids: list[str]):
-        self.layout, self.ids = layout, ids
-        self.parts: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
+    index: int
+    rows: int
+    arrays: dict[str, torch.Tensor]
+    ids: np.ndarray
+    ready: Any = None  # torch.cuda.Event on CUDA
 
-    def add(self, indices: np.ndarray, rows: dict[str, np.ndarray]):
-        shards = indices // self.layout.shard_images
-        for shard in np.unique(shards):
-            sel = shards == shard
-            self.parts.setdefault(int(shard), []).append((indices[sel], {k: v[sel] for k, v in rows.items()}))
-            sl = self.layout.shard_slice(int(shard))
-            if sum(len(ix) for ix, _ in self.parts[int(shard)]) == sl.stop - sl.start:
-                yield int(shard), self._assemble(int(shard))
 
-    def _assemble(self, shard: int) -> dict[str, np.ndarray]:
-        parts = self.parts.pop(shard)
-        indices = np.concatenate([ix for ix, _ in parts])
-        sl = self.layout.shard_slice(shard)
-        if not np.array_equal(indices, np.arange(sl.start, sl.stop)):
-            raise RuntimeError(f"shard {shard}: rows arrived out of order")
-        out = {name: np.concatenate([rows[name] for _, rows in parts]) for name in parts[0][1]}
-        out[IDS] = np.array([self.ids[i] for i in indices], dtype=str)
-        return out
+class _ShardBuffers:
+    """Host buffers of whole shards that each batch's rows are copied into.
+
+    Rows arrive in store order, possibly spanning two shards. On CUDA the buffers are pinned and
+    the device→host copies asynchronous; a CUDA event marks when a finished shard's copies have
+    landed. At most ``slots`` shards are in flight: when all are with the writer, ``add``
+    waits for one to come back, which bounds host memory.
+    """
+
+    def __init__(self, layout: StoreLayout, ids: list[str], pinned: bool, slots: int):
+        self.layout, self.ids, self.pinned, self.slots = layout, ids, pinned, slots
+        self.free: queue.Queue = queue.Queue()
+        self.made = 0
+        self.filling: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # shard → (buffers, rows so far)
+
+    def _take(self) -> dict[str, torch.Tensor]:
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            if self.made < self.slots:
+                self.made += 1
+                return {}
+            return self.free.get()
+
+    def release(self, buffers: dict[str, torch.Tensor]) -> None:
+        self.free.put(buffers)
+
+    def add(self, indices: np.ndarray, arrays: dict[str, torch.Tensor]) -> list[_Shard]:
+        finished, size = [], self.layout.shard_images
+        for shard in np.unique(indices // size):
+            shard = int(shard)
+            sl = self.layout.shard_slice(shard)
+            selected = np.flatnonzero(indices // size == shard)
+            first, last = int(selected[0]), int(selected[-1]) + 1
+            if not np.array_equal(indices[first:last], np.arange(indices[first], indices[first] + last - first)):
+                raise RuntimeError(f"shard {shard}: rows arrived out of order")
+            if shard not in self.filling:
+                self.filling[shard] = (self._take(), 0)
+            buffers, filled = self.filling[shard]
+            offset = int(indices[first]) - sl.start
+            for name, value in arrays.items():
+                if name not in buffers:
+                    buffers[name] = torch.empty((size, *value.shape[1:]), dtype=value.dtype, pin_memory=self.pinned)
+                buffers[name][offset : offset + last - first].copy_(value[first:last], non_blocking=self.pinned)
+            filled += last - first
+            self.filling[shard] = (buffers, filled)
+            if filled == sl.stop - sl.start:
+                del self.filling[shard]
+                ready = None
+                if self.pinned:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                ids = np.array(self.ids[sl], dtype=str)
+                finished.append(_Shard(shard, filled, buffers, ids, ready))
+        return finished
 
 
 class _ShardWriter:
-    """A thread that writes finished shards while the next batches compute.
+    """Threads that write finished shards while the next batches compute.
 
-    The queue is short, so memory holds at most a few shards; an error in the thread is
-    re-raised in the caller at the next ``put`` or at ``close``.
+    zarr writes each shard's arrays as separate files, so shards can be written side by side.
+    An error in a thread is re-raised in the caller at the next ``put`` or at ``close``; the
+    threads keep returning buffers so that the producer never blocks.
     """
 
-    def __init__(self, store: FeatureStore, max_pending: int = 2):
-        self.store = store
-        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+    def __init__(self, store: FeatureStore, buffers: _ShardBuffers, threads: int = 1):
+        self.store, self.buffers = store, buffers
+        self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True) for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.store.write_shard(*item)
-                except BaseException as exc:  # keep draining so the producer never blocks
-                    self.error = exc
+        while (shard := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    if shard.ready is not None:
+                        shard.ready.synchronize()
+                    arrays = {name: value[: shard.rows].numpy() for name, value in shard.arrays.items()}
+                    self.store.write_shard(shard.index, {**arrays, IDS: shard.ids})
+            except BaseException as exc:
+                self.error = exc
+            finally:
+                self.buffers.release(shard.arrays)
 
-    def put(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+    def put(self, shard: _Shard) -> None:
         self._raise()
-        self.queue.put((shard, arrays))
+        self.queue.put(shard)
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
         self._raise()
 
     def _raise(self) -> None:
