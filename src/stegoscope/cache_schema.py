@@ -265,6 +265,8 @@ class FeatureStore:
         self.group.attrs["status"] = STATUS_COMPLETE
         with warnings.catch_warnings():  # "not part of the v3 spec": xarray reads it all the same
             warnings.filterwarnings("ignore", category=UserWarning, message=".*[Cc]onsolidated metadata")
+            # our own files beside the arrays (sources.json): not zarr's business
+            warnings.filterwarnings("ignore", category=UserWarning, message=".*not recognized as a component")
             zarr.consolidate_metadata(str(self.path))
         atomic_write_text(self.path / INVENTORY, json.dumps({"files": _file_sizes(self.path)}, sort_keys=True))
 

@@ -34,21 +34,26 @@ class ClusterLookup(nn.Module):
         return -(probs * s).sum(dim=1).mean(), probs
 
 
-def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 50, seed: int = 0) -> np.ndarray:
-    """Lloyd's algorithm on unit vectors with k-means++ seeding (cosine distance); (k, D) centroids."""
+def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 50, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """Lloyd's algorithm on unit vectors with k-means++ seeding (cosine distance); (k, D) centroids.
+
+    The similarities and centroid sums run with torch on ``device`` (``cuda`` when present); the
+    seeded draws stay on the host, so a seed gives the same seeding on every device.
+    """
     rng = np.random.default_rng(seed)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    centroids = [x[rng.integers(len(x))]]
+    x = F.normalize(torch.as_tensor(x, dtype=torch.float32, device=device), dim=1)
+    centroids = x[int(rng.integers(len(x)))][None]
     for _ in range(1, k):
-        d = np.clip(1.0 - np.max(x @ np.stack(centroids).T, axis=1), 0, None)
+        d = (1.0 - (x @ centroids.T).max(dim=1).values).clamp_(min=0).double().cpu().numpy()
         total = d.sum()
-        centroids.append(x[rng.choice(len(x), p=d / total)] if total > 0 else x[rng.integers(len(x))])
-    c = np.stack(centroids)
+        pick = rng.choice(len(x), p=d / total) if total > 0 else rng.integers(len(x))
+        centroids = torch.cat([centroids, x[int(pick)][None]])
     for _ in range(iterations):
-        assign = np.argmax(x @ c.T, axis=1)
-        new = np.stack([x[assign == j].sum(0) if (assign == j).any() else c[j] for j in range(k)])
-        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
-        if np.allclose(new, c):
+        assign = (x @ centroids.T).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        alive = torch.bincount(assign, minlength=k) > 0
+        new = torch.where(alive[:, None], F.normalize(sums, dim=1), centroids)  # an empty cluster keeps its centroid
+        if torch.allclose(new, centroids):
             break
-        c = new
-    return c
+        centroids = new
+    return centroids.cpu().numpy()

@@ -77,6 +77,8 @@ class ExtractSummary:
     seconds: float
     images_per_second: float = field(default=0.0)
     skipped: dict[str, str] = field(default_factory=dict)  # source id → reason
+    # From the first batch's arrival to the completed store: without model build and worker start.
+    steady_images_per_second: float = field(default=0.0)
 
 
 class ExtractStage(Stage):
@@ -254,16 +256,20 @@ class ExtractStage(Stage):
         if len(samples) != layout.n_images:
             raise StoreError(f"{store.path}: holds {layout.n_images} rows but the dataset gives {len(samples)}; re-extract with --force")
         pending = store.pending_shards()
+        first_batch = (start, 0)
         if pending:
-            self._extract(store, layout, samples, pending)
+            first_batch = self._extract(store, layout, samples, pending)
         store.mark_complete()
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
         n_new = sum(len(range(*layout.shard_slice(s).indices(layout.n_images))) for s in pending)
+        steady = (n_new - first_batch[1]) / max(end - first_batch[0], 1e-9)
         return ExtractSummary(
-            store.path, layout.n_images, len(pending), layout.n_shards - len(pending), seconds, n_new / seconds, skipped
+            store.path, layout.n_images, len(pending), layout.n_shards - len(pending), end - start, n_new / (end - start),
+            skipped, steady,
         )
 
-    def _extract(self, store: FeatureStore, layout: StoreLayout, samples: list, pending: list[int]) -> None:
+    def _extract(self, store: FeatureStore, layout: StoreLayout, samples: list, pending: list[int]) -> tuple[float, int]:
+        """Extract the pending shards; returns when the first batch arrived and its size."""
         device = resolve_device(self.device)
         on_device = self.decode_mode(device) == DECODE_DEVICE
         spec, random = parse_backbone(self.p.backbone)
@@ -282,10 +288,12 @@ class ExtractStage(Stage):
         buffers = _ShardBuffers(layout, self.row_ids(samples), pinned=device.type == "cuda", slots=writers + 2)
         writer = _ShardWriter(store, buffers, writers)
         label = f"extract {self.dataset.name}/{self.p.split} @{self.p.res}"
+        first_batch = None
         try:
             with progress_bar("img", self.show_progress) as bar:
                 task = bar.add_task(label, total=len(rows))
                 for batch in loader:
+                    first_batch = first_batch or (time.perf_counter(), len(batch["index"]))
                     if on_device:
                         pixels = device_pixels(batch, self.dataset, self.p.res, self.p.interpolation, self.p.crop_ratio, device)
                     else:
@@ -302,6 +310,7 @@ class ExtractStage(Stage):
             raise DatasetError.from_worker(exc) from None
         finally:
             writer.close()
+        return first_batch
 
 
 @torch.inference_mode()
