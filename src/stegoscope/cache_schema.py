@@ -297,9 +297,10 @@ class FeatureStore:
         files and unflags their shards so that they are written again. Returns those shards.
         """
         damage = self.damage()
-        shards = sorted({_shard_of(name) for name in damage})
-        if None in shards:
+        shard_of = {name: _shard_of(name) for name in damage}
+        if None in shard_of.values():
             raise StoreError(f"{self.path}: metadata files {sorted(damage)} are damaged; re-extract with --force")
+        shards = sorted(set(shard_of.values()))
         remove_partials(self.path)
         (self.path / INVENTORY).unlink(missing_ok=True)
         for name in damage:  # zarr would read a damaged shard file back before rewriting it

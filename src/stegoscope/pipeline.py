@@ -206,8 +206,8 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
     A manifest that does not parse, or files that do not match it, raise StoreError with the fix.
     """
-    manifest, problem = _parse_manifest(directory)
-    problem = problem or (artefact_problem(directory) if manifest is not None else None)
+    problem = artefact_problem(directory)
+    manifest = _parse_manifest(directory)[0]
     if problem:
         raise cache_schema.StoreError(f"{problem}; {_fix_hint(manifest)}")
     return manifest
@@ -235,8 +235,7 @@ def read_json(directory: Path, name: str) -> Any:
 
 def artefact_state(directory: Path) -> str:
     """Complete once the manifest exists (it is written last) and every file matches it."""
-    manifest, problem = _parse_manifest(directory)
-    if manifest is not None and artefact_problem(directory) is None:
+    if (Path(directory) / MANIFEST).exists() and artefact_problem(directory) is None:
         return COMPLETE
     return PARTIAL if Path(directory).exists() else MISSING
 

@@ -282,7 +282,7 @@ class ExtractStage(Stage):
         view = ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, samples, rows, self.p.crop_ratio, on_device)
         loader = torch.utils.data.DataLoader(
             view, batch_size=self.batch_size, num_workers=self.workers, pin_memory=device.type == "cuda",
-            collate_fn=view.collate, persistent_workers=False,
+            collate_fn=view.collate,
         )
         writers = self.writers or (2 if device.type == "cuda" else 1)
         buffers = _ShardBuffers(layout, self.row_ids(samples), pinned=device.type == "cuda", slots=writers + 2)
