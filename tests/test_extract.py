@@ -157,3 +157,21 @@ def test_a_corrupt_jpeg_decoded_on_the_device_is_named(tmp_path, directory_datas
     stage = ExtractStage(tmp_path / "c", directory_dataset, params, workers=0, show_progress=False, decode="device")
     with pytest.raises(Exception, match=f"{bad.name}: cannot decode image"):
         run_stage(stage)
+
+
+def test_a_batch_spanning_more_shards_than_buffers_completes(tmp_path):
+    """9 one-image shards in one batch with 3 shard buffers: each full shard goes to the writer
+    before the next buffer is taken, so nothing waits for a buffer that is never returned."""
+    import threading
+
+    from conftest import write_directory_dataset
+
+    root = write_directory_dataset(tmp_path / "data", n_train=1, n_val=9)
+    params = ExtractParams(dataset="directory", split="val", res=32, backbone=MICRO, n_classes=3)
+    stage = ExtractStage(tmp_path / "c", root, params, batch_size=9, workers=0, shard_images=1, show_progress=False, writers=1)
+    run = threading.Thread(target=run_stage, args=(stage,), daemon=True)
+    run.start()
+    run.join(120)
+    assert not run.is_alive(), "extraction is stuck waiting for a shard buffer"
+    store = cache_schema.open_feature_store(stage.output)
+    assert store.complete and store.ids == [f"img{i:03d}" for i in range(9)]

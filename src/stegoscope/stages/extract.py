@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -364,8 +365,11 @@ class _ShardBuffers:
     def release(self, buffers: dict[str, torch.Tensor]) -> None:
         self.free.put(buffers)
 
-    def add(self, indices: np.ndarray, arrays: dict[str, torch.Tensor]) -> list[_Shard]:
-        finished, size = [], self.layout.shard_images
+    def add(self, indices: np.ndarray, arrays: dict[str, torch.Tensor]) -> Iterator[_Shard]:
+        """Copy a batch's rows in; yields each shard as soon as it is full. The caller must hand it
+        to the writer before asking for the next, so a batch spanning many shards needs no more
+        buffers than one filling shard plus those with the writer."""
+        size = self.layout.shard_images
         for shard in np.unique(indices // size):
             shard = int(shard)
             sl = self.layout.shard_slice(shard)
@@ -389,9 +393,7 @@ class _ShardBuffers:
                 if self.pinned:
                     ready = torch.cuda.Event()
                     ready.record()
-                ids = np.array(self.ids[sl], dtype=str)
-                finished.append(_Shard(shard, filled, buffers, ids, ready))
-        return finished
+                yield _Shard(shard, filled, buffers, np.array(self.ids[sl], dtype=str), ready)
 
 
 class _ShardWriter:
