@@ -9,7 +9,7 @@ import pytest
 
 from stegoscope import cache_schema
 from stegoscope.pipeline import (
-    COMPLETE, PARTIAL, FileHashMemo, LockHeld, artefact_state, fingerprint_files, read_manifest, stage_key, stage_lock,
+    COMPLETE, PARTIAL, FileHashMemo, LockHeld, artefact_file, artefact_state, fingerprint_files, read_manifest, stage_key, stage_lock,
     write_manifest,
 )
 
@@ -86,9 +86,10 @@ def test_manifest_round_trip_and_damage(tmp_path):
     assert artefact_state(tmp_path) == PARTIAL
     with pytest.raises(cache_schema.StoreError, match=r"400 bytes.*800.*stegoscope reduce"):
         read_manifest(tmp_path)
-    (tmp_path / "payload.bin").write_bytes(payload[::-1])  # same size, other content
-    with pytest.raises(cache_schema.StoreError, match="sha256"):
-        read_manifest(tmp_path)
+    (tmp_path / "payload.bin").write_bytes(payload[::-1])  # same size, other content: found when read
+    assert artefact_state(tmp_path) == COMPLETE
+    with pytest.raises(cache_schema.StoreError, match="sha256.*stegoscope reduce.*--force"):
+        artefact_file(tmp_path, "payload.bin")
     (tmp_path / "manifest.json").write_text("{not json")
     assert artefact_state(tmp_path) == PARTIAL
     with pytest.raises(cache_schema.StoreError, match="manifest.json does not parse"):

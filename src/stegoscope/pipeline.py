@@ -177,45 +177,51 @@ def _parse_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]
     return manifest, None
 
 
-def _fix_hint(manifest: dict[str, Any] | None) -> str:
+def _fix_hint(manifest: dict[str, Any] | None, force: bool = False) -> str:
     stage = (manifest or {}).get("stage", "<stage>").replace("_", "-")
+    if force:  # sizes match, so the stage looks complete: only --force recomputes it
+        return f"rerun the `stegoscope {stage}` command that made it with --force"
     return f"rerun the `stegoscope {stage}` (or `study`) command that made it; it recomputes this artefact"
 
 
-def artefact_problem(directory: Path) -> str | None:
-    """What is wrong with a finished artefact (None when nothing): an unparsable manifest, or a
-    listed file that is missing, truncated or changed since the manifest was written."""
+def artefact_problem(directory: Path, hashes: Iterable[str] = ()) -> str | None:
+    """What is wrong with a finished artefact (None when nothing): an unparsable manifest, a
+    listed file that is missing or has another size, or one of the files named in ``hashes``
+    whose sha256 changed. Sizes are cheap to check on every look; hashes are checked on reads."""
     directory = Path(directory)
     manifest, problem = _parse_manifest(directory)
     if problem or manifest is None:
         return problem
-    for name, entry in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for name, entry in files.items():
         path = directory / name
         if not path.is_file():
             return f"{path} is missing"
         size = path.stat().st_size
         if size != entry["bytes"]:
             return f"{path} has {size} bytes, its manifest says {entry['bytes']} (truncated or rewritten)"
-        if sha256_file(path) != entry["sha256"]:
-            return f"{path} does not match the sha256 in its manifest (changed after it was written)"
+    for name in hashes:
+        if name in files and sha256_file(directory / name) != files[name]["sha256"]:
+            return f"{directory / name} does not match the sha256 in its manifest (changed after it was written)"
     return None
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
+def read_manifest(directory: Path, hashes: Iterable[str] = ()) -> dict[str, Any] | None:
     """The manifest of a finished stage, or None when there is none (not done).
 
-    A manifest that does not parse, or files that do not match it, raise StoreError with the fix.
+    A manifest that does not parse, or files that do not match it (sizes; sha256 of ``hashes``),
+    raise StoreError with the fix.
     """
-    problem = artefact_problem(directory)
+    problem = artefact_problem(directory, hashes)
     manifest = _parse_manifest(directory)[0]
     if problem:
-        raise cache_schema.StoreError(f"{problem}; {_fix_hint(manifest)}")
+        raise cache_schema.StoreError(f"{problem}; {_fix_hint(manifest, force='sha256' in problem)}")
     return manifest
 
 
 def artefact_file(directory: Path, name: str) -> Path:
-    """The path of a file of a finished, intact artefact (StoreError naming the fix otherwise)."""
-    if read_manifest(directory) is None:
+    """The path of a file of a finished artefact, checked against its manifest (size and sha256)."""
+    if read_manifest(directory, hashes=[name]) is None:
         raise cache_schema.StoreError(f"{directory}: no manifest, so the run that makes it did not finish; run it (again)")
     return Path(directory) / name
 
@@ -234,7 +240,7 @@ def read_json(directory: Path, name: str) -> Any:
 
 
 def artefact_state(directory: Path) -> str:
-    """Complete once the manifest exists (it is written last) and every file matches it."""
+    """Complete once the manifest exists (it is written last) and every file has its size."""
     if (Path(directory) / MANIFEST).exists() and artefact_problem(directory) is None:
         return COMPLETE
     return PARTIAL if Path(directory).exists() else MISSING
