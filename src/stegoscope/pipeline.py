@@ -184,26 +184,31 @@ def _fix_hint(manifest: dict[str, Any] | None, force: bool = False) -> str:
     return f"rerun the `stegoscope {stage}` (or `study`) command that made it; it recomputes this artefact"
 
 
-def artefact_problem(directory: Path, hashes: Iterable[str] = ()) -> str | None:
-    """What is wrong with a finished artefact (None when nothing): an unparsable manifest, a
-    listed file that is missing or has another size, or one of the files named in ``hashes``
-    whose sha256 changed. Sizes are cheap to check on every look; hashes are checked on reads."""
+def _inspect(directory: Path, hashes: Iterable[str] = ()) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, problem) of an artefact: an unparsable manifest, a listed file that is missing
+    or has another size, or one of the files named in ``hashes`` whose sha256 changed."""
     directory = Path(directory)
     manifest, problem = _parse_manifest(directory)
     if problem or manifest is None:
-        return problem
+        return manifest, problem
     files = manifest.get("files", {})
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():
-            return f"{path} is missing"
+            return manifest, f"{path} is missing"
         size = path.stat().st_size
         if size != entry["bytes"]:
-            return f"{path} has {size} bytes, its manifest says {entry['bytes']} (truncated or rewritten)"
+            return manifest, f"{path} has {size} bytes, its manifest says {entry['bytes']} (truncated or rewritten)"
     for name in hashes:
         if name in files and sha256_file(directory / name) != files[name]["sha256"]:
-            return f"{directory / name} does not match the sha256 in its manifest (changed after it was written)"
-    return None
+            return manifest, f"{directory / name} does not match the sha256 in its manifest (changed after it was written)"
+    return manifest, None
+
+
+def artefact_problem(directory: Path, hashes: Iterable[str] = ()) -> str | None:
+    """What is wrong with a finished artefact, None when nothing. Sizes are cheap to check on
+    every look; the sha256 of the files in ``hashes`` is checked when they are read."""
+    return _inspect(directory, hashes)[1]
 
 
 def read_manifest(directory: Path, hashes: Iterable[str] = ()) -> dict[str, Any] | None:
@@ -212,8 +217,7 @@ def read_manifest(directory: Path, hashes: Iterable[str] = ()) -> dict[str, Any]
     A manifest that does not parse, or files that do not match it (sizes; sha256 of ``hashes``),
     raise StoreError with the fix.
     """
-    problem = artefact_problem(directory, hashes)
-    manifest = _parse_manifest(directory)[0]
+    manifest, problem = _inspect(directory, hashes)
     if problem:
         raise cache_schema.StoreError(f"{problem}; {_fix_hint(manifest, force='sha256' in problem)}")
     return manifest

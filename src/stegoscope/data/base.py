@@ -88,12 +88,17 @@ class SegmentationDataset(ABC):
     def sample(self, index: int) -> tuple[Image.Image, np.ndarray | None]:
         """Image and label of one sample, checked to be the same size."""
         image, label = self.image(index), self.label(index)
-        if label is not None and label.shape != (image.size[1], image.size[0]):
+        if label is not None:
+            self.check_label_size(index, label.shape, image.size)
+        return image, label
+
+    def check_label_size(self, index: int, label_shape: tuple[int, int], image_size: tuple[int, int]) -> None:
+        """Raise unless a label of ``label_shape`` (H, W) fits an image of ``image_size`` (W, H)."""
+        if tuple(label_shape) != (image_size[1], image_size[0]):
             raise DatasetError(
-                self.paths(index)[1], f"label is {label.shape[1]}x{label.shape[0]} but its image is {image.size[0]}x{image.size[1]}",
+                self.paths(index)[1], f"label is {label_shape[1]}x{label_shape[0]} but its image is {image_size[0]}x{image_size[1]}",
                 SKIP_HINT,
             )
-        return image, label
 
     def problems(self) -> list[tuple[int, DatasetError]]:
         """Samples whose files are missing, found without decoding anything."""

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from .base import SKIP_HINT, DatasetError, SegmentationDataset, require_file
+from .base import SegmentationDataset, require_file
 from .crops import five_crop_boxes
 from .transforms import transform_images
 
@@ -70,11 +70,8 @@ def device_pixels(
                 fallback = torch.from_numpy(np.asarray(dataset.image(source))).permute(2, 0, 1)
             image = fallback.to(device, non_blocking=True)
         height, width = image.shape[-2:]
-        label_shape = batch["label_shape"][i]
-        if label_shape is not None and tuple(label_shape) != (height, width):
-            raise DatasetError(
-                dataset.paths(source)[1], f"label is {label_shape[1]}x{label_shape[0]} but its image is {width}x{height}", SKIP_HINT
-            )
+        if batch["label_shape"][i] is not None:
+            dataset.check_label_size(source, batch["label_shape"][i], (width, height))
         crop = batch["crop"][i]
         if crop is not None:
             left, top, right, bottom = five_crop_boxes(width, height, crop_ratio)[crop]
