@@ -175,3 +175,13 @@ def test_a_batch_spanning_more_shards_than_buffers_completes(tmp_path):
     assert not run.is_alive(), "extraction is stuck waiting for a shard buffer"
     store = cache_schema.open_feature_store(stage.output)
     assert store.complete and store.ids == [f"img{i:03d}" for i in range(9)]
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_a_label_of_another_size_is_named(tmp_path, directory_dataset, decode):
+    label = directory_dataset / "labels" / "val" / "img001.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(label)  # its image is 40x32
+    params = ExtractParams(dataset="directory", split="val", res=32, backbone=MICRO, n_classes=3)
+    stage = ExtractStage(tmp_path / "c", directory_dataset, params, workers=0, show_progress=False, decode=decode)
+    with pytest.raises(Exception, match="img001.png: label is 12x10 but its image is 40x32"):
+        run_stage(stage)
