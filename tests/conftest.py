@@ -27,6 +27,32 @@ def write_directory_dataset(root: Path, n_train: int = 6, n_val: int = 4, size=(
     return root
 
 
+MICRO_PRESET = """name: {name}
+dataset: synthetic
+backbone: random:vit_micro_patch8
+seed: 0
+extract:
+  batch_size: 8
+  shard_images: 8
+  splits:
+    train: {{res: 32}}
+    val: {{res: 32, store_images: true}}
+synthetic: {{seed: 0, n_train: 16, n_val: 6, size: [48, 40]}}
+methods: [pca, stego]
+dims: [4]
+stego: {{steps: 6, batch_size: 4, dim: 4}}
+probe: {{steps: 6, batch_size: 4}}
+eval: {{val_every: 3}}
+"""
+
+
+def write_micro_preset(path: Path, name: str = "micro", extra: str = "") -> Path:
+    """A study small enough for an end-to-end test: 16 + 6 synthetic images at 32 px, a random
+    micro ViT, PCA and STEGO at D = 4 for 6 steps; ``extra`` YAML lines are appended."""
+    path.write_text(MICRO_PRESET.format(name=name) + extra)
+    return path
+
+
 @pytest.fixture
 def directory_dataset(tmp_path: Path) -> Path:
     return write_directory_dataset(tmp_path / "data")

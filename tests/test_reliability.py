@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from stegoscope import cache_schema
 from stegoscope.cli import app
 
-from conftest import write_directory_dataset
+from conftest import write_directory_dataset, write_micro_preset
 
 CRASH_AT = Path(__file__).with_name("crash_at.py")
 MICRO = "random:vit_micro_patch8"
@@ -127,14 +127,7 @@ def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_stor
 
 
 def _micro_preset(tmp_path) -> Path:
-    path = tmp_path / "micro.yaml"
-    path.write_text(
-        "name: micro\ndataset: synthetic\nbackbone: random:vit_micro_patch8\nseed: 0\n"
-        "extract:\n  batch_size: 8\n  shard_images: 8\n  splits:\n    train: {res: 32}\n    val: {res: 32, store_images: true}\n"
-        "synthetic: {seed: 0, n_train: 16, n_val: 6, size: [48, 40]}\n"
-        "methods: [pca, stego]\ndims: [4]\nstego: {steps: 6, batch_size: 4, dim: 4}\nprobe: {val_every: 3}\n"
-    )
-    return path
+    return write_micro_preset(tmp_path / "micro.yaml")
 
 
 def _manifests(cache):
@@ -156,7 +149,7 @@ def test_killed_analysis_stages_leave_no_manifest_and_rerun_only_themselves(tmp_
         before = _manifests(cache)
         proc = crash("kill-at", "manifest.json", *args)
         assert proc.returncode == -signal.SIGKILL, (stage, proc.stdout.read())
-        out = cache / "figures" if stage == "figures" else next((cache / "artefacts" / stage).iterdir())
+        out = cache / "figures" / "micro" if stage == "figures" else next((cache / "artefacts" / stage).iterdir())
         assert out.exists() and not (out / "manifest.json").exists(), stage
         assert _manifests(cache) == before  # the crash touched nothing finished
 

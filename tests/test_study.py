@@ -6,49 +6,60 @@ from typer.testing import CliRunner
 
 from stegoscope.cli import app
 from stegoscope.config import load_preset
-from stegoscope.study import node_states, run_study, study_graph
+from stegoscope.stages.figures import collect
+from stegoscope.study import StudyContext, node_states
 
 
-def test_study_runs_once_and_recomputes_only_the_downstream_of_a_deleted_node(tmp_path, monkeypatch):
-    preset = load_preset("demo")
-    preset.methods, preset.dims = ["dino", "rp", "pca"], [4]
-    preset.stego.steps, preset.probe.val_every = 10, 10
+def ran(done):
+    return sum(not result.skipped for _, result in done)
+
+
+def test_study_runs_once_and_recomputes_only_the_downstream_of_a_deleted_node(tmp_path):
+    preset = load_preset("demo", {"methods": ["dino", "rp", "pca"], "dims": [4], "probe.steps": 10, "eval.val_every": 10})
     cache = tmp_path / "c"
-    first = run_study(preset, cache, device="cpu")
-    assert first["ran"] == 7 and first["cached"] == 0  # extract ×2, reduce pca, reduce rp, probe ×3
-    methods = {(r["method"], r["dim"], r["probe"], r["crf"]) for r in first["rows"]}
+    ctx = StudyContext(preset, cache, device="cpu", show_progress=False)
+    graph = ctx.graph()
+    first = ctx.run(graph)
+    assert ran(first) == 7 and len(first) == 7  # extract ×2, reduce pca, reduce rp, probe ×3
+    rows, _ = collect(cache, ["demo"])
+    methods = {(r["method"], r["dim"], r["probe"], r["crf"]) for r in rows}
     assert ("rp", 4, "cluster", "no") in methods and ("dino", 96, "linear", "yes") in methods
-    header = first["results"].read_text().splitlines()[0]
-    assert header == "dataset,method,dim,probe,crf,seed,step,mIoU,Accuracy,key"
-    assert run_study(preset, cache, device="cpu")["ran"] == 0
+    assert ("pca", 4, "linear", "yes") not in methods  # the CRF only where Table 2 reports (eval.crf: table2)
+    assert ran(ctx.run(graph)) == 0
 
-    graph, whole = study_graph(preset, cache)
     rp = next(n for n in graph if n.label == "reduce rp D=4 seed 0")
     shutil.rmtree(rp.stage.output)
     states = {n.label: s for n, s in ((n, node_states(graph)[id(n)]) for n in graph)}
     assert states["reduce rp D=4 seed 0"] == "missing" and states["probe rp D=4 seed 0"] == "stale"
     assert {label for label, s in states.items() if s != "complete"} == {"reduce rp D=4 seed 0", "probe rp D=4 seed 0"}
-    again = run_study(preset, cache, device="cpu")
-    assert again["ran"] == 2 and again["cached"] == 5
+    plan = {node.label: (action, why) for node, action, why in ctx.plan(graph)}
+    assert plan["reduce rp D=4 seed 0"] == ("run", "missing")
+    assert plan["probe rp D=4 seed 0"] == ("run", "upstream reruns (reduce rp D=4 seed 0)")
+    assert sum(action == "run" for action, _ in plan.values()) == 2
+    again = ctx.run(graph)
+    assert ran(again) == 2 and len(again) - ran(again) == 5
 
 
-def test_status_of_a_fresh_cache_lists_the_extractions(tmp_path):
+def test_status_of_a_fresh_cache_lists_the_whole_graph(tmp_path):
     out = CliRunner().invoke(app, ["status", "--preset", "demo", "--cache", str(tmp_path / "c")], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
-    assert out.output.count("missing") == 2 and "extract" in out.output
+    graph = StudyContext(load_preset("demo"), tmp_path / "c").graph()  # known before anything ran
+    assert out.output.count("missing") == len(graph) > 2
+    for label in ("extract train", "reduce pca", "probe hnne D=16 seed 0", "train-stego D=16 seed 0"):
+        assert label in out.output
 
 
 def test_official_weights_folder_is_used_by_every_command(tmp_path, monkeypatch):
     import torch
 
     from stegoscope.models.backbone import build_backbone
-    from stegoscope.study import feature_stages
     from fixtures import write_potsdam
 
     folder = tmp_path / "weights"
     folder.mkdir()
     torch.save(build_backbone("random:vit_small_patch8").vit.state_dict(), folder / "dino_deitsmall8_300ep_pretrain.pth")
     monkeypatch.setenv("STEGOSCOPE_WEIGHTS", str(folder))
-    stages = feature_stages(load_preset("potsdam"), tmp_path / "c", write_potsdam(tmp_path / "d"))
+    ctx = StudyContext(load_preset("potsdam"), tmp_path / "c", write_potsdam(tmp_path / "d"))
+    stages = [ctx.extract(split) for split in ("train", "val")]
     assert all(s.p.weights == str(folder / "dino_deitsmall8_300ep_pretrain.pth") for s in stages)
     assert stages[0].weights["source"] == "file"

@@ -148,15 +148,22 @@ def test_presets_hold_table_1():
     from stegoscope.config import load_preset
 
     city = load_preset("cityscapes")
+    city_stego = city.method_params("stego", 100)
     assert city.backbone == "vit_base_patch8" and city.splits["train"].crop == "five" and city.splits["train"].res == 224
-    assert city.splits["val"].res == 320 and city.stego.dim == 100 and city.stego.pointwise is False
-    assert city.stego.lambda_rand == 0.9058762625226623 and city.stego.b_self == 0.45828472207
+    assert city.splits["val"].res == 320 and city.head_dim("stego") == 100 and city_stego.pointwise is False
+    assert city_stego.lambda_rand == 0.9058762625226623 and city_stego.b_self == 0.45828472207
     pots = load_preset("potsdam")
+    pots_stego = pots.method_params("stego", 70)
     assert pots.backbone == "vit_small_patch8" and pots.splits["train"].crop == "none"
-    assert (pots.stego.steps, pots.stego.batch_size, pots.stego.dim) == (5000, 16, 70)
+    assert (pots_stego.steps, pots_stego.batch_size, pots.head_dim("stego")) == (5000, 16, 70)
+    assert (pots.probe.steps, pots.probe.batch_size) == (5000, 16)  # the probes train as long as the head (Table 1)
     coco = load_preset("cocostuff27")
-    assert coco.stego.lambda_rand == 0.1538476246415498 and coco.stego.b_rand == 1.0 and coco.stego.dim == 90
-    assert (coco.probe.linear_lr, coco.probe.extra_clusters, coco.stego.feature_samples, coco.stego.neg_samples) == (0.005, 0, 11, 5)
+    coco_stego = coco.method_params("stego", 90)
+    assert coco_stego.lambda_rand == 0.1538476246415498 and coco_stego.b_rand == 1.0 and coco.head_dim("stego") == 90
+    assert (coco.probe.linear_lr, coco.eval.extra_clusters, coco_stego.feature_samples, coco_stego.neg_samples) == (0.005, 0, 11, 5)
+    # the study's protocol: PCA on 5000 images, Gaussian RP, flip TTA at evaluation, h-NNE on Cityscapes only
+    assert coco.method_params("pca").max_images == 5000 and coco.method_params("rp").kind == "gaussian" and coco.eval.flip
+    assert "hnne" in city.methods and "hnne" not in coco.methods and "hnne" not in pots.methods
 
 
 # -- bad input: one case each, the message names the file --------------------------------------

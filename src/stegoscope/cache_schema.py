@@ -111,8 +111,13 @@ def artefact_dir(cache_root: Path, stage: str, name: str, key: str) -> Path:
     return Path(cache_root) / "artefacts" / _slug(stage) / f"{_slug(name)}-{key[:12]}"
 
 
-PAYLOAD = "payload.npz"
-MANIFEST = "manifest.json"
+PAYLOAD = "payload.npz"  # an artefact's arrays (a reducer's fitted state, kNN rows)
+MANIFEST = "manifest.json"  # written last: no manifest = not done
+METRICS = "metrics.json"  # every validation of a probe or head, the best step, ± CRF
+PROBES = "probes.pt"  # the best and final probes' weights
+FINAL = "final.npz"  # a head's last state (payload.npz holds the best-by-val one)
+LOG = "log.jsonl"  # a head's training log
+NNS = "nns"  # the kNN artefact's array: (image, rank) neighbour rows
 INVENTORY = "inventory.json"  # a feature store's completion marker: relative path → bytes
 SOURCES = "sources.json"  # the dataset files an extraction read: [relative path, size, hash]
 
@@ -120,6 +125,24 @@ SOURCES = "sources.json"  # the dataset files an extraction read: [relative path
 def study_dir(cache_root: Path, name: str) -> Path:
     """``<cache>/studies/<preset>/``: the results table of a study."""
     return Path(cache_root) / "studies" / _slug(name)
+
+
+def sibling_artefacts(directory: Path) -> list[Path]:
+    """Other artefacts of the same stage and name (other keys) as ``directory``."""
+    directory = Path(directory)
+    prefix = directory.name.rsplit("-", 1)[0]
+    return sorted(p for p in directory.parent.glob(f"{prefix}-*") if p != directory and p.name.rsplit("-", 1)[0] == prefix)
+
+
+def study_experiments_dir(cache_root: Path, study: str) -> Path:
+    """``<cache>/studies/<study>/experiments/``: one record per experiment (its overrides) of a
+    study: the artefacts of its results and fits."""
+    return study_dir(cache_root, study) / "experiments"
+
+
+def list_studies(cache_root: Path) -> list[str]:
+    """Studies with a record, by name."""
+    return sorted(p.parent.name for p in (Path(cache_root) / "studies").glob("*/experiments") if any(p.glob("*.json")))
 
 
 def figures_dir(cache_root: Path) -> Path:
@@ -434,6 +457,14 @@ def _disagreement(store: FeatureStore) -> str | None:
         if bool(spec.get("flip")) != (TOKENS_FLIP in group):
             return f"the attrs say flip={spec.get('flip')} but tokens_flip is {'' if TOKENS_FLIP in group else 'not '}there"
     return None
+
+
+def open_complete_store(path: Path) -> FeatureStore:
+    """A feature store that must be complete (else StoreError with the fix)."""
+    store = open_feature_store(path)
+    if not store.complete:
+        raise StoreError(f"{path}: extraction is not complete; rerun `stegoscope extract` for it")
+    return store
 
 
 def resume_store(path: Path, key: str) -> FeatureStore | None:

@@ -1,20 +1,25 @@
-"""The ``stegoscope`` command line: one command per stage, plus ``status`` and ``demo``."""
+"""The ``stegoscope`` command line: one command per stage, plus ``study``, ``status`` and ``demo``.
+
+Every command builds a :class:`~stegoscope.study.StudyContext` from a preset and its options
+(options that change a result become preset overrides, so its label says so), asks it for its
+stages, runs them and prints. Nothing here composes stages.
+"""
 
 from __future__ import annotations
 
 import errno
 import functools
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from . import cache_schema
-from .config import ConfigError, load_preset
+from . import methods as registry
+from .config import ConfigError, load_preset, parse_assignment, parse_sweep
 from .data import DatasetError
 from .models.backbone import BackboneError
 from .pipeline import LockHeld, read_json, run_stage
@@ -68,17 +73,66 @@ PresetOpt = Annotated[
 DataRootOpt = Annotated[
     Optional[Path], typer.Option("--data-root", help="Dataset folder (overrides the preset's data_root).")
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a preset key by its dotted path, e.g. stego.lambda_rand=0.5, "
+                               "reduce.pca.max_images=5000, stego.per_dim.16.b_rand=0.3, eval.flip=true; repeat."),
+]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N] (default: the preset's).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 CrfWorkersOpt = Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")]
+CrfOpt = Annotated[
+    Optional[bool],
+    typer.Option("--crf/--no-crf", help="Also evaluate with the dense CRF, or not (default: the preset's eval.crf: "
+                                        "raw DINO and heads at their headline D, as Table 2)."),
+]
+FlipOpt = Annotated[
+    Optional[bool],
+    typer.Option("--flip/--no-flip", help="Flip TTA: val tokens also extracted mirrored, codes averaged (default: the preset's eval.flip)."),
+]
 NoWaitOpt = Annotated[
     bool, typer.Option("--no-wait", help="Exit at once if another process is running the same stage key.")
 ]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader decode workers (default min(4, cores)).")]
+SchedulerOpt = Annotated[
+    Optional[str],
+    typer.Option("--scheduler", help="Where dask work runs: threads, synchronous, local-cluster (2 worker processes) or "
+                                     "tcp://host:port (default: the preset's)."),
+]
+StandardizeOpt = Annotated[
+    Optional[str],
+    typer.Option("--standardize", help="train: z-score with the train statistics (default); batch: with each batch's own "
+                                       "statistics (the study's code, for parity); none: no scaling."),
+]
+MaxImagesOpt = Annotated[Optional[int], typer.Option("--max-images", help="Fit on a seeded random subset of train images (the study: 5000).")]
+RpOpt = Annotated[
+    Optional[str], typer.Option("--rp", help="RP kind: gaussian, entries N(0, 1/D) (the study's code); orthogonal (the paper's text).")
+]
+FitTokensOpt = Annotated[Optional[int], typer.Option("--fit-tokens", help="h-NNE: tokens in the seeded fit sample.")]
 
 
-def _apply_overrides(preset, **overrides):
-    return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+def _context(preset: str, cache: Path, data_root: Path | None = None, sets: list[str] | None = None,
+             overrides: dict[str, Any] | None = None, **options):
+    """The study context of ``preset`` with ``--set`` assignments and the command's own overrides."""
+    from .study import StudyContext
+
+    given = dict(parse_assignment(text) for text in sets or ())
+    return StudyContext(load_preset(preset, {**given, **{k: v for k, v in (overrides or {}).items() if v is not None}}),
+                        cache, data_root, **options)
+
+
+def _reducer_overrides(method: str, **options) -> dict[str, Any]:
+    """A reducer's command-line options as overrides of its ``reduce.<method>`` section; an option
+    that the method does not take is an error naming the methods that do."""
+    out = {}
+    for field, value in options.items():
+        if value is None:
+            continue
+        if field not in registry.get(method).field_names:
+            takers = [m for m in registry.names(registry.REDUCER) if field in registry.get(m).field_names]
+            raise ConfigError(f"--{field.replace('_', '-')} applies to {', '.join(takers)}, not {method}")
+        out[f"reduce.{method}.{field}"] = value
+    return out
 
 
 @app.command()
@@ -107,8 +161,8 @@ def extract(
         ),
     ] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a random: backbone.")] = None,
-    train_res: Annotated[Optional[int], typer.Option("--train-res", help="Train resolution (default 224).")] = None,
-    val_res: Annotated[Optional[int], typer.Option("--val-res", help="Val resolution (default 320).")] = None,
+    train_res: Annotated[Optional[int], typer.Option("--train-res", help="Train resolution (default: the preset's).")] = None,
+    val_res: Annotated[Optional[int], typer.Option("--val-res", help="Val resolution (default: the preset's).")] = None,
     interpolation: Annotated[
         Optional[str],
         typer.Option("--interpolation", help="Image resize: nearest (STEGO parity) or bilinear (antialiased)."),
@@ -118,8 +172,9 @@ def extract(
     shard_size: Annotated[
         Optional[int], typer.Option("--shard-size", help="Images per store shard (the unit of resume).")
     ] = None,
+    sets: SetOpt = None,
     workers: WorkersOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
     skip_bad: Annotated[
         bool,
@@ -129,9 +184,7 @@ def extract(
             "recording their ids and reasons in the store; without it the first bad file stops the run.",
         ),
     ] = False,
-    flip: Annotated[
-        bool, typer.Option("--flip", help="Also store the tokens of the mirrored val images (flip TTA in `probe`).")
-    ] = False,
+    flip: FlipOpt = None,
     decode: Annotated[
         str,
         typer.Option(
@@ -151,19 +204,13 @@ def extract(
     progress: ProgressOpt = True,
 ) -> None:
     """Extract DINO tokens of a dataset's splits into Zarr stores (skipped when cached, resumed after a crash)."""
-    from .study import feature_stages
-
-    cfg = _apply_overrides(
-        load_preset(preset), dataset=dataset, backbone=backbone, weights=str(weights) if weights else None,
-        seed=seed, interpolation=interpolation, n_classes=n_classes, batch_size=batch_size, shard_images=shard_size,
-    )
-    res = {k: v for k, v in (("train", train_res), ("val", val_res)) if v is not None}
-    stages = feature_stages(
-        cfg, cache, data_root, split, res, skip_bad=skip_bad, flip=flip, workers=workers, device=device, show_progress=progress,
-        decode=decode, compile=compile_model, writers=writers,
-    )
-    for stage in stages:
-        _run_extract(stage, force, no_wait)
+    overrides = {"dataset": dataset, "backbone": backbone, "weights": str(weights) if weights else None, "seed": seed,
+                 "interpolation": interpolation, "n_classes": n_classes, "batch_size": batch_size, "shard_images": shard_size,
+                 "splits.train.res": train_res, "splits.val.res": val_res, "eval.flip": flip}
+    ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, workers=workers,
+                   skip_bad=skip_bad, extract_options={"decode": decode, "compile": compile_model, "writers": writers})
+    for name in split or list(ctx.preset.splits):
+        _run_extract(ctx.extract(name), force, no_wait)
 
 
 def _run_extract(stage, force: bool, no_wait: bool) -> None:
@@ -187,87 +234,72 @@ def _run_extract(stage, force: bool, no_wait: bool) -> None:
     print(stage.output)
 
 
+def _require_stores(ctx, *splits: str) -> None:
+    """Stop, naming the command that makes them, unless the preset's stores of ``splits`` exist."""
+    from .study import require_complete
+
+    for split in splits:
+        stage = ctx.extract(split)
+        require_complete(stage, ctx.command_for(stage))
+
+
+def _run_targets(ctx, targets: list, force: bool, no_wait: bool, prepare: list = ()) -> list:
+    """Run ``targets`` (after ``prepare``, stages they need that may run first, such as kNN pairs),
+    record them in the preset's study (what `figures` draws) and say how each went. Anything
+    else they read must be complete: else stop, naming it and the command that makes it."""
+    from .study import require_complete
+
+    graph = ctx.graph_of(targets)
+    for node in graph:
+        if node.stage not in targets and node.stage not in prepare:
+            require_complete(node.stage, ctx.command_for(node.stage))
+    done = ctx.run(graph, force=targets if force else (), wait=not no_wait,
+                   on_wait=lambda node, holder: console.print(f"{node.label}: waiting for {holder} (same key)"))
+    results = {id(node.stage): result for node, result in done}
+    for node in graph:
+        if node.stage in targets:
+            result = results[id(node.stage)]
+            console.print(f"{node.label}: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}"
+                          + (f" [{node.stage.label}]" if node.stage.label else ""), highlight=False, soft_wrap=True)
+    return [results[id(t)] for t in targets]
+
+
 @app.command()
 @user_errors
 def reduce(
-    method: Annotated[str, typer.Option("--method", help="pca (exact, streamed), rp (random projection) or hnne.")],
+    method: Annotated[str, typer.Option("--method", help=f"The reducer: {registry.describe(registry.REDUCER)}.")],
     dim: Annotated[
-        Optional[int], typer.Option("--dim", help="Output dimension D (rp, hnne). One PCA fit serves every D.")
+        Optional[int], typer.Option("--dim", help="Output dimension D (one fit of a reducer that serves every D, such as PCA, serves them all).")
     ] = None,
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
-    standardize: Annotated[
-        str,
-        typer.Option(
-            "--standardize",
-            help="train: z-score with the train statistics (default); batch: with each batch's own statistics "
-            "(the study's code, for parity); none: no scaling.",
-        ),
-    ] = "train",
-    max_images: Annotated[
-        Optional[int], typer.Option("--max-images", help="Fit on a seeded random subset of train images (the study: 5000).")
-    ] = None,
+    standardize: StandardizeOpt = None,
+    max_images: MaxImagesOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the image subset, the RP matrix and the h-NNE sample.")] = 0,
-    rp: Annotated[
-        str, typer.Option("--rp", help="gaussian: entries N(0, 1/D) (the study's code); orthogonal: orthonormal columns (the paper's text).")
-    ] = "gaussian",
-    fit_tokens: Annotated[int, typer.Option("--fit-tokens", help="h-NNE: tokens in the seeded fit sample.")] = 1_000_000,
-    scheduler: Annotated[
-        str,
-        typer.Option("--scheduler", help="threads (default), synchronous, local-cluster (2 worker processes) or tcp://host:port."),
-    ] = "threads",
-    device: DeviceOpt = "auto",
+    rp: RpOpt = None,
+    fit_tokens: FitTokensOpt = None,
+    sets: SetOpt = None,
+    scheduler: SchedulerOpt = None,
+    device: DeviceOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Refit even if the artefact exists.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """Fit PCA / random projection / h-NNE on the preset's train tokens (h-NNE also projects train and val)."""
-    from .compute import dask_scheduler
-    from .stages.reduce import ReduceParams
-    from .study import reduce_stages
-
-    params = ReduceParams(method, dim, standardize, max_images, seed, rp, fit_tokens)
-    stages = reduce_stages(load_preset(preset), cache, params, data_root, device=device, show_progress=progress)
-    with dask_scheduler(scheduler):
-        for stage in stages:
-            label = f"{stage.name} {method}" + (f" D={dim}" if dim else "")
-            result = _run(stage, force, no_wait, label)
-            verb = "cached" if result.skipped else f"done in {result.seconds:.1f} s"
-            console.print(f"{label}: {verb}")
-            print(stage.output)
+    """Fit a reducer on the preset's train tokens, with the preset's reduce.<method> settings
+    (reducers whose transform is slow, such as h-NNE, also project the train and val stores)."""
+    overrides = _reducer_overrides(method, standardize=standardize, max_images=max_images, kind=rp, fit_tokens=fit_tokens)
+    ctx = _context(preset, cache, data_root, sets, overrides, device=device, scheduler=scheduler, show_progress=progress)
+    _require_stores(ctx, "train", *(("val",) if registry.get(method).cls.precompute_codes else ()))
+    fit = ctx.fit(method, dim, seed)
+    stages = [fit, *(ctx.projections(method, dim, seed) if fit.cls.precompute_codes else ())]
+    _run_targets(ctx, stages, force, no_wait)
+    for stage in stages:
+        print(stage.output)
 
 
-@app.command()
-@user_errors
-def probe(
-    reducer: Annotated[
-        str,
-        typer.Option("--reducer", help="identity (raw DINO), pca, rp, hnne (the cached fit of that method) or a reduce artefact path."),
-    ] = "identity",
-    dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension D (pca, rp, hnne).")] = None,
-    preset: PresetOpt = "directory",
-    data_root: DataRootOpt = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's, Table 1).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the probes' initialisation and batch order.")] = 0,
-    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate the chosen probes with the dense CRF.")] = True,
-    flip: Annotated[bool, typer.Option("--flip", help="Use the val store extracted with --flip (flip TTA).")] = False,
-    crf_workers: CrfWorkersOpt = 2,
-    device: DeviceOpt = "auto",
-    cache: CacheOpt = cache_schema.default_cache_root(),
-    force: Annotated[bool, typer.Option("--force", help="Retrain even if the artefact exists.")] = False,
-    no_wait: NoWaitOpt = False,
-    progress: ProgressOpt = True,
-) -> None:
-    """Train linear + cluster probes on reduced codes; print val mIoU / accuracy with and without CRF."""
-    from .stages.probe import METRICS
-    from .study import probe_stage
-
-    stage = probe_stage(load_preset(preset), cache, reducer, dim, data_root, crf=crf, seed=seed, steps=steps, flip=flip,
-                        device=device, crf_workers=crf_workers, show_progress=progress)
-    result = _run(stage, force, no_wait)
-    metrics = read_json(stage.output, METRICS)
-    table = Table(title=f"{stage.method}{dim or ''} — {'cached' if result.skipped else f'{result.seconds:.0f} s'}")
+def _metrics_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
     for column in ("probe", "CRF", "step", "mIoU", "Accuracy"):
         table.add_column(column)
     rows = [("best", "no", metrics["best"])] + ([("best", "yes", metrics["best_crf"])] if "best_crf" in metrics else [])
@@ -275,7 +307,48 @@ def probe(
     for name, with_crf, row in rows:
         for kind in ("linear", "cluster"):
             table.add_row(f"{kind} ({name})", with_crf, str(row["step"]), f"{row[kind + '/mIoU']:.1f}", f"{row[kind + '/Accuracy']:.1f}")
-    console.print(table)
+    return table
+
+
+@app.command()
+@user_errors
+def probe(
+    reducer: Annotated[
+        str,
+        typer.Option("--reducer", help=f"Whose codes: {registry.describe(registry.REDUCER)} (the preset's fit of that method); "
+                                       "or the folder of a reduce / head artefact."),
+    ] = "dino",
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension D (reducers that are fitted).")] = None,
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's probe.steps, Table 1).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the probes' initialisation and batch order (and of the reducer's fit).")] = 0,
+    crf: CrfOpt = None,
+    flip: FlipOpt = None,
+    standardize: StandardizeOpt = None,
+    max_images: MaxImagesOpt = None,
+    rp: RpOpt = None,
+    fit_tokens: FitTokensOpt = None,
+    sets: SetOpt = None,
+    crf_workers: CrfWorkersOpt = 2,
+    device: DeviceOpt = None,
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if the artefact exists.")] = False,
+    no_wait: NoWaitOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train linear + cluster probes on raw or reduced codes; print val mIoU / accuracy with and without CRF."""
+    method = "dino" if reducer == "identity" else reducer
+    overrides = {"probe.steps": steps, "eval.flip": flip}
+    if method in registry.names(registry.REDUCER):
+        overrides |= _reducer_overrides(method, standardize=standardize, max_images=max_images, kind=rp, fit_tokens=fit_tokens)
+    ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, crf_workers=crf_workers)
+    _require_stores(ctx, "train", "val")
+    stage = ctx.probe(method, dim, seed, crf)
+    [result] = _run_targets(ctx, [stage], force, no_wait)
+    metrics = read_json(stage.output, cache_schema.METRICS)
+    title = f"{stage.method}{dim or ''}{' ' + stage.label if stage.label else ''} — {'cached' if result.skipped else f'{result.seconds:.0f} s'}"
+    console.print(_metrics_table(title, metrics))
     print(stage.output)
 
 
@@ -286,22 +359,22 @@ def import_stego(
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
     crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate with the dense CRF (Table 2 is with CRF).")] = True,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip TTA when the val store was extracted with --flip.")] = True,
+    flip: FlipOpt = None,
+    sets: SetOpt = None,
     crf_workers: CrfWorkersOpt = 2,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Re-evaluate even if cached.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a released STEGO checkpoint (head + probes) on the preset's val tokens, without Lightning."""
-    from .stages.import_stego import ImportStegoStage
-    from .study import complete_store, feature_stages
-
-    val = {s.p.split: s for s in feature_stages(load_preset(preset), cache, data_root, flip=flip, show_progress=False)}["val"]
-    stage = ImportStegoStage(cache, checkpoint, complete_store(val), crf, flip, device, crf_workers, progress)
+    ctx = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, show_progress=progress,
+                   crf_workers=crf_workers)
+    _require_stores(ctx, "val")
+    stage = ctx.import_stego(checkpoint, crf)
     result = _run(stage, force, no_wait)
-    metrics = read_json(stage.output, "metrics.json")
+    metrics = read_json(stage.output, cache_schema.METRICS)
     table = Table(title=f"{checkpoint.name} — {'cached' if result.skipped else 'evaluated'}")
     for column in ("probe", "CRF", "mIoU", "Accuracy"):
         table.add_column(column)
@@ -321,18 +394,70 @@ def knn(
     data_root: DataRootOpt = None,
     k: Annotated[int, typer.Option("--k", help="Neighbours kept per image (STEGO: 30; rank 0 is normally itself).")] = 30,
     block: Annotated[int, typer.Option("--block", help="Rows per block: memory is block × N similarities, never N × N.")] = 1024,
-    device: DeviceOpt = "auto",
+    sets: SetOpt = None,
+    device: DeviceOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Recompute even if cached.")] = False,
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Cosine top-k neighbours of every train image's pooled tokens (the STEGO kNN pairs)."""
-    from .study import knn_stage
-
-    stage = knn_stage(load_preset(preset), cache, data_root, k=k, block=block, device=device)
+    ctx = _context(preset, cache, data_root, sets, device=device)
+    _require_stores(ctx, "train")
+    stage = ctx.knn(k, block)
     result = _run(stage, force, no_wait)
     console.print(f"knn: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
     print(stage.output)
+
+
+def _train(method, preset, data_root, dim, steps, seed, readd_global_mean, crf, sets, device, cache, force, no_wait, progress):
+    overrides = {f"{method}.steps": steps}
+    if readd_global_mean is not None:
+        overrides[f"{method}.readd_global_mean"] = readd_global_mean
+    ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress)
+    _require_stores(ctx, "train", "val")
+    stage = ctx.head(method, dim, seed, crf)
+    _run_targets(ctx, [stage], force, no_wait, prepare=[stage.knn] if stage.knn else [])
+    metrics = read_json(stage.output, cache_schema.METRICS)
+    for name in ("best", "best_crf", "final"):
+        if name not in metrics:
+            continue
+        row = metrics[name]
+        console.print(f"{name:8s} step {row['step']}: linear mIoU {row['linear/mIoU']:.1f} acc {row['linear/Accuracy']:.1f} | "
+                      f"cluster mIoU {row['cluster/mIoU']:.1f} acc {row['cluster/Accuracy']:.1f}")
+    print(stage.output)
+
+
+HeadDimOpt = Annotated[Optional[int], typer.Option("--dim", help="Code dimension (default: the head's headline D, e.g. D_STEGO).")]
+HeadStepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's, Table 1).")]
+HeadSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of initialisation, batches, partners and sample points.")]
+CentringOpt = Annotated[
+    Optional[bool],
+    typer.Option("--readd-global-mean/--paper-centring",
+                 help="STEGO: centre F per query point and re-add its global mean (STEGO's code, default) or not (the paper's F^SC)."),
+]
+HeadForceOpt = Annotated[bool, typer.Option("--force", help="Retrain even if cached.")]
+
+
+@app.command()
+@user_errors
+def train(
+    method: Annotated[str, typer.Option("--method", help=f"The head: {registry.describe(registry.HEAD)}.")] = "stego",
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    dim: HeadDimOpt = None,
+    steps: HeadStepsOpt = None,
+    seed: HeadSeedOpt = 0,
+    readd_global_mean: CentringOpt = None,
+    crf: CrfOpt = None,
+    sets: SetOpt = None,
+    device: DeviceOpt = None,
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: HeadForceOpt = False,
+    no_wait: NoWaitOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train a head from cached tokens (+ kNN pairs, computed first if missing) with the probes alongside; keeps the best-by-val head."""
+    _train(method, preset, data_root, dim, steps, seed, readd_global_mean, crf, sets, device, cache, force, no_wait, progress)
 
 
 @app.command("train-stego")
@@ -340,55 +465,49 @@ def knn(
 def train_stego(
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
-    dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension (default: the preset's D_STEGO).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's, Table 1).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, batches, partners and sample points.")] = 0,
-    readd_global_mean: Annotated[
-        bool,
-        typer.Option("--readd-global-mean/--paper-centring",
-                     help="Centre F per query point and re-add its global mean (STEGO's code, default) or not (the paper's F^SC)."),
-    ] = True,
-    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Also evaluate the best head's probes with the dense CRF.")] = True,
-    device: DeviceOpt = "auto",
+    dim: HeadDimOpt = None,
+    steps: HeadStepsOpt = None,
+    seed: HeadSeedOpt = 0,
+    readd_global_mean: CentringOpt = None,
+    crf: CrfOpt = None,
+    sets: SetOpt = None,
+    device: DeviceOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
-    force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
+    force: HeadForceOpt = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """Train the STEGO head from cached tokens + kNN pairs (computed first if missing); keeps the best-by-val head."""
-    from .study import train_stego_stage
-
-    knn_run, stage = train_stego_stage(load_preset(preset), cache, data_root, dim, steps, seed, readd_global_mean,
-                                       knn_options={"device": device}, crf=crf, device=device, show_progress=progress)
-    _run(knn_run, False, no_wait)
-    result = _run(stage, force, no_wait)
-    metrics = read_json(stage.output, "metrics.json")
-    for name in ("best", "best_crf", "final"):
-        if name not in metrics:
-            continue
-        row = metrics[name]
-        console.print(f"{name:8s} step {row['step']}: linear mIoU {row['linear/mIoU']:.1f} acc {row['linear/Accuracy']:.1f} | "
-                      f"cluster mIoU {row['cluster/mIoU']:.1f} acc {row['cluster/Accuracy']:.1f}")
-    console.print(f"train-stego: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
-    print(stage.output)
+    """`train --method stego`: the STEGO head from cached tokens + kNN pairs; keeps the best-by-val head."""
+    _train("stego", preset, data_root, dim, steps, seed, readd_global_mean, crf, sets, device, cache, force, no_wait, progress)
 
 
 @app.command()
 @user_errors
 def figures(
+    study_names: Annotated[
+        Optional[list[str]],
+        typer.Option("--study", help="Draw what this study declared (its preset's name); repeat to draw several side by side, "
+                                     "labelled by what differs from the first. Default: every study that has run, each in its own folder."),
+    ] = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <cache>/figures).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <cache>/figures/<study>).")] = None,
 ) -> None:
-    """Fig. 3, Fig. 4, supplementary Figs 1-2 (PNG + PDF) and Table 2 (md/csv/tex) from cached artefacts only."""
+    """Fig. 3, Fig. 4, supplementary Figs 1-2 (PNG + PDF), Table 2 (md/csv/tex) and results.csv from a study's cached artefacts."""
     from .stages.figures import render
 
-    written = render(cache, out or cache_schema.figures_dir(cache))
-    if not written:
-        console.print("no probe, train-stego or PCA artefacts in the cache yet; run `stegoscope probe` / `reduce` first")
-    for name, paths in written.items():
-        console.print(f"{name}:")
-        for path in paths:
-            print(f"  {path}")
+    if study_names:
+        jobs = [(list(study_names), out or cache_schema.figures_dir(cache) / "+".join(study_names))]
+    else:
+        jobs = [([name], (out or cache_schema.figures_dir(cache)) / name) for name in cache_schema.list_studies(cache)]
+    if not jobs:
+        console.print("no study has run in this cache yet; run `stegoscope study PRESET` (or a stage command with --preset) first")
+    for names, folder in jobs:
+        written = render(cache, folder, names)
+        console.print(f"study {' + '.join(names)}:")
+        for name, paths in written.items():
+            console.print(f"  {name}:")
+            for path in paths:
+                print(f"    {path}")
 
 
 @app.command()
@@ -398,15 +517,17 @@ def status(
         Optional[str], typer.Option("--preset", "-p", help="Show the preset's stages; without it, list every store.")
     ] = None,
     data_root: DataRootOpt = None,
+    sets: SetOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
 ) -> None:
-    """Show what is cached (complete / partial / missing) and what a command would reuse. Runs nothing."""
+    """Show what is cached (complete / partial / missing / stale) and what a command would reuse. Runs nothing."""
     if preset is None:
         _list_stores(cache)
         return
-    from .study import node_states, study_graph
+    from .study import node_states
 
-    graph, whole = study_graph(load_preset(preset), cache, data_root)
+    ctx = _context(preset, cache, data_root, sets, show_progress=False)
+    graph = ctx.graph()
     states = node_states(graph)
     table = Table(title=f"study {preset} — cache {cache}")
     for column in ("node", "state", "key", "output"):
@@ -423,10 +544,8 @@ def status(
     for note in notes:
         console.print(escape(note), soft_wrap=True, highlight=False)
     if any(state != "complete" for state in states.values()):
-        console.print(f"`stegoscope study {escape(preset)}` (re)computes what is not complete; finished stages are reused",
-                      soft_wrap=True, highlight=False)
-    if not whole:
-        console.print("the other nodes need both token stores: run `stegoscope extract` (or `study`) first")
+        console.print(f"`stegoscope study {escape(preset)}` (re)computes what is not complete; finished stages are reused "
+                      "(`--dry-run` says why each would run)", soft_wrap=True, highlight=False)
 
 
 def _list_stores(cache: Path) -> None:
@@ -445,22 +564,50 @@ def _list_stores(cache: Path) -> None:
     console.print(table)
 
 
-def _run_study(preset_name: str, cache: Path, data_root, only, dims, seeds, device) -> dict:
+def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None, only=None, dims=None, seeds=None,
+               device=None, scheduler=None, flip=None, dry_run=False, progress=True) -> list:
+    """Run (or with ``dry_run`` plan) every experiment of a study; the contexts that ran."""
     from .progress import progress_bar
-    from .study import run_study
 
-    preset = load_preset(preset_name)
-    with progress_bar("node") as bar:
-        task = bar.add_task(f"study {preset.name}", total=None)
+    base = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, scheduler=scheduler, show_progress=False)
+    grid = dict(parse_sweep(text) for text in sweeps or ())
+    contexts = [base.variant(p) for p in base.preset.experiments(grid)]
+    for ctx in contexts:
+        title = f"study {ctx.preset.name}" + (f" [{ctx.preset.label()}]" if ctx.preset.label() else "")
+        graph = ctx.graph(only, dims, seeds)
+        if dry_run:
+            _print_plan(title, ctx.plan(graph))
+            continue
+        with progress_bar("node", progress) as bar:
+            task = bar.add_task(title, total=len(graph))
 
-        def advance(node, total):
-            bar.update(task, description=f"study {preset.name}: {node.label}", total=total)
-            bar.advance(task)
+            def advance(node):
+                bar.update(task, description=f"{title}: {node.label}")
+                bar.advance(task)
 
-        summary = run_study(preset, cache, data_root, only, dims, seeds, device, advance)
-    console.print(f"study {preset.name}: {summary['ran']} stages run, {summary['cached']} cached")
-    print(summary["results"])
-    return summary
+            done = ctx.run(graph, advance)
+        ran = sum(not result.skipped for _, result in done)
+        console.print(f"{title}: {ran} stages run, {len(done) - ran} cached", highlight=False)
+    if not dry_run:
+        from .stages.figures import collect, results_csv
+        from .atomic import atomic_write_text
+
+        rows, _ = collect(cache, [base.preset.name])
+        path = cache_schema.study_dir(cache, base.preset.name) / "results.csv"
+        atomic_write_text(path, results_csv(rows))
+        print(path)
+    return contexts
+
+
+def _print_plan(title: str, plan) -> None:
+    table = Table(title=f"{title}: plan")
+    for column in ("node", "action", "why"):
+        table.add_column(column)
+    for node, action, why in plan:
+        table.add_row(node.label, f"[{'yellow' if action == 'run' else 'green'}]{action}[/]", escape(why + (f" [{node.stage.label}]" if node.stage.label and action == "run" else "")))
+    console.print(table, soft_wrap=True)
+    runs = sum(action == "run" for _, action, _ in plan)
+    console.print(f"{title}: {runs} stages would run, {len(plan) - runs} are cached", highlight=False)
 
 
 @app.command()
@@ -468,30 +615,41 @@ def _run_study(preset_name: str, cache: Path, data_root, only, dims, seeds, devi
 def study(
     preset: Annotated[str, typer.Argument(help="Preset name (demo, cocostuff27, cityscapes, potsdam) or YAML path.")],
     data_root: DataRootOpt = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="Methods to run (dino, pca, rp, hnne, stego); repeat.")] = None,
+    sets: SetOpt = None,
+    sweeps: Annotated[
+        Optional[list[str]],
+        typer.Option("--sweep", help="Expand a grid of experiments: KEY=V1,V2,… (dotted preset key); repeat for more axes. "
+                                     "Each experiment is keyed, cached, recorded and drawn as its own curve."),
+    ] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help=f"Methods to run ({', '.join(registry.names())}); repeat.")] = None,
     dims: Annotated[Optional[list[int]], typer.Option("--dims", help="Dimensions D (default: the preset's); repeat.")] = None,
-    seeds: Annotated[Optional[list[int]], typer.Option("--seeds", help="Seeds to repeat the study with (default 0); repeat.")] = None,
-    device: DeviceOpt = "auto",
+    seeds: Annotated[Optional[list[int]], typer.Option("--seeds", help="Seeds (default: the preset's seeds); repeat.")] = None,
+    flip: FlipOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each stage that would run and why (missing, stale, a changed parameter); run nothing.")] = False,
+    device: DeviceOpt = None,
+    scheduler: SchedulerOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
+    progress: ProgressOpt = True,
 ) -> None:
-    """Run the whole study of a preset — extract, kNN, reducers, STEGO heads, probes — skipping what is cached."""
-    _run_study(preset, cache, data_root, only, dims, seeds, device)
+    """Run the whole study of a preset — extract, kNN, reducers, heads, probes — skipping what is cached."""
+    _run_study(preset, cache, data_root, sets, sweeps, only, dims, seeds, device, scheduler, flip, dry_run, progress)
 
 
 @app.command()
 @user_errors
 def demo(
     cache: CacheOpt = cache_schema.default_cache_root(),
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
 ) -> None:
     """The embedded default, end to end on the built-in synthetic dataset (small random ViT, CPU):
-    the study, then the figures and a Table-2-style summary."""
-    from .stages.figures import render, table2, table_texts
+    the study, then its figures and a Table-2-style summary."""
+    from .stages.figures import render
 
     start = time.perf_counter()
-    summary = _run_study("demo", cache, None, None, None, None, device)
-    written = render(cache, cache_schema.figures_dir(cache))
-    console.print(table_texts(table2(summary["rows"]))["md"], highlight=False, markup=False)
+    _run_study("demo", cache, device=device)
+    folder = cache_schema.figures_dir(cache) / "demo"
+    written = render(cache, folder, ["demo"])
+    console.print((folder / "table2.md").read_text(), highlight=False, markup=False)
     for name, paths in written.items():
         print(f"{name}: " + "  ".join(str(p) for p in paths))
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")

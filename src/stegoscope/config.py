@@ -1,66 +1,93 @@
-"""Typed study presets, read from YAML (``configs/*.yaml``, ``configs/paper/*.yaml``)."""
+"""Study presets: the whole protocol of a study, typed, read from YAML (``configs/*.yaml``,
+``configs/paper/*.yaml``), with ``--set`` overrides and sweeps.
+
+A preset declares the dataset and backbone, how each split is extracted, the methods and dims
+of the sweep, each method's parameters (``reduce.<method>`` for reducers, ``<method>`` for heads,
+with per-D overrides), the probes, the evaluation protocol, the seeds, where the work runs, and
+optionally a ``sweep`` grid that expands it into several experiments. Any key can be overridden
+by a dotted path: ``stego.lambda_rand=0.5``, ``reduce.pca.max_images=5000``,
+``stego.per_dim.16.b_rand=0.3``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import copy
+import itertools
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import methods as registry
+
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # wheel installs (force-included)
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # editable installs
+CRF_WHERE = ("table2", "all", "none")
+DEFAULT_HEAD_DIM = 70
+CONFIG_STRUCTURE = {"params", "inputs"}  # levels of a stage's config tree, left out of labels
+EXTRACT_KEYS = ("splits", "interpolation", "batch_size", "shard_images")  # live under ``extract:``
 
 
 class ConfigError(ValueError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class SplitConfig:
     """Extraction settings of one split."""
 
     res: int
     store_images: bool = False
     crop: str = "none"  # "five": five-crop 0.5 of the full-resolution image (STEGO's train splits)
-    flip: bool = False  # also extract the mirrored images (flip TTA at evaluation)
+
+    def __post_init__(self):
+        if self.res < 1 or self.crop not in ("none", "five"):
+            raise ValueError(f"res must be positive and crop 'none' or 'five': {self}")
 
 
-@dataclass
-class StegoConfig:
-    """The STEGO head and its training (paper Table 1 + supplementary Table 1)."""
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Linear and cluster probes trained on frozen codes (paper Table 1, supplementary Table 1)."""
 
     steps: int = 5000
     batch_size: int = 16
-    dim: int = 70  # D_STEGO
-    pointwise: bool = True  # pointwise centring of the feature correspondence
-    zero_clamp: bool = True
-    lambda_self: float = 0.67  # pos_intra_weight
-    lambda_knn: float = 0.25  # pos_inter_weight
-    lambda_rand: float = 0.63  # neg_inter_weight
-    b_self: float = 0.08  # pos_intra_shift
-    b_knn: float = 0.02  # pos_inter_shift
-    b_rand: float = 0.76  # neg_inter_shift
-    lr: float = 5e-4
-    dropout: float = 0.1
-    feature_samples: int = 11  # 11×11 sample points
-    neg_samples: int = 5
-    knn_neighbors: int = 7  # partner drawn from ranks 1..7
-
-
-@dataclass
-class ProbeConfig:
-    """Linear and cluster probes (supplementary Table 1)."""
-
     linear_lr: float = 5e-3
     cluster_lr: float = 5e-3
+
+    def __post_init__(self):
+        if min(self.steps, self.batch_size) < 1 or min(self.linear_lr, self.cluster_lr) <= 0:
+            raise ValueError(f"steps, batch_size and the learning rates must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How every probe and head is evaluated on the val split.
+
+    ``flip``: the val split is also extracted mirrored and the codes of both are averaged (flip
+    TTA, as STEGO). ``crf``: where the dense CRF is added: ``table2`` (raw DINO and the heads at
+    their headline D, as the paper's Table 2), ``all`` or ``none``. ``extra_clusters``: cluster
+    probe with K + extra clusters; their pixels are dropped before matching [QUIRK, STEGO's], or
+    counted as errors with ``extra_as_errors``. ``val_every``: validation interval in steps.
+    """
+
+    flip: bool = False
+    crf: str = "table2"
     extra_clusters: int = 0
+    extra_as_errors: bool = False
     val_every: int = 100
 
+    def __post_init__(self):
+        if self.crf not in CRF_WHERE:
+            raise ValueError(f"crf must be one of {CRF_WHERE}, not {self.crf!r}")
+        if self.extra_clusters < 0 or self.val_every < 1:
+            raise ValueError(f"extra_clusters must be ≥ 0 and val_every ≥ 1: {self}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class Preset:
-    """A study preset: the dataset, the backbone and how each split is extracted."""
+    """A study preset, resolved: every section parsed and validated. Build with
+    :meth:`from_dict` / :func:`load_preset`; derive variants with :meth:`with_overrides`."""
 
     name: str
     dataset: str
@@ -68,37 +95,251 @@ class Preset:
     splits: dict[str, SplitConfig]
     data_root: str | None = None
     weights: str | None = None
-    seed: int = 0
+    seed: int = 0  # of a random: backbone
     n_classes: int | None = None
     interpolation: str = "nearest"
     batch_size: int = 32
     shard_images: int = 128
     synthetic: dict[str, Any] = field(default_factory=dict)
-    dims: list[int] = field(default_factory=list)  # the sweep's embedding dimensions
-    methods: list[str] = field(default_factory=lambda: ["dino", "pca", "rp", "hnne", "stego"])
-    stego: StegoConfig = field(default_factory=StegoConfig)
+    dims: tuple[int, ...] = ()  # the sweep's embedding dimensions
+    methods: tuple[str, ...] | None = None  # None: every registered method
+    seeds: tuple[int, ...] = (0,)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    reduce: dict[str, Any] = field(default_factory=dict)  # reducer name → its parameters
+    heads: dict[str, Any] = field(default_factory=dict)  # head name → its parameters
+    head_dims: dict[str, int] = field(default_factory=dict)  # head name → its headline D (Table 2)
+    per_dim: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # head → D → overrides
+    scheduler: str = "threads"
+    device: str = "auto"
+    sweep: dict[str, tuple] = field(default_factory=dict)  # dotted path → values (a grid)
     path: Path | None = None
+    source: dict[str, Any] = field(default_factory=dict, repr=False)  # the file's content
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted path → value, applied to it
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], path: Path | None = None) -> Preset:
-        raw = dict(raw)
-        extract = raw.pop("extract", {}) or {}
+    def from_dict(cls, source: dict[str, Any], path: Path | None = None, overrides: dict[str, Any] | None = None) -> Preset:
+        """Parse ``source`` (a preset file's content) with ``overrides`` applied."""
+        overrides = dict(overrides or {})
+        where = path or "preset"
+        raw = copy.deepcopy(source)
+        extract = raw.setdefault("extract", {}) or {}
+        raw["extract"] = extract
+        for key in EXTRACT_KEYS:  # one place for extraction settings, so overrides find them
+            if key in raw:
+                if key in extract:
+                    raise ConfigError(f"{where}: {key} is given both at the top level and under extract; keep one")
+                extract[key] = raw.pop(key)
+        for key, value in overrides.items():
+            set_path(raw, f"extract.{key}" if key.split(".")[0] in EXTRACT_KEYS else key, value, where)
+        extract = dict(raw.pop("extract"))
         splits = extract.pop("splits", None)
         if not splits:
-            raise ConfigError(f"{path}: extract.splits is missing (e.g. train: {{res: 224}})")
+            raise ConfigError(f"{where}: extract.splits is missing (e.g. train: {{res: 224}})")
+        twice = sorted(set(raw) & set(extract))
+        if twice:
+            raise ConfigError(f"{where}: {twice} given both at the top level and under extract; keep one")
         merged = {**raw, **extract}
-        known = {f.name for f in fields(cls)} - {"splits", "path"}
-        unknown = sorted(set(merged) - known)
+        head_names = registry.names(registry.HEAD)
+        known = {f.name for f in fields(cls)} - {"splits", "path", "source", "overrides", "heads", "head_dims", "per_dim"}
+        unknown = sorted(set(merged) - known - set(head_names))
         if unknown:
-            raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known | set(head_names))}")
         try:
-            split_cfgs = {name: SplitConfig(**cfg) for name, cfg in splits.items()}
-            merged["stego"] = StegoConfig(**(merged.get("stego") or {}))
-            merged["probe"] = ProbeConfig(**(merged.get("probe") or {}))
-            return cls(splits=split_cfgs, path=path, **merged)
-        except TypeError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+            kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in known}
+            kwargs["splits"] = {name: _section(SplitConfig, cfg, f"extract.splits.{name}", where) for name, cfg in splits.items()}
+            kwargs["probe"] = _section(ProbeConfig, merged.get("probe"), "probe", where)
+            kwargs["eval"] = _section(EvalConfig, merged.get("eval"), "eval", where)
+            kwargs["reduce"] = _reducer_sections(merged.get("reduce") or {}, where)
+            kwargs["heads"], kwargs["head_dims"], kwargs["per_dim"] = _head_sections(merged, where)
+            for key in ("dims", "methods", "seeds"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = tuple(kwargs[key])
+            kwargs["sweep"] = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in (merged.get("sweep") or {}).items()}
+            preset = cls(path=path, source=copy.deepcopy(source), overrides=overrides, **kwargs)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {exc}") from exc
+        return preset
+
+    def __post_init__(self):
+        if self.methods is None:
+            object.__setattr__(self, "methods", tuple(registry.names()))
+        for name in self.methods:
+            registry.get(name)
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if "train" not in self.splits or "val" not in self.splits:
+            raise ValueError(f"extract.splits needs a train and a val split, not {sorted(self.splits)}")
+
+    # -- derived presets ------------------------------------------------------------------------
+    def with_overrides(self, overrides: dict[str, Any]) -> Preset:
+        """This preset's file with ``overrides`` (dotted path → value) applied over its own."""
+        return Preset.from_dict(self.source, self.path, {**self.overrides, **overrides})
+
+    def base(self) -> Preset:
+        """The preset as its file declares it, without overrides."""
+        return Preset.from_dict(self.source, self.path) if self.overrides else self
+
+    def experiments(self, sweep: dict[str, tuple] | None = None) -> list[Preset]:
+        """One preset per point of the sweep grid (the preset's ``sweep`` and ``sweep``), or itself."""
+        grid = {**self.sweep, **(sweep or {})}
+        if not grid:
+            return [self]
+        return [self.with_overrides(dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+
+    # -- what the stages are built from ----------------------------------------------------------
+    def method_params(self, method: str, dim: int | None = None) -> Any:
+        """The parameters of ``method`` (its section, or its defaults) at ``dim``."""
+        spec = registry.get(method)
+        if spec.kind == registry.HEAD:
+            params = self.heads.get(method) or spec.params()
+            return replace(params, **self.per_dim.get(method, {}).get(dim, {}))
+        return self.reduce.get(method) or spec.params()
+
+    def head_dim(self, method: str) -> int:
+        """The headline D of a head, where Table 2 reports it: ``<head>.dim`` (default 70, STEGO's)."""
+        return self.head_dims.get(method, DEFAULT_HEAD_DIM)
+
+    def sweep_dims(self) -> list[int]:
+        """``dims``, or else the headline D of each head."""
+        heads = [m for m in self.methods if registry.get(m).kind == registry.HEAD]
+        return list(self.dims) or sorted({self.head_dim(m) for m in heads}) or [DEFAULT_HEAD_DIM]
+
+    def label(self) -> str:
+        """What this preset changes relative to its file, e.g. ``λ_rand=0.5``."""
+        return describe({tuple(k.split(".")): v for k, v in self.overrides.items()})
+
+
+def _section(cls, values, name: str, where) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {name} must be a mapping, not {values!r}")
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        hint = " (flip TTA is eval.flip)" if "flip" in unknown else ""
+        raise ConfigError(f"{where}: unknown keys {unknown} in {name}{hint}; known: {sorted(f.name for f in fields(cls))}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {name}: {exc}") from exc
+
+
+def _reducer_sections(sections: dict[str, Any], where) -> dict[str, Any]:
+    out = {}
+    for name, values in sections.items():
+        spec = registry.get(name)
+        if spec.kind != registry.REDUCER:
+            raise ConfigError(f"{where}: reduce.{name}: {name} is a {spec.kind}, its section is top-level `{name}:`")
+        out[name] = _section(spec.params, values, f"reduce.{name}", where)
+    return out
+
+
+def _head_sections(merged: dict[str, Any], where) -> tuple[dict, dict, dict]:
+    heads, dims, per_dim = {}, {}, {}
+    for name in registry.names(registry.HEAD):
+        values = dict(merged.get(name) or {})
+        if name not in merged:
+            continue
+        spec = registry.get(name)
+        if "dim" in values:
+            dims[name] = int(values.pop("dim"))
+        overrides = {int(d): dict(o or {}) for d, o in (values.pop("per_dim", None) or {}).items()}
+        heads[name] = params = _section(spec.params, values, name, where)
+        for d, changes in overrides.items():
+            _section(spec.params, {**_as_dict(params), **changes}, f"{name}.per_dim.{d}", where)
+        per_dim[name] = overrides
+    return heads, dims, per_dim
+
+
+def _as_dict(params) -> dict[str, Any]:
+    return {f.name: getattr(params, f.name) for f in fields(params)}
+
+
+# -- dotted paths, overrides, sweeps, labels ---------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar or list: ``0.5`` → 0.5, ``true`` → True, ``[3, 6]`` → [3, 6], ``none`` → 'none'."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``stego.lambda_rand=0.5`` → ("stego.lambda_rand", 0.5)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{text!r}: expected KEY=VALUE with a dotted key, e.g. stego.lambda_rand=0.5")
+    return key.strip(), parse_value(value)
+
+
+def parse_sweep(text: str) -> tuple[str, tuple]:
+    """``stego.lambda_rand=0.3,0.5`` → ("stego.lambda_rand", (0.3, 0.5))."""
+    key, sep, values = text.partition("=")
+    if not sep or not values.strip():
+        raise ConfigError(f"{text!r}: expected KEY=V1,V2,… e.g. stego.lambda_rand=0.3,0.5")
+    return key.strip(), tuple(parse_value(v) for v in values.split(","))
+
+
+def set_path(raw: dict, dotted: str, value: Any, where="preset") -> None:
+    """Set ``raw[a][b][c] = value`` for ``a.b.c``; numeric components address integer keys."""
+    keys = dotted.split(".")
+    node = raw
+    for i, key in enumerate(keys):
+        key = int(key) if key.isdigit() and key not in node else key
+        if i == len(keys) - 1:
+            node[key] = value
+            return
+        if node.get(key) is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"{where}: cannot set {dotted}: {'.'.join(keys[: i + 1])} is {node[key]!r}, not a mapping")
+        node = node[key]
+
+
+def flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    """Leaves of nested dicts by their key paths (lists are leaves)."""
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, prefix + (str(key),)))
+        return out
+    return {prefix: tree}
+
+
+def config_changes(config: dict[str, Any], reference: dict[str, Any]) -> dict[tuple, Any]:
+    """The leaves of ``config`` that differ from ``reference``, by readable path (the config tree's
+    structural levels and stage names left out)."""
+    mine, theirs = flatten(config), flatten(reference)
+    return {tuple(k for k in path if k not in CONFIG_STRUCTURE): value for path, value in mine.items()
+            if path[-1] != "stage" and theirs.get(path, object()) != value}
+
+
+def readable_names(paths) -> dict[tuple, str]:
+    """Each key path by its shortest suffix that tells it from the others, λ for lambda:
+    ``("inputs", "reducer", "standardize")`` → ``standardize`` unless another path ends so too."""
+    paths = list(paths)
+    names = {}
+    for path in paths:
+        n = next(n for n in range(1, len(path) + 1) if sum(other[-n:] == path[-n:] for other in paths) == 1 or n == len(path))
+        names[path] = ".".join(path[-n:]).replace("lambda_", "λ_")
+    return names
+
+
+def describe(changes: dict[tuple, Any]) -> str:
+    """``{("stego", "lambda_rand"): 0.5}`` → ``λ_rand=0.5`` (names as :func:`readable_names`,
+    floats in short form), sorted."""
+    names = readable_names(changes)
+    return ", ".join(sorted(f"{names[path]}={short_value(value)}" for path, value in changes.items()))
+
+
+def short_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(short_value(v) for v in value) + "]"
+    return str(value)
 
 
 def preset_candidates(name: str) -> list[Path]:
@@ -106,13 +347,15 @@ def preset_candidates(name: str) -> list[Path]:
     return [Path(name)] + [root / r for root in (PACKAGE_CONFIGS, REPO_CONFIGS) for r in rel]
 
 
-def load_preset(name_or_path: str | Path) -> Preset:
-    """A preset by file path or by name (``demo``, ``directory``, ``potsdam`` …)."""
+def load_preset(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Preset:
+    """A preset by file path or by name (``demo``, ``directory``, ``potsdam`` …), with ``overrides``."""
     for path in preset_candidates(str(name_or_path)):
         if path.is_file():
             with open(path) as fh:
                 raw = yaml.safe_load(fh) or {}
-            return Preset.from_dict(raw, path)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: a preset is a YAML mapping")
+            return Preset.from_dict(raw, path, overrides)
     raise ConfigError(f"no preset {name_or_path!r}; available: {', '.join(available_presets())}")
 
 

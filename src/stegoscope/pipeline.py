@@ -317,10 +317,17 @@ def stage_lock(path: Path, wait: bool = True, on_wait=None) -> Iterator[None]:
 
 
 class Stage(ABC):
-    """One unit of cached work: ``params`` and ``inputs`` give the key, ``output`` the artefact."""
+    """One unit of cached work: ``params`` and ``inputs`` give the key, ``output`` the artefact.
+
+    A constructor does no disk IO: upstream stages are held as stages, and their keys (and the
+    stores they make) are only read when needed, so a whole study graph is known before anything
+    runs. ``label`` says what this stage's configuration changes relative to its preset; it goes
+    into the manifest, not into the key.
+    """
 
     name: str
     version: int
+    label: str = ""
 
     def __init__(self, cache_root: Path):
         self.cache_root = Path(cache_root)
@@ -329,13 +336,31 @@ class Stage(ABC):
     def params(self) -> dict[str, Any]:
         """Every parameter that changes the output."""
 
+    def upstream(self) -> dict[str, Stage]:
+        """The stages whose outputs this one reads, by role."""
+        return {}
+
     def inputs(self) -> list[str]:
         """Upstream keys or content fingerprints."""
-        return []
+        return [stage.key for stage in self.upstream().values()]
 
     @cached_property
     def key(self) -> str:
         return stage_key(self.name, self.version, self.params(), self.inputs())
+
+    def config(self) -> dict[str, Any]:
+        """The fully resolved configuration: this stage's parameters and, by role, those of every
+        stage upstream. Unlike the key it names no content hash, so equal settings read equal."""
+        return {"stage": self.name, "params": self.params(), "inputs": {role: s.config() for role, s in self.upstream().items()}}
+
+    def manifest(self, started: float, **extra: Any) -> dict[str, Any]:
+        """What every manifest holds: key, parameters, inputs, resolved configuration, its
+        experiment id and label, timings, versions; plus ``extra``."""
+        config = self.config()
+        finished = time.time()
+        return {"key": self.key, "stage": self.name, "stage_version": self.version, "params": self.params(),
+                "inputs": self.inputs(), "config": config, "experiment": experiment_id(config), "label": self.label,
+                "started": started, "finished": finished, "seconds": finished - started, "versions": package_versions(), **extra}
 
     @property
     @abstractmethod
@@ -357,6 +382,69 @@ class Stage(ABC):
             return ""
         problem = store_problem(out, self.key) if out.suffix == ".zarr" else artefact_problem(out)
         return problem or ""
+
+
+def experiment_id(config: dict[str, Any]) -> str:
+    """sha256 of a resolved configuration without its run seeds (those of every stage after
+    extraction; an extraction's seed is its random backbone's): results of one experiment id
+    differ only by seed, so only they are averaged."""
+
+    def strip(node: dict[str, Any]) -> dict[str, Any]:
+        params = node.get("params", {})
+        if node.get("stage") != "extract":
+            params = {k: v for k, v in params.items() if k != "seed"}
+        return {**node, "params": params, "inputs": {role: strip(up) for role, up in node.get("inputs", {}).items()}}
+
+    return hashlib.sha256(canonical_json(strip(config)).encode()).hexdigest()
+
+
+class Artefact(Stage):
+    """A finished artefact given by its folder (e.g. ``probe --reducer <artefact>``): an input
+    whose key, method and configuration come from its manifest."""
+
+    def __init__(self, directory: Path):
+        super().__init__(Path(directory).parents[2])
+        self.directory = Path(directory)
+
+    @cached_property
+    def _manifest(self) -> dict[str, Any]:
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            raise cache_schema.StoreError(f"{self.directory}: no manifest, so the run that makes it did not finish; "
+                                          "run its stage (again) first")
+        return manifest
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self._manifest["stage"]
+
+    @property
+    def version(self) -> int:  # type: ignore[override]
+        return self._manifest.get("stage_version", 1)
+
+    @property
+    def method(self) -> str:
+        return self._manifest["method"]
+
+    @cached_property
+    def key(self) -> str:
+        return self._manifest["key"]
+
+    def params(self) -> dict[str, Any]:
+        return self._manifest.get("params", {})
+
+    def config(self) -> dict[str, Any]:
+        return self._manifest.get("config") or {"stage": self.name, "params": self.params(), "artefact": str(self.directory)}
+
+    @property
+    def output(self) -> Path:
+        return self.directory
+
+    def state(self) -> str:
+        return artefact_state(self.directory)
+
+    def execute(self, force: bool) -> Any:
+        raise cache_schema.StoreError(f"{self.directory} was given as a finished artefact; it is not recomputed here")
 
 
 @dataclass

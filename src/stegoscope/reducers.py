@@ -3,7 +3,8 @@
 ``fit(tokens) -> self`` takes a (n_tokens, C) dask or numpy array and streams it;
 ``transform(tokens) -> codes`` maps (..., C) to (..., D) float32; fitted attributes end in ``_``;
 ``state_dict()`` / ``from_state()`` persist them. PCA, random projection, h-NNE and raw DINO (the
-identity) share it, so the probes do not care which one they get.
+identity) share it, so the probes do not care which one they get. Each comes with a frozen
+parameter dataclass (a preset's ``reduce.<method>`` section); ``methods.py`` registers them.
 
 Standardisation (``standardize``):
 
@@ -16,8 +17,10 @@ Standardisation (``standardize``):
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any, ClassVar
 
@@ -27,6 +30,32 @@ from .ops.streaming import batch_standardize, eigh_descending, moments_from_gram
 
 STANDARDIZE = ("train", "batch", "none")
 RP_KINDS = ("gaussian", "orthogonal")
+
+
+@dataclass(frozen=True)
+class IdentityParams:
+    """Raw DINO tokens take no parameters."""
+
+
+@dataclass(frozen=True)
+class ReducerParams:
+    """What every fitted reducer is given.
+
+    Parameters
+    ----------
+    standardize : ``train`` | ``batch`` | ``none`` (module docstring).
+    max_images : fit on a seeded random subset of this many train images (the study: 5000);
+        None fits on all of them.
+    """
+
+    standardize: str = "train"
+    max_images: int | None = None
+
+    def __post_init__(self):
+        if self.standardize not in STANDARDIZE:
+            raise ValueError(f"standardize must be one of {STANDARDIZE}, not {self.standardize!r}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images must be a positive number of images or null, not {self.max_images}")
 
 
 def _as_dask(tokens):
@@ -55,16 +84,54 @@ def streamed_moments(tokens, device: str = "cpu") -> tuple[int, np.ndarray, np.n
 
 
 class Reducer(ABC):
-    """Maps (..., C) tokens to (..., n_components) codes."""
+    """Maps (..., C) tokens to (..., n_components) codes.
+
+    Class attributes tell the stages how to use a reducer: ``needs_fit`` (False: the identity),
+    ``serves_every_dim`` (one fit keeps every component: fitted once, truncated per D),
+    ``seeded`` (the fit depends on the seed) and ``precompute_codes`` (the transform is too slow
+    to run per batch, so whole stores are projected once).
+    """
 
     method: ClassVar[str]
+    needs_fit: ClassVar[bool] = True
+    serves_every_dim: ClassVar[bool] = False
+    seeded: ClassVar[bool] = True
+    precompute_codes: ClassVar[bool] = False
     n_components: int | None
+
+    @classmethod
+    def by_name(cls, name: str) -> type[Reducer]:
+        """The reducer class whose ``method`` is ``name`` (any subclass, wherever it is defined)."""
+        todo = list(cls.__subclasses__())
+        while todo:
+            sub = todo.pop()
+            if getattr(sub, "method", None) == name:
+                return sub
+            todo.extend(sub.__subclasses__())
+        raise ValueError(f"no reducer class named {name!r}")
+
+    @classmethod
+    def from_params(cls, params, n_components: int | None = None, seed: int = 0, device: str = "cpu") -> Reducer:
+        """A reducer from its parameter dataclass; fields the constructor does not take (such as
+        ``max_images``, used by the stage that picks the images) are left out."""
+        accepted = inspect.signature(cls).parameters
+        given = {"n_components": n_components, "seed": seed, "device": device, **asdict(params)}
+        return cls(**{k: v for k, v in given.items() if k in accepted})
+
+    @classmethod
+    def fit_info(cls) -> dict[str, Any]:
+        """What besides the parameters decides a fit (library versions, fixed settings): keyed."""
+        return {}
 
     @abstractmethod
     def fit(self, tokens) -> Reducer: ...
 
     @abstractmethod
     def transform(self, tokens: np.ndarray) -> np.ndarray: ...
+
+    def with_components(self, n_components: int) -> Reducer:
+        """The same fit returning ``n_components`` codes (reducers that serve every D)."""
+        raise NotImplementedError(f"{type(self).__name__} is fitted per D")
 
     def params(self) -> dict[str, Any]:
         """Constructor arguments (JSON-able), stored in the manifest."""
@@ -103,6 +170,8 @@ class IdentityReducer(Reducer):
     """Raw DINO tokens: the codes are the tokens themselves."""
 
     method = "identity"
+    needs_fit = False
+    seeded = False
 
     def __init__(self, n_components: int | None = None):
         self.n_components = n_components
@@ -113,6 +182,11 @@ class IdentityReducer(Reducer):
 
     def transform(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(tokens, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PCAParams(ReducerParams):
+    """PCA: one exact fit keeps every component and serves every D."""
 
 
 class PCA(_Standardized):
@@ -138,6 +212,8 @@ class PCA(_Standardized):
     """
 
     method = "pca"
+    serves_every_dim = True
+    seeded = False  # the seed only picks the images of a max_images subset
 
     def __init__(self, n_components: int | None = None, standardize: str = "train", device: str = "cpu"):
         super().__init__(standardize)
@@ -175,6 +251,18 @@ class PCA(_Standardized):
             "explained_variance_": self.explained_variance_, "explained_variance_ratio_": self.explained_variance_ratio_,
             "n_samples_": np.asarray(self.n_samples_),
         }
+
+
+@dataclass(frozen=True)
+class RPParams(ReducerParams):
+    """Random projection: ``kind`` gaussian (the study's code) or orthogonal (the paper's text)."""
+
+    kind: str = "gaussian"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in RP_KINDS:
+            raise ValueError(f"kind must be one of {RP_KINDS}, not {self.kind!r}")
 
 
 class RandomProjection(_Standardized):
@@ -229,6 +317,21 @@ def hnne_version() -> str:
     return metadata.version("hnne")
 
 
+@dataclass(frozen=True)
+class HNNEParams(ReducerParams):
+    """h-NNE: fitted on a seeded sample of ``fit_tokens`` tokens; ``radius`` and
+    ``ann_threshold`` at hnne 0.1.x's defaults (the paper's)."""
+
+    fit_tokens: int = 1_000_000
+    radius: float = 0.4
+    ann_threshold: int = 40_000
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fit_tokens < 2:
+            raise ValueError(f"fit_tokens must be at least 2, not {self.fit_tokens}")
+
+
 class HNNE(_Standardized):
     """h-NNE (the ``hnne`` package, legacy ``v1`` algorithm as in the paper), cosine metric,
     fitted on a seeded sample of ``fit_tokens`` tokens.
@@ -243,6 +346,7 @@ class HNNE(_Standardized):
     """
 
     method = "hnne"
+    precompute_codes = True
 
     def __init__(
         self, n_components: int, fit_tokens: int = 1_000_000, seed: int = 0, standardize: str = "train",
@@ -276,6 +380,10 @@ class HNNE(_Standardized):
         z = self._standardized(x, center_when_none=False).reshape(-1, x.shape[-1])
         return np.asarray(self.model_.transform(z), dtype=np.float32).reshape(*x.shape[:-1], self.n_components)
 
+    @classmethod
+    def fit_info(cls) -> dict[str, Any]:
+        return {"hnne": hnne_version(), "algorithm": "v1", "metric": "cosine"}
+
     def params(self) -> dict[str, Any]:
         return {
             "n_components": self.n_components, "fit_tokens": self.fit_tokens, "seed": self.seed,
@@ -303,6 +411,7 @@ class StegoHeadReducer(Reducer):
     """
 
     method = "stego"
+    needs_fit = False
 
     def __init__(self, n_components: int | None = None):
         self.n_components = n_components
@@ -333,5 +442,3 @@ class StegoHeadReducer(Reducer):
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: v for k, v in vars(self).items() if k.endswith("_")}
 
-
-REDUCERS: dict[str, type[Reducer]] = {r.method: r for r in (IdentityReducer, PCA, RandomProjection, HNNE, StegoHeadReducer)}

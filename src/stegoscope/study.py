@@ -1,39 +1,41 @@
-"""The study's stage graph built from a preset: the only place that composes stages."""
+"""The study: a preset (with ``--set`` overrides and sweep points) turned into stages — the only
+place that composes them.
+
+A :class:`StudyContext` holds the preset, the cache, the data root and the run options. Its
+builders make each stage of the study from the preset (memoised, so shared stages are shared),
+and label each with what its configuration changes relative to the preset's file. The graph of
+a study is known before anything runs: stage constructors do no IO and keys are computed from
+upstream keys. Every stage a context runs or finds cached is recorded under
+``<cache>/studies/<preset>/experiments/``, which is what ``figures --study`` draws.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass, field, replace
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from . import cache_schema
-from .config import ConfigError, Preset
+from . import methods as registry
+from .atomic import atomic_write_text
+from .compute import dask_scheduler
+from .config import ConfigError, Preset, config_changes, describe, readable_names, short_value
 from .data import write_synthetic
-from .pipeline import canonical_json
+from .heads.base import HeadRun
 from .models.backbone import RANDOM_PREFIX, parse_backbone
-from .pipeline import COMPLETE, MISSING
+from .pipeline import COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_stage, stage_lock
 from .stages.extract import ExtractParams, ExtractStage
+from .stages.import_stego import ImportStegoStage
 from .stages.knn import KnnStage
 from .stages.probe import ProbeParams, ProbeStage
-from .stages.train_stego import TrainStegoParams, TrainStegoStage
-from .stages.reduce import ProjectStage, ReduceParams, ReduceStage
-
-
-def resolve_data_root(preset: Preset, cache_root: Path, data_root: Path | None = None) -> Path:
-    """The dataset folder: given, from the preset, or (synthetic) generated once into the cache."""
-    if data_root is not None:
-        return Path(data_root)
-    if preset.data_root:
-        return Path(preset.data_root)
-    if preset.dataset == "synthetic":
-        options = {"seed": 0, "n_train": 64, "n_val": 32, "size": [128, 96], **preset.synthetic}
-        tag = hashlib.sha256(canonical_json(options).encode()).hexdigest()[:8]
-        root = cache_schema.dataset_dir(cache_root, f"synthetic-{tag}")
-        return write_synthetic(root, options["seed"], options["n_train"], options["n_val"], tuple(options["size"]))
-    raise ConfigError(f"preset {preset.name!r} needs its data: pass --data-root DIR (make: DATA_ROOT=DIR)")
-
+from .stages.reduce import ProjectStage, ReduceStage
+from .stages.train_head import TrainHeadStage
 
 def official_weights(backbone: str) -> str | None:
     """The official DINO file of a backbone in ``$STEGOSCOPE_WEIGHTS`` (a folder), if it is there.
@@ -49,140 +51,17 @@ def official_weights(backbone: str) -> str | None:
     return str(path) if spec.dino_file and path.is_file() else None
 
 
-def feature_stages(
-    preset: Preset,
-    cache_root: Path,
-    data_root: Path | None = None,
-    splits: list[str] | None = None,
-    res: dict[str, int] | None = None,
-    skip_bad: bool = False,
-    flip: bool = False,
-    **options: Any,
-) -> list[ExtractStage]:
-    """One extraction stage per split of the preset.
-
-    ``res`` overrides a split's resolution; ``options`` are ExtractStage run options
-    (batch_size, workers, shard_images, device, show_progress).
-    """
-    root = resolve_data_root(preset, cache_root, data_root)
-    weights = preset.weights or official_weights(preset.backbone)
-    stages = []
-    for split in splits or list(preset.splits):
-        if split not in preset.splits:
-            raise ConfigError(f"preset {preset.name!r} has no split {split!r}; it has {list(preset.splits)}")
-        cfg = preset.splits[split]
-        if res and split in res:
-            cfg = replace(cfg, res=res[split])
-        params = ExtractParams(
-            dataset=preset.dataset, split=split, res=cfg.res, backbone=preset.backbone, weights=weights,
-            seed=preset.seed, interpolation=preset.interpolation, n_classes=preset.n_classes,
-            store_images=cfg.store_images, crop=cfg.crop, skip_bad=skip_bad,
-            flip=cfg.flip or (flip and split != "train"),
-        )
-        run_options = {"batch_size": preset.batch_size, "shard_images": preset.shard_images, **options}
-        stages.append(ExtractStage(cache_root, root, params, **run_options))
-    return stages
-
-
-def require_complete(stage: Any, command: str) -> None:
-    """Stop with what is wrong and the command that fixes it unless ``stage`` has finished."""
-    if stage.state() != COMPLETE:
-        problem = stage.note() or f"{stage.output} is not computed yet"
-        raise ConfigError(f"{problem}; run `{command}` (same preset and options) first")
-
-
-def complete_store(stage: ExtractStage) -> Path:
-    """The store of an extraction stage, which must have finished."""
-    require_complete(stage, "stegoscope extract")
-    return stage.output
-
-
-def reduce_stages(
-    preset: Preset, cache_root: Path, params: ReduceParams, data_root: Path | None = None,
-    device: str = "auto", show_progress: bool = True,
-) -> list:
-    """The fit on the train store, and for h-NNE the projections of the train and val stores."""
-    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
-    fit = ReduceStage(cache_root, complete_store(extract["train"]), params, device=device)
-    if params.method != "hnne":
-        return [fit]
-    return [fit] + [ProjectStage(cache_root, fit, complete_store(s), show_progress) for s in extract.values()]
-
-
-def probe_stage(
-    preset: Preset, cache_root: Path, reducer: str = "identity", dim: int | None = None, data_root: Path | None = None,
-    crf: bool = True, seed: int = 0, steps: int | None = None, flip: bool = False, **options: Any,
-) -> ProbeStage:
-    """Probes on the codes of ``reducer``: ``identity`` (raw DINO), ``pca`` / ``rp`` / ``hnne`` (the
-    preset's cached fit of that method; ``dim`` required) or the path of a reduce artefact."""
-    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, flip=flip, show_progress=False)}
-    train, val = complete_store(extract["train"]), complete_store(extract["val"])
-    artefact, derived = None, None
-    if reducer in ("pca", "rp", "hnne"):
-        if not dim:
-            raise ConfigError(f"--dim is required with --reducer {reducer}")
-        fit = reduce_stages(preset, cache_root, ReduceParams(reducer, None if reducer == "pca" else dim, seed=seed), data_root)
-        command = f"stegoscope reduce --method {reducer}" + ("" if reducer == "pca" else f" --dim {dim}")
-        for stage in fit:
-            require_complete(stage, command)
-        artefact = fit[0]
-        if reducer == "hnne":
-            derived = tuple(fit[1:])
-    elif reducer != "identity":
-        artefact = Path(reducer)
-    n_classes = len(cache_schema.open_feature_store(val).attrs["class_names"])
-    params = ProbeParams(
-        n_classes=n_classes, steps=steps or preset.stego.steps, batch_size=preset.stego.batch_size,
-        linear_lr=preset.probe.linear_lr, cluster_lr=preset.probe.cluster_lr, extra_clusters=preset.probe.extra_clusters,
-        val_every=preset.probe.val_every, seed=seed, crf=crf,
-    )
-    return ProbeStage(cache_root, train, val, params, artefact, dim if reducer != "identity" else None, derived, **options)
-
-
-def knn_stage(preset: Preset, cache_root: Path, data_root: Path | None = None, **options: Any) -> KnnStage:
-    """kNN pairs of the preset's train store."""
-    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
-    return KnnStage(cache_root, complete_store(extract["train"]), **options)
-
-
-def stego_params(preset: Preset, n_classes: int, dim: int | None = None, steps: int | None = None, seed: int = 0,
-                 readd_global_mean: bool = True, crf: bool = False) -> TrainStegoParams:
-    """The preset's Table 1 / supplementary parameters for one STEGO head."""
-    cfg = preset.stego
-    return TrainStegoParams(
-        n_classes=n_classes, dim=dim or cfg.dim, steps=steps or cfg.steps, batch_size=cfg.batch_size,
-        lambda_self=cfg.lambda_self, lambda_knn=cfg.lambda_knn, lambda_rand=cfg.lambda_rand, b_self=cfg.b_self,
-        b_knn=cfg.b_knn, b_rand=cfg.b_rand, pointwise=cfg.pointwise, zero_clamp=cfg.zero_clamp,
-        readd_global_mean=readd_global_mean, lr=cfg.lr, probe_lr=preset.probe.linear_lr, dropout=cfg.dropout,
-        feature_samples=cfg.feature_samples, neg_samples=cfg.neg_samples, knn_neighbors=cfg.knn_neighbors,
-        extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every, seed=seed, crf=crf,
-    )
-
-
-def train_stego_stage(
-    preset: Preset, cache_root: Path, data_root: Path | None = None, dim: int | None = None, steps: int | None = None,
-    seed: int = 0, readd_global_mean: bool = True, knn_options: dict | None = None, crf: bool = False, **options: Any,
-) -> tuple[KnnStage, TrainStegoStage]:
-    """The kNN stage and the STEGO head training on the preset's stores (Table 1 parameters)."""
-    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False)}
-    train, val = complete_store(extract["train"]), complete_store(extract["val"])
-    knn = KnnStage(cache_root, train, **(knn_options or {}))
-    params = stego_params(preset, extract["val"].dataset.n_classes, dim, steps, seed, readd_global_mean, crf)
-    return knn, TrainStegoStage(cache_root, train, val, knn, params, **options)
-
-
-# -- the whole study --------------------------------------------------------------------------
-
-STUDY_METHODS = ("dino", "pca", "rp", "hnne", "stego")
-
-
 @dataclass
 class Node:
-    """One stage of the study graph and the nodes it depends on."""
+    """One stage of the study graph, the nodes it depends on, and where its result sits."""
 
     label: str
-    stage: Any
+    stage: Stage
     deps: list[Node] = field(default_factory=list)
+    method: str | None = None
+    dim: int | None = None
+    seed: int | None = None
+    result: bool = False  # its artefact holds metrics (a probe or a head)
 
     def upstream(self) -> set[int]:
         seen: set[int] = set()
@@ -195,70 +74,335 @@ class Node:
         return seen
 
 
-def study_graph(
-    preset: Preset, cache_root: Path, data_root: Path | None = None, only: list[str] | None = None,
-    dims: list[int] | None = None, seeds: list[int] | None = None, device: str = "auto",
-) -> tuple[list[Node], bool]:
-    """The study's nodes in dependency order, and whether the graph is whole.
+class StudyContext:
+    """A preset, the cache, the data root and the run options; builds every stage of the study.
 
-    Nodes after extraction need the token stores to exist (their keys include the stores'), so
-    until both splits are extracted only the extraction nodes are returned (whole = False).
+    Parameters
+    ----------
+    preset : the resolved preset (with its overrides).
+    cache_root : the cache.
+    data_root : the dataset folder (default: the preset's; a synthetic dataset is generated).
+    device, scheduler : override the preset's.
+    show_progress, workers, crf_workers, extract_options : run options of the stages.
     """
-    methods = [m for m in (only or preset.methods) if m in STUDY_METHODS]
-    unknown = set(only or []) - set(STUDY_METHODS)
-    if unknown:
-        raise ConfigError(f"unknown methods {sorted(unknown)}; choose from {STUDY_METHODS}")
-    dims = dims or preset.dims or [preset.stego.dim]
-    seeds = seeds or [0]
-    quiet = {"show_progress": False}
-    extract = {s.p.split: s for s in feature_stages(preset, cache_root, data_root, show_progress=False, device=device)}
-    nodes = {split: Node(f"extract {split}", stage) for split, stage in extract.items()}
-    graph = list(nodes.values())
-    if any(stage.state() != COMPLETE for stage in extract.values()):
-        return graph, False
-    train, val = extract["train"].output, extract["val"].output
-    base = [nodes["train"], nodes["val"]]
-    n_classes = extract["val"].dataset.n_classes
-    probe_args = dict(n_classes=n_classes, steps=preset.stego.steps, batch_size=preset.stego.batch_size,
-                      linear_lr=preset.probe.linear_lr, cluster_lr=preset.probe.cluster_lr,
-                      extra_clusters=preset.probe.extra_clusters, val_every=preset.probe.val_every)
 
-    def probe(label, deps, reducer=None, dim=None, derived=None, seed=0, crf=False):
-        params = ProbeParams(seed=seed, crf=crf, **probe_args)
-        stage = ProbeStage(cache_root, train, val, params, reducer, dim, derived, device=device, **quiet)
-        graph.append(Node(label, stage, base + deps))
+    def __init__(self, preset: Preset, cache_root: Path, data_root: Path | None = None, *, device: str | None = None,
+                 scheduler: str | None = None, show_progress: bool = True, workers: int | None = None, crf_workers: int = 2,
+                 extract_options: dict[str, Any] | None = None, skip_bad: bool = False):
+        self.preset, self.cache_root, self._data_root = preset, Path(cache_root), data_root
+        self.device, self.scheduler = device or preset.device, scheduler or preset.scheduler
+        self.show_progress, self.workers, self.crf_workers = show_progress, workers, crf_workers
+        self.extract_options, self.skip_bad = dict(extract_options or {}), skip_bad
+        self._built: dict[tuple, Stage] = {}
+        self._classes_of: StudyContext | None = None
+        self.names: dict[int, str] = {}  # stage → its node's name
+        self.coords: dict[int, tuple] = {}  # result stage → (method, dim, seed, True)
 
-    pca_node = knn_node = None
-    for seed in seeds:
-        if "dino" in methods:
-            probe(f"probe dino seed {seed}", [], seed=seed, crf=True)
-        for dim in dims:
-            if "pca" in methods:
-                if pca_node is None:
-                    pca_node = Node("reduce pca", ReduceStage(cache_root, train, ReduceParams("pca"), device=device), [nodes["train"]])
-                    graph.append(pca_node)
-                probe(f"probe pca D={dim} seed {seed}", [pca_node], pca_node.stage, dim, seed=seed)
-            if "rp" in methods:
-                fit = Node(f"reduce rp D={dim} seed {seed}", ReduceStage(cache_root, train, ReduceParams("rp", dim, seed=seed), device=device), [nodes["train"]])
-                graph.append(fit)
-                probe(f"probe rp D={dim} seed {seed}", [fit], fit.stage, dim, seed=seed)
-            if "hnne" in methods:
-                fit_stage = ReduceStage(cache_root, train, ReduceParams("hnne", dim, seed=seed), device=device)
-                fit = Node(f"reduce hnne D={dim} seed {seed}", fit_stage, [nodes["train"]])
-                projections = [Node(f"project {split} hnne D={dim} seed {seed}", ProjectStage(cache_root, fit_stage, store, False), [fit, nodes[split]])
-                               for split, store in (("train", train), ("val", val))]
-                graph.extend([fit, *projections])
-                probe(f"probe hnne D={dim} seed {seed}", projections, fit_stage, dim, tuple(p.stage for p in projections), seed=seed)
-        if "stego" in methods:
-            if knn_node is None:
-                knn_node = Node("knn", KnnStage(cache_root, train, device=device), [nodes["train"]])
-                graph.append(knn_node)
-            for dim in dims:
-                # With CRF at D_STEGO only, where the paper reports it (Table 2).
-                params = stego_params(preset, n_classes, dim, seed=seed, crf=dim == preset.stego.dim)
-                stage = TrainStegoStage(cache_root, train, val, knn_node.stage, params, device=device, **quiet)
-                graph.append(Node(f"train-stego D={dim} seed {seed}", stage, base + [knn_node]))
-    return graph, True
+    def variant(self, preset: Preset) -> StudyContext:
+        """The same cache, data and options for another preset (a sweep point, the base)."""
+        return StudyContext(preset, self.cache_root, self._data_root, device=self.device, scheduler=self.scheduler,
+                            show_progress=self.show_progress, workers=self.workers, crf_workers=self.crf_workers,
+                            extract_options=self.extract_options, skip_bad=self.skip_bad)
+
+    @cached_property
+    def base(self) -> StudyContext:
+        """The context of the preset as its file declares it: labels say what differs from it.
+        It reads its number of classes from this one (a base may not know it: ``--n-classes``)."""
+        if not self.preset.overrides:
+            return self
+        base = self.variant(self.preset.base())
+        base._classes_of = self
+        return base
+
+    @cached_property
+    def data_root(self) -> Path:
+        """The dataset folder: given, from the preset, or (synthetic) generated once into the cache."""
+        preset = self.preset
+        if self._data_root is not None:
+            return Path(self._data_root)
+        if preset.data_root:
+            return Path(preset.data_root)
+        if preset.dataset == "synthetic":
+            options = {"seed": 0, "n_train": 64, "n_val": 32, "size": [128, 96], **preset.synthetic}
+            tag = hashlib.sha256(canonical_json(options).encode()).hexdigest()[:8]
+            root = cache_schema.dataset_dir(self.cache_root, f"synthetic-{tag}")
+            return write_synthetic(root, options["seed"], options["n_train"], options["n_val"], tuple(options["size"]))
+        raise ConfigError(f"preset {preset.name!r} needs its data: pass --data-root DIR (make: DATA_ROOT=DIR)")
+
+    @cached_property
+    def n_classes(self) -> int:
+        return (self._classes_of or self).extract("val").dataset.n_classes
+
+    # -- stage builders ---------------------------------------------------------------------------
+    def _build(self, what: tuple, name: str, make: Callable[[StudyContext], Stage], result: tuple | None = None) -> Stage:
+        """Memoised stage ``make(self)``, labelled with what it changes relative to the base;
+        ``result``: its (method, dim, seed) when it is a result of the study."""
+        if what not in self._built:
+            stage = make(self)
+            if self.base is not self:
+                stage.label = describe(config_changes(stage.config(), make(self.base).config()))
+            self._built[what] = stage
+            self.names[id(stage)] = name
+            if result is not None:
+                self.coords[id(stage)] = (*result, True)
+        return self._built[what]
+
+    def extract(self, split: str) -> ExtractStage:
+        """The extraction of one split of the preset (flip TTA on the val splits when ``eval.flip``)."""
+        if split not in self.preset.splits:
+            raise ConfigError(f"preset {self.preset.name!r} has no split {split!r}; it has {list(self.preset.splits)}")
+
+        def make(ctx: StudyContext) -> ExtractStage:
+            p, cfg = ctx.preset, ctx.preset.splits[split]
+            params = ExtractParams(
+                dataset=p.dataset, split=split, res=cfg.res, backbone=p.backbone, weights=p.weights or official_weights(p.backbone),
+                seed=p.seed, interpolation=p.interpolation, n_classes=p.n_classes, store_images=cfg.store_images, crop=cfg.crop,
+                skip_bad=ctx.skip_bad, flip=p.eval.flip and split != "train")
+            options = {"batch_size": p.batch_size, "shard_images": p.shard_images, "workers": ctx.workers,
+                       "device": ctx.device, "show_progress": ctx.show_progress, **ctx.extract_options}
+            return ExtractStage(ctx.cache_root, ctx.data_root, params, **options)
+
+        return self._build(("extract", split), f"extract {split}", make)
+
+    def knn(self, k: int = 30, block: int = 1024) -> KnnStage:
+        return self._build(("knn", k, block), "knn", lambda ctx: KnnStage(
+            ctx.cache_root, ctx.extract("train"), k=k, block=block, device=ctx.device))
+
+    def fit(self, method: str, dim: int | None, seed: int = 0) -> ReduceStage:
+        """The fit of reducer ``method`` (one for every D when it serves every D)."""
+        cls = registry.get(method).cls
+        params = self.preset.method_params(method)
+        dim = None if cls.serves_every_dim else dim
+        seed = seed if cls.seeded or getattr(params, "max_images", None) else 0
+        name = f"reduce {method}" + (f" D={dim}" if dim else "") + (f" seed {seed}" if cls.seeded else "")
+        return self._build(("fit", method, dim, seed), name, lambda ctx: ReduceStage(
+            ctx.cache_root, ctx.extract("train"), method, ctx.preset.method_params(method), dim, seed, ctx.device))
+
+    def projections(self, method: str, dim: int | None, seed: int = 0) -> tuple[ProjectStage, ProjectStage]:
+        """The train and val stores projected by a fit whose transform is too slow per batch (h-NNE)."""
+        fit = self.fit(method, dim, seed)
+        return tuple(self._build(("project", split, method, dim, seed), f"project {split} {method} D={dim} seed {seed}",
+                                 lambda ctx, split=split: ProjectStage(ctx.cache_root, ctx.fit(method, dim, seed), ctx.extract(split),
+                                                                       ctx.show_progress))
+                     for split in ("train", "val"))  # type: ignore[return-value]
+
+    def headline(self, method: str, dim: int | None) -> bool:
+        """Whether this result is a row of Table 2: a Table 2 method (raw DINO; a head at its
+        headline D)."""
+        spec = registry.get(method)
+        return spec.table2 and (spec.kind == registry.REDUCER or dim == self.preset.head_dim(method))
+
+    def crf_at(self, method: str, dim: int | None) -> bool:
+        """Whether ``eval.crf`` evaluates this result with the dense CRF too."""
+        where = self.preset.eval.crf
+        return self.headline(method, dim) if where == "table2" else where == "all"
+
+    def probe_params(self, seed: int, crf: bool) -> ProbeParams:
+        p, e = self.preset.probe, self.preset.eval
+        return ProbeParams(n_classes=self.n_classes, steps=p.steps, batch_size=p.batch_size, linear_lr=p.linear_lr,
+                           cluster_lr=p.cluster_lr, extra_clusters=e.extra_clusters, val_every=e.val_every, seed=seed, crf=crf,
+                           extra_as_errors=e.extra_as_errors, flip_tta=e.flip)
+
+    def probe(self, method: str, dim: int | None = None, seed: int = 0, crf: bool | None = None) -> ProbeStage:
+        """Probes on the codes of ``method`` at ``dim``: a registered reducer (its preset fit) or
+        the folder of a finished reduce / head artefact."""
+        if Path(method).is_dir():
+            artefact = Artefact(Path(method))
+            crf = self.crf_at(artefact.method, dim) if crf is None else crf
+            return self._build(("probe", method, dim, seed, crf), f"probe {Path(method).name} seed {seed}", lambda ctx: ProbeStage(
+                ctx.cache_root, ctx.extract("train"), ctx.extract("val"), ctx.probe_params(seed, crf), artefact, dim,
+                device=ctx.device, crf_workers=ctx.crf_workers, show_progress=ctx.show_progress), (artefact.method, dim, seed))
+        spec = registry.get(method)
+        if spec.kind != registry.REDUCER:
+            raise ConfigError(f"{method} is a {spec.kind}: its probes train with it (`stegoscope train --method {method}`); "
+                              f"pass its artefact folder to probe its codes afresh")
+        cls = spec.cls
+        if cls.needs_fit and not dim:
+            raise ConfigError(f"--dim is required with --reducer {method}")
+        dim = dim if cls.needs_fit else None
+        crf = self.crf_at(method, dim) if crf is None else crf
+
+        def make(ctx: StudyContext) -> ProbeStage:
+            fit = ctx.fit(method, dim, seed) if cls.needs_fit else None
+            derived = ctx.projections(method, dim, seed) if cls.precompute_codes else None
+            return ProbeStage(ctx.cache_root, ctx.extract("train"), ctx.extract("val"), ctx.probe_params(seed, crf), fit, dim,
+                              derived, method, device=ctx.device, crf_workers=ctx.crf_workers, show_progress=ctx.show_progress)
+
+        name = f"probe {method}" + (f" D={dim}" if dim else "") + f" seed {seed}"
+        return self._build(("probe", method, dim, seed, crf), name, make, (method, dim, seed))
+
+    def head(self, method: str, dim: int | None = None, seed: int = 0, crf: bool | None = None) -> TrainHeadStage:
+        """Head ``method`` trained at ``dim`` (default: its headline D) with its per-D parameters."""
+        spec = registry.get(method)
+        if spec.kind != registry.HEAD:
+            raise ConfigError(f"{method} is a {spec.kind}, not a head; heads: {', '.join(registry.names(registry.HEAD))}")
+        dim = dim or self.preset.head_dim(method)
+        crf = self.crf_at(method, dim) if crf is None else crf
+
+        def make(ctx: StudyContext) -> TrainHeadStage:
+            e = ctx.preset.eval
+            run = HeadRun(n_classes=ctx.n_classes, dim=dim, probe_lr=ctx.preset.probe.linear_lr, extra_clusters=e.extra_clusters,
+                          val_every=e.val_every, seed=seed, crf=crf, extra_as_errors=e.extra_as_errors)
+            knn = ctx.knn() if spec.cls.uses_knn else None
+            return TrainHeadStage(ctx.cache_root, method, ctx.preset.method_params(method, dim), run, ctx.extract("train"),
+                                  ctx.extract("val"), knn, device=ctx.device, crf_workers=ctx.crf_workers,
+                                  show_progress=ctx.show_progress)
+
+        return self._build(("head", method, dim, seed, crf), f"train-{method} D={dim} seed {seed}", make, (method, dim, seed))
+
+    def import_stego(self, checkpoint: Path, crf: bool = True) -> ImportStegoStage:
+        """A released STEGO checkpoint evaluated on the preset's val store (flip TTA as ``eval.flip``)."""
+        return self._build(("import-stego", str(checkpoint), crf), f"import-stego {Path(checkpoint).name}", lambda ctx: ImportStegoStage(
+            ctx.cache_root, checkpoint, ctx.extract("val"), crf, ctx.preset.eval.flip, ctx.device, ctx.crf_workers, ctx.show_progress))
+
+    # -- the graph --------------------------------------------------------------------------------
+    def results(self, only: list[str] | None = None, dims: list[int] | None = None,
+                seeds: list[int] | None = None) -> list[Stage]:
+        """The study's results: for each seed and method, a probe (reducers) or a trained head at
+        each D (once for reducers that need no fit)."""
+        methods = list(only or self.preset.methods)
+        for name in methods:
+            registry.get(name)
+        dims, seeds = list(dims or self.preset.sweep_dims()), list(seeds or self.preset.seeds)
+        out: list[Stage] = []
+        for seed in seeds:
+            for method in methods:
+                spec = registry.get(method)
+                if spec.kind == registry.HEAD:
+                    out += [self.head(method, dim, seed) for dim in dims]
+                elif not spec.cls.needs_fit:
+                    out.append(self.probe(method, None, seed))
+                else:
+                    out += [self.probe(method, dim, seed) for dim in dims]
+        return out
+
+    def graph(self, only: list[str] | None = None, dims: list[int] | None = None, seeds: list[int] | None = None) -> list[Node]:
+        """Every node of the study in dependency order: the extraction of each split of the
+        preset, the :meth:`results` and all they read."""
+        return self.graph_of([self.extract(split) for split in self.preset.splits] + self.results(only, dims, seeds))
+
+    def graph_of(self, targets: list[Stage]) -> list[Node]:
+        """``targets`` and every stage upstream of them, as nodes in dependency order."""
+        nodes: dict[int, Node] = {}
+
+        def visit(stage: Stage) -> Node:
+            if id(stage) not in nodes:
+                deps = [visit(up) for up in stage.upstream().values() if not isinstance(up, Artefact)]
+                method, dim, seed, result = self.coords.get(id(stage), (getattr(stage, "method", None), None, None, False))
+                nodes[id(stage)] = Node(self.names.get(id(stage), stage.name), stage, deps, method, dim, seed, result)
+            return nodes[id(stage)]
+
+        for stage in targets:
+            visit(stage)
+        return list(nodes.values())
+
+    def run(self, graph: list[Node], progress: Callable[[Node], None] | None = None, force: list[Stage] = (),
+            wait: bool = True, on_wait: Callable[[Node, str], None] | None = None) -> list[tuple[Node, RunResult]]:
+        """Run every node that is not complete, those in ``force``, and every complete one whose
+        upstream reran (a re-extraction rewrites the same key's tokens, so it forces nothing);
+        then record the study. Returns each node's run result."""
+        ran: set[int] = set()
+        forced = {id(stage) for stage in force}
+        out = []
+        with dask_scheduler(self.scheduler):
+            for node in graph:
+                again = id(node.stage) in forced or (node.stage.state() == COMPLETE and any(u in ran for u in node.upstream()))
+                if progress is not None:
+                    progress(node)
+                result = run_stage(node.stage, force=again, wait=wait,
+                                   on_wait=None if on_wait is None else lambda holder, node=node: on_wait(node, holder))
+                if not result.skipped and not isinstance(node.stage, ExtractStage):
+                    ran.add(id(node))
+                out.append((node, result))
+        self.record(graph)
+        return out
+
+    def command_for(self, stage: Stage) -> str:
+        """The command that makes ``stage`` with this context's preset."""
+        preset = f"--preset {self.preset.path or self.preset.name}"
+        if isinstance(stage, ExtractStage):
+            return f"stegoscope extract {preset} --{'flip' if self.preset.eval.flip else 'no-flip'}"
+        if isinstance(stage, (ReduceStage, ProjectStage)):
+            fit = stage if isinstance(stage, ReduceStage) else stage.fit
+            return f"stegoscope reduce --method {fit.method}" + (f" --dim {fit.dim}" if fit.dim else "") + f" {preset}"
+        if isinstance(stage, TrainHeadStage):
+            return f"stegoscope train --method {stage.method} --dim {stage.run.dim} {preset}"
+        return f"stegoscope {stage.name} {preset}"
+
+    # -- what a run would do ----------------------------------------------------------------------
+    def plan(self, graph: list[Node]) -> list[tuple[Node, str, str]]:
+        """(node, ``run`` | ``cached``, why) for each node, without running anything."""
+        runs: set[int] = set()
+        out = []
+        for node in graph:
+            state = node.stage.state()
+            upstream = [n for n in graph if id(n) in node.upstream() and id(n) in runs and not isinstance(n.stage, ExtractStage)]
+            if state == COMPLETE and not upstream:
+                out.append((node, "cached", ""))
+                continue
+            if state == COMPLETE:
+                why = f"upstream reruns ({upstream[0].label})"
+            elif state == PARTIAL:
+                why = "partial: resumes"
+            elif isinstance(node.stage, ExtractStage):
+                why = node.stage.stale_reason() or "missing"
+            else:
+                why = previous_change(node.stage) or "missing"
+            runs.add(id(node))
+            out.append((node, "run", why))
+        return out
+
+    # -- the record of what the study declared ---------------------------------------------------
+    @property
+    def experiment(self) -> str:
+        """This context's experiment within its study: its overrides, hashed (``base`` without)."""
+        overrides = self.preset.overrides
+        return hashlib.sha256(canonical_json(overrides).encode()).hexdigest()[:12] if overrides else "base"
+
+    def record(self, graph: list[Node]) -> Path:
+        """Add ``graph``'s results and fits to this experiment's record. A record made from other
+        preset content is started afresh (its artefacts stay in the cache)."""
+        folder = cache_schema.study_experiments_dir(self.cache_root, self.preset.name)
+        path = folder / f"{self.experiment}.json"
+        content = hashlib.sha256(canonical_json(self.preset.source).encode()).hexdigest()
+        with stage_lock(cache_schema.lock_path(self.cache_root, f"study-{self.preset.name}-{self.experiment}")):
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            nodes = old.get("nodes", {}) if old.get("preset_sha256") == content else {}
+            for node in graph:
+                if node.result or isinstance(node.stage, ReduceStage):
+                    method = node.method
+                    nodes[node.label] = {"key": node.stage.key, "output": os.path.relpath(node.stage.output, self.cache_root),
+                                         "method": method, "dim": node.dim, "seed": node.seed, "result": node.result,
+                                         "label": node.stage.label, "headline": node.result and self.headline(method, node.dim)}
+            record = {"study": self.preset.name, "experiment": self.experiment, "label": self.preset.label(),
+                      "overrides": self.preset.overrides, "preset": str(self.preset.path), "preset_sha256": content,
+                      "updated": time.time(), "nodes": nodes}
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+        return path
+
+
+def previous_change(stage: Stage) -> str | None:
+    """What changed since the closest earlier artefact of the same node (same name, another key):
+    ``λ_rand 0.63 → 0.3``; None when there is none."""
+    config, best = stage.config(), None
+    for other in cache_schema.sibling_artefacts(stage.output):
+        try:
+            manifest = read_manifest(other)
+        except cache_schema.StoreError:
+            continue
+        if not manifest or "config" not in manifest:
+            continue
+        now, before = config_changes(config, manifest["config"]), config_changes(manifest["config"], config)
+        if best is None or len(now) + len(before) < best[0]:
+            best = (len(now) + len(before), now, before)
+    if best is None:
+        return None
+    _, now, before = best
+    names = readable_names(set(now) | set(before))
+    missing = "—"
+    parts = sorted(f"{names[p]} {short_value(before.get(p, missing))} → {short_value(now.get(p, missing))}" for p in names)
+    return "changed: " + "; ".join(parts) if parts else None
 
 
 def node_states(graph: list[Node]) -> dict[int, str]:
@@ -276,32 +420,8 @@ def node_states(graph: list[Node]) -> dict[int, str]:
     return states
 
 
-def run_study(preset: Preset, cache_root: Path, data_root: Path | None = None, only=None, dims=None, seeds=None,
-              device: str = "auto", progress=None) -> dict[str, Any]:
-    """Run what is not cached (and what depends on anything recomputed); write the results table."""
-    from .pipeline import run_stage
-    from .stages.figures import collect_results, results_csv
-
-    ran: set[int] = set()
-    counts = {"ran": 0, "cached": 0}
-    for phase in range(2):  # extraction first; then the nodes that need the stores
-        graph, whole = study_graph(preset, cache_root, data_root, only, dims, seeds, device)
-        todo = [n for n in graph if phase == 1 or n.label.startswith("extract")]
-        for node in todo:
-            if id(node) in ran or (phase == 1 and node.label.startswith("extract")):
-                continue
-            force = node.stage.state() == COMPLETE and any(u in ran for u in node.upstream())
-            if progress is not None:
-                progress(node, len(todo))
-            result = run_stage(node.stage, force=force)
-            counts["cached" if result.skipped else "ran"] += 1
-            if not result.skipped:
-                ran.add(id(node))
-        # Rebuilt stores keep their keys (same inputs, same tokens), so later nodes stay valid.
-        ran = set() if phase == 0 else ran
-    keys = {n.stage.key for n in graph}
-    rows = [r for r in collect_results(cache_root) if r["key"] in keys]
-    out = cache_schema.study_dir(cache_root, preset.name)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.csv").write_text(results_csv(rows))
-    return {"graph": graph, "rows": rows, "results": out / "results.csv", **counts}
+def require_complete(stage: Stage, command: str) -> None:
+    """Stop with what is wrong and the command that fixes it unless ``stage`` has finished."""
+    if stage.state() != COMPLETE:
+        problem = stage.note() or f"{stage.output} is not computed yet"
+        raise ConfigError(f"{problem}; run `{command}` (same options) first")

@@ -11,7 +11,7 @@ Terms: self (same points), kNN partner and ``neg_samples`` random partners drawn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -53,19 +53,36 @@ def correlation_term(f1, f2, c1, c2, shift: float, pointwise: bool = True, zero_
     return -clamped * (fd - shift), cd
 
 
-@dataclass
-class CorrelationLoss:
-    lambda_self: float
-    lambda_knn: float
-    lambda_rand: float
-    b_self: float
-    b_knn: float
-    b_rand: float
-    pointwise: bool = True
-    zero_clamp: bool = True
-    readd_global_mean: bool = True
-    feature_samples: int = 11
+@dataclass(frozen=True)
+class CorrelationLossConfig:
+    """λ (weights) and b (shifts) of the three terms and how the correspondences are formed:
+    declared once, here, and used as they are by presets, stage parameters and the loss.
+    Defaults: STEGO's Potsdam values (paper Table 1)."""
+
+    lambda_self: float = 0.67  # pos_intra_weight
+    lambda_knn: float = 0.25  # pos_inter_weight
+    lambda_rand: float = 0.63  # neg_inter_weight
+    b_self: float = 0.08  # pos_intra_shift
+    b_knn: float = 0.02  # pos_inter_shift
+    b_rand: float = 0.76  # neg_inter_shift
+    pointwise: bool = True  # centre F per query point
+    zero_clamp: bool = True  # clamp S at 0
+    readd_global_mean: bool = True  # the original code's centring [QUIRK]; False: the paper's F^SC
+    feature_samples: int = 11  # 11×11 sample points
     neg_samples: int = 5
+
+    def __post_init__(self):
+        if self.feature_samples < 1 or self.neg_samples < 0:
+            raise ValueError(f"feature_samples must be ≥ 1 and neg_samples ≥ 0, not {self.feature_samples}, {self.neg_samples}")
+
+
+class CorrelationLoss(CorrelationLossConfig):
+    """The loss of a :class:`CorrelationLossConfig`."""
+
+    @classmethod
+    def of(cls, config: CorrelationLossConfig) -> CorrelationLoss:
+        """The loss of ``config``, or of the loss fields of a config that extends it."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(CorrelationLossConfig)})
 
     def __call__(self, feats, feats_pos, code, code_pos, coords1=None, coords2=None, perms=None, generator=None) -> dict:
         """Loss terms of a batch. ``feats``/``code`` (B, C/D, h, w) of the images, ``*_pos`` of

@@ -163,6 +163,11 @@ class ExtractStage(Stage):
     def inputs(self) -> list[str]:
         return [f"dataset:{self.fingerprint}"]
 
+    def config(self) -> dict[str, Any]:
+        """The extraction parameters as given (no dataset listing or weights hashing)."""
+        return {"stage": self.name, "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
+                "inputs": {}}
+
     @property
     def output(self) -> Path:
         spec, random = parse_backbone(self.p.backbone)

@@ -1,51 +1,122 @@
-"""The paper's figures and Table 2 from cached artefacts only (no recomputation).
+"""The paper's figures and Table 2 from the artefacts a study declared — its records under
+``<cache>/studies/<study>/experiments/`` — never from whatever lies in the cache.
 
-Reads every finished probe / train-stego artefact (metrics.json + manifest) and every PCA fit,
-and draws: Fig. 3 (cumulative explained variance, x relative to D_ViT), Fig. 4 (linear and
-cluster mIoU vs D per dataset, log x), supplementary Fig. 1 (the same for accuracy),
-supplementary Fig. 2 (h-NNE vs PCA on Cityscapes), Table 2 (markdown, CSV, LaTeX). Reported
-values follow the study: the validation step with the best cluster mIoU, all metrics from it.
-The paper's published numbers are overlaid as labelled reference markers; with several seeds,
-lines are means with ± std bands. Only datasets that have results are drawn.
+Draws Fig. 3 (cumulative explained variance of each declared PCA fit, x relative to D), Fig. 4
+(linear and cluster mIoU vs D per dataset, log x, ticks at the dims run), supplementary Fig. 1
+(the same for accuracy), supplementary Fig. 2 (h-NNE vs PCA, for every dataset with h-NNE
+results) and Table 2 (markdown, CSV, LaTeX), plus ``results.csv`` with one row per result.
+
+Reported values follow the study: the validation step with the best cluster mIoU, all metrics
+from it. Results are grouped by experiment id (the hash of their configuration without the
+seed): seeds of one experiment give mean ± std; other configurations are separate rows and
+curves, labelled by what they change relative to the preset (``λ_rand=0.5``). The paper's
+published numbers are overlaid as labelled reference markers.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import paper
+from .. import cache_schema, paper
+from .. import methods as registry
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..pipeline import begin_artefact, load_npz, read_json, read_manifest, write_manifest
-from .probe import METRICS
+from ..cache_schema import METRICS
+from ..config import config_changes, describe
+from ..pipeline import begin_artefact, experiment_id, load_npz, read_json, read_manifest, write_manifest
+from ..progress import console
 
-METHODS = {  # label, marker, colour index
-    "stego": ("STEGO", "o", 0), "pca": ("PCA", "s", 1), "rp": ("RP", "^", 2), "hnne": ("h-NNE", "D", 4), "dino": ("DINO", "*", 3),
-}
-RESULT_FIELDS = ("dataset", "method", "dim", "probe", "crf", "seed", "step", "mIoU", "Accuracy", "key")
+RESULT_FIELDS = ("study", "dataset", "method", "label", "experiment", "dim", "probe", "crf", "seed", "step", "mIoU", "Accuracy", "key")
+LINESTYLES = ("-", "--", ":", "-.")
 
 
-def collect_results(cache_root: Path) -> list[dict[str, Any]]:
-    """One row per dataset × method × D × probe × CRF × seed, with the artefact key."""
-    rows = []
-    root = Path(cache_root) / "artefacts"
-    for directory in sorted(root.glob("probe/*")) + sorted(root.glob("train_stego/*")):
-        manifest = read_manifest(directory)
-        if manifest is None or "dataset" not in manifest or METRICS not in manifest.get("files", {}):
-            continue  # unfinished, or written before manifests named their dataset
-        metrics = read_json(directory, METRICS)
-        base = {"dataset": manifest["dataset"], "method": manifest["method"], "dim": manifest["code_dim"],
-                "seed": manifest.get("seed", 0), "key": manifest["key"]}
-        for crf, row in (("no", metrics.get("best")), ("yes", metrics.get("best_crf"))):
-            for probe in ("linear", "cluster") if row else ():
-                rows.append(base | {"probe": probe, "crf": crf, "step": row["step"],
-                                    "mIoU": row[f"{probe}/mIoU"], "Accuracy": row[f"{probe}/Accuracy"]})
-    return rows
+# -- what a study declared ----------------------------------------------------------------------
+
+
+def study_records(cache_root: Path, study: str) -> list[dict[str, Any]]:
+    """The experiment records of ``study`` made from its preset's current content (the newest
+    record's); records of an earlier version of the preset are left out, with a note."""
+    folder = cache_schema.study_experiments_dir(cache_root, study)
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    if not records:
+        raise cache_schema.StoreError(f"no study {study!r} has run in {cache_root}; "
+                                      f"run `stegoscope study {study}` (studies here: {', '.join(cache_schema.list_studies(cache_root)) or 'none'})")
+    newest = max(records, key=lambda r: r["updated"])["preset_sha256"]
+    for old in (r for r in records if r["preset_sha256"] != newest):
+        console.print(f"study {study}: experiment {old['label'] or 'base'} was run with an earlier version of the preset; "
+                      "not drawn (rerun it to include it)", highlight=False)
+    return [r for r in records if r["preset_sha256"] == newest]
+
+
+def collect(cache_root: Path, studies: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(result rows, explained-variance fits) of the studies' records. One row per dataset ×
+    method × configuration × D × probe × CRF × seed; each artefact once."""
+    rows, fits, seen = [], [], set()
+    for study in studies:
+        for record in study_records(cache_root, study):
+            for node in record["nodes"].values():
+                if node["key"] in seen:
+                    continue
+                seen.add(node["key"])
+                directory = Path(cache_root) / node["output"]
+                manifest = read_manifest(directory)
+                if manifest is None:
+                    console.print(f"study {study}: {directory} is not complete; rerun the study to draw it", highlight=False)
+                    continue
+                config = manifest.get("config") or {}
+                base = {"study": study, "dataset": manifest.get("dataset"), "method": node["method"], "label": node.get("label", ""),
+                        "experiment": (manifest.get("experiment") or (experiment_id(config) if config else node["key"]))[:12],
+                        "key": node["key"], "config": config, "headline": node.get("headline", False)}
+                if node["result"]:
+                    rows += _metric_rows(directory, manifest, base | {"dim": manifest["code_dim"], "seed": manifest.get("seed", 0)})
+                elif "explained_variance_ratio_" in load_npz(directory):
+                    fits.append(base | {"ratio": load_npz(directory)["explained_variance_ratio_"]})
+    if len(studies) > 1:
+        _relabel(rows + fits, studies[0])
+    _disambiguate(rows)
+    return rows, fits
+
+
+def _metric_rows(directory: Path, manifest: dict, base: dict) -> list[dict[str, Any]]:
+    metrics = read_json(directory, METRICS)
+    out = []
+    for crf, row in (("no", metrics.get("best")), ("yes", metrics.get("best_crf"))):
+        for probe in ("linear", "cluster") if row else ():
+            out.append(base | {"probe": probe, "crf": crf, "step": row["step"],
+                               "mIoU": row[f"{probe}/mIoU"], "Accuracy": row[f"{probe}/Accuracy"]})
+    return out
+
+
+def _relabel(rows: list[dict], first: str) -> None:
+    """Label the other studies' results by what they change relative to the first study's
+    results of the same method at the same D (its preset's, unlabelled); else by study name."""
+    reference = {}
+    for row in rows:
+        if row["study"] == first and not row["label"]:
+            reference.setdefault((row["dataset"], row["method"], row.get("dim")), row["config"])
+    for row in rows:
+        if row["study"] == first:
+            continue
+        ref = reference.get((row["dataset"], row["method"], row.get("dim")))
+        row["label"] = describe(config_changes(row["config"], ref)) if ref is not None else " ".join(filter(None, (row["study"], row["label"])))
+
+
+def _disambiguate(rows: list[dict]) -> None:
+    """Two configurations must never share a curve: where one label covers several experiments
+    at the same D, add each one's experiment id."""
+    experiments: dict[tuple, set] = {}
+    for r in rows:
+        experiments.setdefault((r["dataset"], r["method"], r["label"], r["dim"]), set()).add(r["experiment"])
+    clashing = {k[:3] for k, ids in experiments.items() if len(ids) > 1}
+    for r in rows:
+        if (r["dataset"], r["method"], r["label"]) in clashing:
+            r["label"] = f"{r['label']} [{r['experiment'][:6]}]".strip()
 
 
 def results_csv(rows: list[dict[str, Any]]) -> str:
@@ -56,15 +127,7 @@ def results_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def pca_curves(cache_root: Path) -> dict[str, np.ndarray]:
-    """Explained-variance ratio of each dataset's PCA fit (the first found per dataset)."""
-    curves: dict[str, np.ndarray] = {}
-    for directory in sorted((Path(cache_root) / "artefacts" / "reduce").glob("pca-*")):
-        manifest = read_manifest(directory)
-        if manifest is None or manifest.get("dataset") in curves:
-            continue
-        curves[manifest["dataset"]] = load_npz(directory)["explained_variance_ratio_"]
-    return curves
+# -- series ---------------------------------------------------------------------------------------
 
 
 def _datasets(names) -> list[str]:
@@ -72,118 +135,156 @@ def _datasets(names) -> list[str]:
     return known + sorted(set(names) - set(known))
 
 
-def _d_vit(dataset: str, rows: list[dict]) -> int:
-    dims = [r["dim"] for r in rows if r["dataset"] == dataset and r["method"] == "dino"]
-    return paper.D_VIT.get(dataset, max(dims, default=768))
+def _title(method: str, label: str = "") -> str:
+    title = registry.METHODS[method].title if method in registry.METHODS else method
+    return f"{title} {label}".strip()
 
 
-def _series(rows, dataset, method, probe, metric, crf):
-    """x (D), mean, std over seeds."""
-    by_dim: dict[int, list[float]] = {}
+def series(rows, dataset, probe, metric, crf) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(method, label) → (D, mean over seeds, std over seeds), one per configuration."""
+    points: dict[tuple[str, str], dict[int, list[float]]] = {}
     for r in rows:
-        if (r["dataset"], r["method"], r["probe"], r["crf"]) == (dataset, method, probe, crf):
-            by_dim.setdefault(int(r["dim"]), []).append(float(r[metric]))
-    dims = sorted(by_dim)
-    return np.array(dims), np.array([np.mean(by_dim[d]) for d in dims]), np.array([np.std(by_dim[d]) for d in dims])
+        if (r["dataset"], r["probe"], r["crf"]) == (dataset, probe, crf):
+            points.setdefault((r["method"], r["label"]), {}).setdefault(int(r["dim"]), []).append(float(r[metric]))
+    out = {}
+    for name, by_dim in points.items():
+        dims = sorted(by_dim)
+        out[name] = (np.array(dims), np.array([np.mean(by_dim[d]) for d in dims]), np.array([np.std(by_dim[d]) for d in dims]))
+    return out
 
 
-def figure3(curves: dict[str, np.ndarray]):
+def _style(method: str, label: str, labels_of: dict[str, list[str]]) -> dict[str, Any]:
+    names = list(registry.METHODS)
+    colour = names.index(method) if method in names else len(names) + sorted(labels_of).index(method)
+    spec = registry.METHODS.get(method)
+    linestyle = LINESTYLES[labels_of[method].index(label) % len(LINESTYLES)]
+    return {"color": f"C{colour % 10}", "marker": spec.marker if spec else "o", "linestyle": linestyle}
+
+
+def _dim_axis(ax, dims) -> None:
+    ax.set_xscale("log")
+    ticks = sorted(set(int(d) for d in dims))
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("D")
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def figure3(fits: list[dict[str, Any]]):
+    """Cumulative explained variance against the number of components as a fraction of D (the
+    k-th component at k/D)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.2, 3))
-    for i, dataset in enumerate(_datasets(curves)):
-        ratio = curves[dataset]
-        x = np.linspace(0, 1, len(ratio)) * 768  # relative to D_ViT, on a common 768 axis
-        ax.plot(x, np.cumsum(ratio), label=paper.DATASET_TITLES.get(dataset, dataset), color=f"C{i}")
-    ax.set_xticks([0, 48, 192, 384, 576, 768], ["0", "D/16", "D/4", "D/2", "3D/4", "D"])
-    ax.set_xlabel("Number of Components")
-    ax.set_ylabel("Explained Variance")
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    for i, fit in enumerate(sorted(fits, key=lambda f: (_datasets([f["dataset"]]), f["label"]))):
+        ratio = fit["ratio"]
+        x = np.arange(1, len(ratio) + 1) / len(ratio)
+        name = paper.DATASET_TITLES.get(fit["dataset"], fit["dataset"])
+        ax.plot(x, np.cumsum(ratio), color=f"C{i}", label=f"{name} {fit['label']}".strip())
+    ax.set_xlim(0, 1.0)
+    ax.set_xticks([1 / 16, 1 / 4, 1 / 2, 3 / 4, 1], ["D/16", "D/4", "D/2", "3D/4", "D"])
+    ax.set_xlabel("Number of components")
+    ax.set_ylabel("Explained variance")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def metric_figure(rows: list[dict], metric: str, methods=("stego", "pca", "rp", "dino")):
-    """2 × n grid: linear (top) and cluster (bottom) ``metric`` vs D, one column per dataset."""
+def metric_figure(rows: list[dict], metric: str, methods: list[str] | None = None):
+    """2 × n grid: linear (top) and cluster (bottom) ``metric`` vs D, one column per dataset, one
+    curve per method and configuration (± std over seeds), CRF results as separate markers."""
     import matplotlib.pyplot as plt
 
+    methods = methods or [m for m in registry.METHODS if m != "hnne"] + sorted({r["method"] for r in rows} - set(registry.METHODS))
     datasets = _datasets({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(2, len(datasets), figsize=(max(4 * len(datasets), 7), 6.5), squeeze=False)
+    labels_of: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: (r["label"] != "", r["label"])):
+        labels_of.setdefault(r["method"], [])
+        if r["label"] not in labels_of[r["method"]]:
+            labels_of[r["method"]].append(r["label"])
+    fig, axes = plt.subplots(2, len(datasets), figsize=(max(4.5 * len(datasets), 7.5), 6.8), squeeze=False)
     paper_col = {"mIoU": {"cluster": 1, "linear": 3}, "Accuracy": {"cluster": 0, "linear": 2}}[metric]
     for col, dataset in enumerate(datasets):
         for row_i, probe in enumerate(("linear", "cluster")):
             ax = axes[row_i, col]
-            for method in methods:
-                label, marker, colour = METHODS[method]
-                x, y, err = _series(rows, dataset, method, probe, metric, "no")
-                if len(x):
-                    ax.plot(x, y, marker=marker, color=f"C{colour}", label=label)
+            for crf in ("no", "yes"):
+                for (method, label), (x, y, err) in series(rows, dataset, probe, metric, crf).items():
+                    if method not in methods:
+                        continue
+                    style = _style(method, label, labels_of)
+                    if crf == "yes":
+                        ax.plot(x, y, linestyle="none", marker="v", color=style["color"], label=f"{_title(method, label)} + CRF")
+                        continue
+                    ax.plot(x, y, label=_title(method, label), **style)
                     if (err > 0).any():
-                        ax.fill_between(x, y - err, y + err, color=f"C{colour}", alpha=0.2)
-                x, y, _ = _series(rows, dataset, method, probe, metric, "yes")
-                if len(x):
-                    ax.plot(x, y, linestyle="none", marker="v", color=f"C{colour}", label=f"{label} + CRF")
-            for name, style in (("STEGO (released checkpoints, re-evaluated)", ("P", "k", paper.D_STEGO)),
-                                ("DINO (probes retrained on raw DINO tokens)", ("X", "gray", paper.D_VIT))):
+                        ax.fill_between(x, y - err, y + err, color=style["color"], alpha=0.2)
+            for name, (marker, colour, dims) in (("STEGO (released checkpoints, re-evaluated)", ("P", "k", paper.D_STEGO)),
+                                                 ("DINO (probes retrained on raw DINO tokens)", ("X", "gray", paper.D_VIT))):
                 value = paper.TABLE2[name].get(dataset, (None,) * 4)[paper_col[probe]]
                 if value is not None:
-                    ax.plot([style[2][dataset]], [value], linestyle="none", marker=style[0], color=style[1], markersize=9,
+                    ax.plot([dims[dataset]], [value], linestyle="none", marker=marker, color=colour, markersize=9,
                             label=f"paper: {name.split(' (')[0]} + CRF")
-            d_vit = _d_vit(dataset, rows)
-            ax.set_xscale("log")
-            ticks = [t for t in paper.DIM_TICKS if t <= d_vit]
-            ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.minorticks_off()
+            _dim_axis(ax, [r["dim"] for r in rows if r["dataset"] == dataset and r["method"] in methods])
             ax.set_title(f"{paper.DATASET_TITLES.get(dataset, dataset)} — {probe}")
-            ax.set_xlabel("D")
             ax.set_ylabel(f"{probe} {metric} (%)")
-    handles = {}
-    for ax in axes.ravel():
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(l, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 * (1 + (len(handles) - 1) // 4), 1, 1))
+    _shared_legend(fig, axes)
     return fig
 
 
-def hnne_figure(rows: list[dict], dataset: str = "cityscapes"):
-    """Supplementary Fig. 2: h-NNE vs PCA (2 × 2: probe × metric)."""
+def hnne_figure(rows: list[dict], dataset: str):
+    """Supplementary Fig. 2: h-NNE vs PCA on one dataset (2 × 2: probe × metric)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(8, 6))
+    labels_of = {m: sorted({r["label"] for r in rows if r["method"] == m}, key=lambda s: (s != "", s)) for m in ("hnne", "pca")}
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6.4))
     for i, probe in enumerate(("linear", "cluster")):
         for j, metric in enumerate(("mIoU", "Accuracy")):
             ax = axes[i, j]
-            for method in ("hnne", "pca"):
-                label, marker, colour = METHODS[method]
-                x, y, _ = _series(rows, dataset, method, probe, metric, "no")
-                if len(x):
-                    ax.plot(x, y, marker=marker, color=f"C{colour}", label=label)
-            ax.set_xscale("log")
-            ax.set_xticks(paper.DIM_TICKS, [str(t) for t in paper.DIM_TICKS])
-            ax.minorticks_off()
+            for (method, label), (x, y, _) in series(rows, dataset, probe, metric, "no").items():
+                if method in labels_of:
+                    ax.plot(x, y, label=_title(method, label), **_style(method, label, labels_of))
+            _dim_axis(ax, [r["dim"] for r in rows if r["dataset"] == dataset and r["method"] in labels_of])
             ax.set_title(f"{paper.DATASET_TITLES.get(dataset, dataset)} — {probe} {metric}")
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    _shared_legend(fig, axes)
     return fig
 
 
+def _shared_legend(fig, axes) -> None:
+    handles = {}
+    for ax in axes.ravel():
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    ncol = min(4, max(1, len(handles)))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.045 * (1 + (len(handles) - 1) // ncol), 1, 1))
+
+
+# -- Table 2 ------------------------------------------------------------------------------------
+
+
 def table2(rows: list[dict]) -> list[dict[str, Any]]:
-    """Our STEGO (at D_STEGO) and DINO rows, with CRF where available, beside the paper's rows."""
+    """Our Table 2 methods (raw DINO, the heads at their headline D), one row per configuration,
+    with the CRF where it was evaluated, mean ± std over seeds; then the paper's rows."""
     datasets = _datasets({r["dataset"] for r in rows})
     out = []
-    for method, name in (("stego", "STEGO (stegoscope)"), ("dino", "DINO (stegoscope)")):
-        entry: dict[str, Any] = {"method": name}
-        for dataset in datasets:
-            candidates = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
-            if method == "stego" and dataset in paper.D_STEGO:
-                candidates = [r for r in candidates if r["dim"] == paper.D_STEGO[dataset]] or candidates
-            crf = "yes" if any(r["crf"] == "yes" for r in candidates) else "no"
-            for column in paper.COLUMNS:
-                probe, metric = column.split("/")
-                values = [r[metric] for r in candidates if r["probe"] == probe and r["crf"] == crf]
-                entry[f"{dataset} {column}"] = float(np.mean(values)) if values else None
-        out.append(entry)
+    table_methods = [m for m, spec in registry.METHODS.items() if spec.table2]
+    for method in table_methods:
+        for label in sorted({r["label"] for r in rows if r["method"] == method and r["headline"]}, key=lambda s: (s != "", s)):
+            entry: dict[str, Any] = {"method": f"{_title(method, label)} (stegoscope)"}
+            for dataset in datasets:
+                candidates = [r for r in rows if (r["dataset"], r["method"], r["label"]) == (dataset, method, label) and r["headline"]]
+                crf = "yes" if any(r["crf"] == "yes" for r in candidates) else "no"
+                seeds = {r["seed"] for r in candidates}
+                for column in paper.COLUMNS:
+                    probe, metric = column.split("/")
+                    values = [r[metric] for r in candidates if r["probe"] == probe and r["crf"] == crf]
+                    entry[f"{dataset} {column}"] = float(np.mean(values)) if values else None
+                    entry[f"{dataset} {column} std"] = float(np.std(values)) if len(values) > 1 else None
+                entry[f"{dataset} CRF"] = crf if candidates else None
+                entry[f"{dataset} seeds"] = len(seeds) if candidates else None
+            out.append(entry)
     for name, values in paper.TABLE2.items():
         entry = {"method": f"paper: {name}"}
         for dataset in datasets:
@@ -195,38 +296,51 @@ def table2(rows: list[dict]) -> list[dict[str, Any]]:
 
 
 def table_texts(table: list[dict[str, Any]]) -> dict[str, str]:
-    columns = list(table[0])
-    fmt = lambda v: "-" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    """Markdown and LaTeX (``mean ± std`` over seeds) and CSV (means and stds in columns)."""
+    columns = [c for c in table[0] if not c.endswith(" std")] if table else []
+    csv_columns = list(dict.fromkeys(c for row in table for c in row))
+
+    def cell(row, column):
+        value, std = row.get(column), row.get(f"{column} std")
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+        return str(value)
+
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in table]
+    md += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in table]
     csv_out = io.StringIO()
-    csv.DictWriter(csv_out, columns).writeheader()
-    csv.DictWriter(csv_out, columns).writerows(table)
+    writer = csv.DictWriter(csv_out, csv_columns)
+    writer.writeheader()
+    writer.writerows(table)
     tex = ["\\begin{tabular}{l" + "r" * (len(columns) - 1) + "}", "\\hline", " & ".join(columns).replace("%", "\\%") + " \\\\", "\\hline"]
-    tex += [" & ".join(fmt(row[c]) for c in columns) + " \\\\" for row in table] + ["\\hline", "\\end{tabular}"]
+    tex += [" & ".join(cell(row, c).replace("±", "$\\pm$") for c in columns) + " \\\\" for row in table] + ["\\hline", "\\end{tabular}"]
     return {"md": "\n".join(md) + "\n", "csv": csv_out.getvalue(), "tex": "\n".join(tex) + "\n"}
 
 
-def render(cache_root: Path, out_dir: Path) -> dict[str, list[Path]]:
-    """Draw everything there are results for into ``out_dir`` (PNG + PDF; tables as md/csv/tex)."""
+# -- one file set -------------------------------------------------------------------------------
+
+
+def render(cache_root: Path, out_dir: Path, studies: list[str]) -> dict[str, list[Path]]:
+    """Draw what ``studies`` declared into ``out_dir`` (PNG + PDF; tables as md/csv/tex)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows, fits = collect(cache_root, studies)
     out_dir = Path(out_dir)
     begin_artefact(out_dir)  # a run killed before the end leaves no manifest
-    rows = collect_results(cache_root)
-    written: dict[str, list[Path]] = {}
     figures = {}
-    curves = pca_curves(cache_root)
-    if curves:
-        figures["fig3_explained_variance"] = figure3(curves)
+    if fits:
+        figures["fig3_explained_variance"] = figure3(fits)
     if rows:
         figures["fig4_miou_vs_dim"] = metric_figure(rows, "mIoU")
         figures["supp_fig1_accuracy_vs_dim"] = metric_figure(rows, "Accuracy")
-        if any(r["method"] == "hnne" and r["dataset"] == "cityscapes" for r in rows):
-            figures["supp_fig2_hnne_cityscapes"] = hnne_figure(rows)
+        for dataset in _datasets({r["dataset"] for r in rows if r["method"] == "hnne"}):
+            figures[f"supp_fig2_hnne_{dataset}"] = hnne_figure(rows, dataset)
+    written: dict[str, list[Path]] = {}
     for name, fig in figures.items():
         written[name] = [out_dir / f"{name}.{ext}" for ext in ("png", "pdf")]
         for path in written[name]:
@@ -242,7 +356,7 @@ def render(cache_root: Path, out_dir: Path) -> dict[str, list[Path]]:
         written["table2"] = [out_dir / name for name in texts if name.startswith("table2")]
         written["results"] = [out_dir / "results.csv"]
     if written:
-        inputs = sorted({r["key"] for r in rows})
-        write_manifest(out_dir, {"stage": "figures", "inputs": inputs, "finished": time.time()},
+        inputs = sorted({r["key"] for r in rows} | {f["key"] for f in fits})
+        write_manifest(out_dir, {"stage": "figures", "studies": studies, "inputs": inputs, "finished": time.time()},
                        [p for paths in written.values() for p in paths])
     return written

@@ -11,32 +11,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import cache_schema
-from ..cache_schema import POOLED
+from ..cache_schema import NNS, POOLED, open_complete_store
 from ..models import resolve_device
 from ..ops.knn import knn_blocked
 from ..atomic import atomic_write_npz
-from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, package_versions, write_manifest
-from .reduce import open_complete_store
-
-NNS = "nns"
+from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 
 
 class KnnStage(Stage):
     name = "knn"
     version = 1
 
-    def __init__(self, cache_root: Path, store: Path, k: int = 30, block: int = 1024, device: str = "auto"):
+    def __init__(self, cache_root: Path, train: Stage, k: int = 30, block: int = 1024, device: str = "auto"):
         super().__init__(cache_root)
-        self.store, self.k, self.block, self.device = open_complete_store(store), k, block, device
+        self.train, self.k, self.block, self.device = train, k, block, device
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "descriptor": "mean_patch_token_l2", "similarity": "cosine"}
 
-    def inputs(self) -> list[str]:
-        return [self.store.key]
+    def upstream(self) -> dict[str, Stage]:
+        return {"train": self.train}
 
     @property
     def output(self) -> Path:
@@ -47,14 +42,10 @@ class KnnStage(Stage):
 
     def execute(self, force: bool) -> np.ndarray:
         started = time.time()
-        nns = knn_blocked(self.store[POOLED][:], self.k, self.block, resolve_device(self.device).type)
+        store = open_complete_store(self.train.output)
+        nns = knn_blocked(store[POOLED][:], self.k, self.block, resolve_device(self.device).type)
         begin_artefact(self.output)
         atomic_write_npz(self.output / cache_schema.PAYLOAD, ({NNS: nns}))
-        write_manifest(self.output, {"key": self.key, "stage": self.name, "stage_version": self.version,
-                                     "params": self.params(), "inputs": self.inputs(), "store": str(self.store.path),
-                                     "started": started, "finished": time.time(), "versions": package_versions()})
+        write_manifest(self.output, self.manifest(started, store=str(store.path)))
         return nns
 
-
-def load_knn(artefact: Path) -> np.ndarray:
-    return load_npz(artefact)[NNS]

@@ -1,0 +1,217 @@
+"""The head-training base: everything a head trained from cached tokens shares with any other.
+
+A head is a small subclass of :class:`HeadTrainer` that supplies ``make_head()`` and ``loss()``
+(STEGO: ``stego.py``). The base gives it, and keeps once:
+
+* cached token batches, resident on the device when the train store fits, else streamed;
+* kNN partners, drawn uniformly from ranks 1..``knn_neighbors`` of each image's neighbours;
+* STEGO's linear and cluster probes trained alongside on the detached code, one backward of
+  the summed losses;
+* validation every ``val_every`` steps keeping the head with the best val cluster mIoU (the
+  paper's protocol) besides the final one, then the dense CRF evaluation of the best;
+* ``log.jsonl`` / TensorBoard logging of whatever the loss reports;
+* export of the trained head as a reducer, so ``probe`` can train fresh probes on its codes.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..cache_schema import FeatureStore
+from ..probing import BatchOrder, CodeSource, Probes, TokenBatches, TrainingLog, evaluate, evaluate_with_crf, train_validated
+from ..reducers import Reducer
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """What every head's preset section holds besides its own parameters (paper Table 1)."""
+
+    steps: int = 5000
+    batch_size: int = 16
+    lr: float = 5e-4  # the head's Adam learning rate
+    knn_neighbors: int = 7  # kNN partner drawn from ranks 1..knn_neighbors
+
+    def __post_init__(self):
+        if min(self.steps, self.batch_size, self.knn_neighbors) < 1 or self.lr <= 0:
+            raise ValueError(f"steps, batch_size, knn_neighbors and lr must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class HeadRun:
+    """One training run of any head: the dataset's classes, the code dimension, the probes and the
+    evaluation, and the seed."""
+
+    n_classes: int
+    dim: int
+    probe_lr: float = 5e-3
+    extra_clusters: int = 0
+    val_every: int = 100
+    seed: int = 0
+    crf: bool = False  # evaluate the best head and its probes with the dense CRF too (Table 2)
+    extra_as_errors: bool = False  # count pixels of unmatched clusters as errors (not parity)
+
+    def __post_init__(self):
+        if min(self.n_classes, self.dim, self.val_every) < 1 or self.extra_clusters < 0:
+            raise ValueError(f"n_classes, dim and val_every must be positive and extra_clusters ≥ 0: {self}")
+
+
+@dataclass
+class TokenBatch:
+    """One step's inputs: (B, C, h, w) tokens and (B, H, W) labels of the batch rows and the
+    tokens of each row's kNN partner (None for heads that use no partners)."""
+
+    rows: np.ndarray
+    feats: torch.Tensor
+    labels: torch.Tensor
+    partner_feats: torch.Tensor | None
+
+
+@dataclass
+class HeadResult:
+    history: list[dict]
+    best: dict
+    best_head: Reducer
+    best_probes: dict
+    final_head: Reducer
+    final_probes: dict
+    best_crf: dict | None
+    resident: bool
+
+
+class HeadTrainer(ABC):
+    """Trains a head from cached tokens only, with STEGO's probes alongside.
+
+    Subclasses set ``params_class`` (their preset section, a :class:`HeadParams` subclass) and
+    implement :meth:`make_head` and :meth:`loss`; ``uses_knn = False`` for heads without kNN
+    partners, ``version`` is part of their stage key.
+    """
+
+    params_class: ClassVar[type[HeadParams]] = HeadParams
+    uses_knn: ClassVar[bool] = True
+    version: ClassVar[int] = 1
+
+    def __init__(self, params: HeadParams, run: HeadRun, channels: int):
+        self.params, self.run, self.channels = params, run, channels
+
+    @abstractmethod
+    def make_head(self) -> nn.Module:
+        """The trainable head: (B, C, h, w) tokens → (B, dim, h, w) code."""
+
+    @abstractmethod
+    def loss(self, head: nn.Module, batch: TokenBatch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(code of ``batch.feats``, loss, what to log): tensors named ``loss/…`` or any other
+        ``group/name``; scalars are logged as they are, larger tensors by mean and histogram."""
+
+    def optimizer(self, head: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(head.parameters(), lr=self.params.lr)
+
+    def export(self, head: nn.Module) -> Reducer:
+        """The head in eval mode as a reducer (tokens → code)."""
+        return ModuleReducer.from_module(head, self.run.dim)
+
+    def fit(self, train: FeatureStore, val: FeatureStore, nns: np.ndarray | None, device: torch.device, log: TrainingLog,
+            resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True, label: str = "train") -> HeadResult:
+        """Train on ``train`` (kNN rows ``nns``), validate on ``val``; seeded by ``run.seed``."""
+        p, run = self.params, self.run
+        torch.manual_seed(run.seed)
+        generator = torch.Generator().manual_seed(run.seed)
+        rng = np.random.default_rng(run.seed)
+        data = TokenBatches(train, device, resident_bytes)
+        head = self.make_head().to(device)
+        probes = Probes(run.dim, run.n_classes, run.extra_clusters).to(device)
+        optimizers = [self.optimizer(head), *probes.optimizers(run.probe_lr, run.probe_lr)]
+        batches = BatchOrder(len(data), p.batch_size, rng)
+        neighbours = min(p.knn_neighbors, nns.shape[1] - 1) if nns is not None else 0
+        val_codes = lambda reducer: CodeSource(val, reducer, flip=True)  # noqa: E731  flip TTA when val has flips
+
+        def update(step: int) -> dict:
+            rows = batches.next()
+            partners = nns[rows, rng.integers(1, neighbours + 1, size=len(rows))] if nns is not None else None
+            feats, labels = data(rows)
+            batch = TokenBatch(rows, feats, labels, data(partners)[0] if partners is not None else None)
+            code, loss, logged = self.loss(head, batch, generator)
+            loss_linear, loss_cluster = probes.losses(code.detach(), labels)
+            total = loss + loss_linear + loss_cluster
+            for opt in optimizers:
+                opt.zero_grad()
+            total.backward()
+            for opt in optimizers:
+                opt.step()
+            if log.due(step):
+                log.write(step, {**logged, "loss/linear": loss_linear, "loss/cluster": loss_cluster, "loss/total": total})
+            return {}
+
+        current: dict[str, Any] = {}
+
+        def validate() -> dict:
+            current["head"] = self._exported(head, device)
+            return evaluate(val_codes(current["head"]), val, probes, device, run.extra_as_errors)
+
+        history, best, (best_head, best_probes) = train_validated(
+            p.steps, run.val_every, update, validate, lambda: (current["head"], probes.snapshot()), label, show_progress)
+        final_head, final_probes = self._exported(head, torch.device("cpu"), train_after=False), probes.snapshot()
+        best_crf = None
+        if run.crf:
+            probes.restore(best_probes)
+            best_crf = {"step": best["step"], **evaluate_with_crf(val_codes(best_head), val, probes, device, run.extra_as_errors,
+                                                                  crf_workers, show_progress)}
+        return HeadResult(history, best, best_head, best_probes, final_head, final_probes, best_crf, data.resident)
+
+    def _exported(self, head: nn.Module, device: torch.device, train_after: bool = True) -> Reducer:
+        head.eval()
+        reducer = self.export(head.cpu())
+        head.to(device)
+        if train_after:
+            head.train()
+        return reducer
+
+
+class ModuleReducer(Reducer):
+    """Any trained head module as a reducer: tokens (…, C) → codes (…, D), in eval mode on the CPU.
+
+    The module is stored pickled (like h-NNE's model), so its class must be importable when the
+    artefact is read.
+    """
+
+    method = "module"
+    needs_fit = False
+
+    def __init__(self, n_components: int | None = None):
+        self.n_components = n_components
+
+    @classmethod
+    def from_module(cls, module: nn.Module, n_components: int) -> ModuleReducer:
+        reducer = cls(n_components)
+        reducer.module_ = copy.deepcopy(module).cpu().eval()
+        return reducer
+
+    def fit(self, tokens) -> ModuleReducer:
+        raise NotImplementedError("a head is trained by its `stegoscope train-<method>` stage")
+
+    @torch.no_grad()
+    def transform(self, tokens: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(tokens, dtype=np.float32))
+        lead = x.shape[:-1]
+        maps = x.reshape(-1, *x.shape[-3:]) if x.dim() >= 3 else x.reshape(-1, 1, 1, x.shape[-1])
+        codes = self.module_(maps.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return codes.reshape(*lead, codes.shape[-1]).numpy()
+
+    def params(self) -> dict[str, Any]:
+        return {"n_components": self.n_components}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"module_": np.frombuffer(pickle.dumps(self.module_), dtype=np.uint8)}
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], state: dict[str, np.ndarray]) -> ModuleReducer:
+        reducer = cls(**params)
+        reducer.module_ = pickle.loads(state["module_"].tobytes())
+        return reducer

@@ -1,0 +1,94 @@
+"""The one registry of methods: name → kind, parameter dataclass, class, and how it is drawn.
+
+A method is either a **reducer** (tokens → codes by a fitted map: ``reducers.py``; raw DINO is the
+identity) or a **head** trained from the cache (``heads/``). Everything that lists methods reads
+this registry: the study graph, ``reduce``, ``probe``, the commands' help, ``status`` and the
+figures. Adding a method is one module plus one :func:`register` call.
+
+The parameter dataclass is the method's preset section: ``reduce.<name>`` for reducers,
+``<name>`` for heads (which also take ``dim``, their headline D, and ``per_dim`` overrides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+
+from .heads.base import HeadTrainer
+from .heads.stego import StegoParams, StegoTrainer
+from .reducers import HNNE, PCA, HNNEParams, IdentityParams, IdentityReducer, PCAParams, RandomProjection, Reducer, RPParams
+
+REDUCER, HEAD = "reducer", "head"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method.
+
+    Parameters
+    ----------
+    name : how presets, the CLI and artefacts call it.
+    kind : ``reducer`` or ``head``.
+    params : its frozen parameter dataclass (its preset section).
+    cls : a :class:`~stegoscope.reducers.Reducer` (reducer) or
+        :class:`~stegoscope.heads.base.HeadTrainer` (head) subclass.
+    title : its name in figures and tables.
+    marker : its matplotlib marker.
+    table2 : a row of Table 2, evaluated with the dense CRF at its headline D.
+    help : one line for the commands' help.
+    """
+
+    name: str
+    kind: str
+    params: type
+    cls: type
+    title: str
+    marker: str = "o"
+    table2: bool = False
+    help: str = ""
+
+    def __post_init__(self):
+        base = {REDUCER: Reducer, HEAD: HeadTrainer}.get(self.kind)
+        if base is None:
+            raise ValueError(f"method {self.name!r}: kind must be {REDUCER!r} or {HEAD!r}, not {self.kind!r}")
+        if not (isinstance(self.cls, type) and issubclass(self.cls, base)):
+            raise TypeError(f"method {self.name!r}: a {self.kind} needs a {base.__name__} subclass, not {self.cls!r}")
+        if not is_dataclass(self.params):
+            raise TypeError(f"method {self.name!r}: params must be a dataclass, not {self.params!r}")
+        if self.kind == HEAD and not issubclass(self.params, self.cls.params_class):
+            raise TypeError(f"method {self.name!r}: params must extend {self.cls.params_class.__name__}")
+
+    @property
+    def field_names(self) -> set[str]:
+        return {f.name for f in fields(self.params)}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` (replacing one of the same name)."""
+    METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}") from None
+
+
+def names(kind: str | None = None) -> list[str]:
+    return [m.name for m in METHODS.values() if kind is None or m.kind == kind]
+
+
+def describe(kind: str | None = None) -> str:
+    """``name (help); …`` for the commands' help."""
+    return "; ".join(f"{m.name}: {m.help}" if m.help else m.name for m in METHODS.values() if kind is None or m.kind == kind)
+
+
+register(Method("dino", REDUCER, IdentityParams, IdentityReducer, "DINO", "*", table2=True, help="raw DINO tokens"))
+register(Method("pca", REDUCER, PCAParams, PCA, "PCA", "s", help="exact streamed PCA, one fit for every D"))
+register(Method("rp", REDUCER, RPParams, RandomProjection, "RP", "^", help="seeded random projection"))
+register(Method("hnne", REDUCER, HNNEParams, HNNE, "h-NNE", "D", help="h-NNE (v1), stores projected once"))
+register(Method("stego", HEAD, StegoParams, StegoTrainer, "STEGO", "o", table2=True, help="STEGO head trained from the cache"))

@@ -1,0 +1,315 @@
+"""What every probe and every head trained from the cache shares (reference §7–§10, the study's
+§4 protocol).
+
+* :class:`Probes`: STEGO's linear 1×1 probe and cosine cluster probe, trained on detached codes;
+* :func:`evaluate` (and :func:`evaluate_with_crf`): val metrics over a whole store, the cluster
+  probe Hungarian-matched over all of it, optionally refined by the dense CRF;
+* :class:`CodeSource`: codes of a store's images, from a reducer or precomputed, with flip TTA;
+* :class:`TokenBatches` and :class:`BatchOrder`: cached token batches, resident or streamed, in a
+  seeded order;
+* :func:`train_validated`: the loop of a probe or head training, with validation every
+  ``val_every`` steps and the step with the best val cluster mIoU kept (the paper's protocol);
+* :class:`TrainingLog`: JSONL (and TensorBoard when installed) logging.
+
+Upsample-then-probe is computed in an equivalent, lighter order: a 1×1 linear map commutes with
+bilinear upsampling (its weights sum to one), so logits and cosine numerators are upsampled
+instead of D-channel codes; the code norm is accumulated over channel chunks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache_schema import IMAGES, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError
+from .ops.crf import dense_crf, softmax
+from .ops.kmeans import ClusterLookup
+from .ops.metrics import SegmentationMetrics
+from .pipeline import load_npz, read_manifest
+from .progress import console, progress_bar
+from .reducers import Reducer
+
+CLUSTER_ALPHA = 2.0  # softmax(2·cos) for the CRF, as STEGO's evaluation
+
+
+# -- codes ------------------------------------------------------------------------------------
+
+
+class CodeSource:
+    """Codes of a store's images: ``reducer(tokens)``, or precomputed codes of a derived store.
+
+    With ``flip`` and a ``tokens_flip`` array, the codes of an image and of its mirror image
+    (flipped back) are averaged, as STEGO's evaluation.
+    """
+
+    def __init__(self, store: FeatureStore, reducer: Reducer, derived: FeatureStore | None = None, flip: bool = False):
+        self.store, self.reducer, self.derived = store, reducer, derived
+        self.flip = flip and derived is None and TOKENS_FLIP in store
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        if self.derived is not None:
+            return np.asarray(self.derived[TOKENS].get_orthogonal_selection((rows,)), dtype=np.float32)
+        codes = self.reducer.transform(self.store[TOKENS].get_orthogonal_selection((rows,)))
+        if self.flip:
+            codes = (codes + self.reducer.transform(self.store[TOKENS_FLIP].get_orthogonal_selection((rows,)))) / 2
+        return codes
+
+
+class TokenBatches:
+    """Rows of a store's tokens / labels as (B, C, h, w) float and (B, H, W) long tensors: from
+    device memory when the store fits in ``limit_bytes``, else read from disk per batch."""
+
+    def __init__(self, store: FeatureStore, device: torch.device, limit_bytes: float):
+        self.store, self.device = store, device
+        self.resident = store[TOKENS].nbytes + store[LABELS].nbytes <= limit_bytes
+        if self.resident:
+            self.tokens = torch.from_numpy(store[TOKENS][:]).to(device)
+            self.labels = torch.from_numpy(store[LABELS][:]).to(device)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.resident:
+            index = torch.as_tensor(rows, device=self.device)
+            tokens, labels = self.tokens[index], self.labels[index]
+        else:
+            order = np.argsort(rows)  # zarr reads sorted rows; restore the batch order after
+            undo = np.argsort(order)
+            tokens = torch.from_numpy(self.store[TOKENS].get_orthogonal_selection((rows[order],))[undo]).to(self.device)
+            labels = torch.from_numpy(self.store[LABELS].get_orthogonal_selection((rows[order],))[undo]).to(self.device)
+        return tokens.permute(0, 3, 1, 2).float(), labels.long()
+
+
+class BatchOrder:
+    """The rows of each batch: a seeded permutation of the store, drawn anew when fewer rows than
+    a batch are left (STEGO's ``drop_last`` shuffling)."""
+
+    def __init__(self, n: int, batch_size: int, rng: np.random.Generator):
+        self.n, self.batch_size, self.rng = n, batch_size, rng
+        self.order, self.cursor = rng.permutation(n), 0
+
+    def next(self) -> np.ndarray:
+        if self.cursor + self.batch_size > len(self.order):
+            self.order, self.cursor = self.rng.permutation(self.n), 0
+        rows = self.order[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return rows
+
+
+def load_reducer(artefact: Path, n_components: int | None = None) -> Reducer:
+    """A fitted reducer from its artefact directory (``n_components`` truncates one that serves
+    every D, such as PCA)."""
+    manifest = read_manifest(artefact)
+    if manifest is None:
+        raise StoreError(f"{artefact}: no manifest, so the run that makes it did not finish; run it (again)")
+    cls = Reducer.by_name(manifest.get("reducer_class", manifest["method"]))
+    reducer = cls.from_state(manifest["reducer"], load_npz(artefact))
+    if n_components is not None and cls.serves_every_dim:
+        reducer = reducer.with_components(n_components)
+    return reducer
+
+
+# -- probes and their evaluation ---------------------------------------------------------------
+
+
+class Probes(nn.Module):
+    """STEGO's two probes on detached codes: a linear 1×1 classifier (logits bilinearly upsampled
+    to the labels, cross-entropy over labelled pixels) and the cosine k-means cluster probe."""
+
+    def __init__(self, dim: int, n_classes: int, extra_clusters: int = 0):
+        super().__init__()
+        self.n_classes, self.extra_clusters = n_classes, extra_clusters
+        self.linear = nn.Conv2d(dim, n_classes, 1)
+        self.cluster = ClusterLookup(dim, n_classes + extra_clusters)
+
+    def losses(self, code: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear, cluster) losses of codes (B, D, h, w) against labels (B, H, W)."""
+        labels = torch.where((labels >= 0) & (labels < self.n_classes), labels, -1)
+        logits = F.interpolate(self.linear(code), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        linear = F.cross_entropy(logits, labels, ignore_index=-1) if (labels >= 0).any() else logits.sum() * 0
+        cluster, _ = self.cluster(code, None)
+        return linear, cluster
+
+    def optimizers(self, linear_lr: float, cluster_lr: float) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.linear.parameters(), lr=linear_lr), torch.optim.Adam(self.cluster.parameters(), lr=cluster_lr)]
+
+    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        """CPU copies of both probes' weights (the ``probes.pt`` layout)."""
+        return {"linear": _copy(self.linear), "cluster": _copy(self.cluster)}
+
+    def restore(self, snapshot: dict[str, dict[str, torch.Tensor]]) -> Probes:
+        self.linear.load_state_dict(snapshot["linear"])
+        self.cluster.load_state_dict(snapshot["cluster"])
+        return self
+
+
+def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],
+                     channel_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear logits, cluster cosines) of the codes bilinearly upsampled to ``size``."""
+    up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    logits = up(probes.linear(codes))
+    dots = up(torch.einsum("bchw,kc->bkhw", codes, F.normalize(probes.cluster.clusters, dim=1)))
+    norm2 = sum(up(codes[:, i : i + channel_chunk]).square().sum(1) for i in range(0, codes.shape[1], channel_chunk))
+    return logits, dots / norm2.sqrt().clamp_min(1e-12)[:, None]
+
+
+def _crf_argmax(args: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    image, probs = args
+    return dense_crf(image, probs).argmax(axis=0)
+
+
+class CRFPool:
+    """Dense CRF over many images in worker processes that cannot hang the run: a spawn
+    context, a per-image timeout, and a serial fallback when the pool fails."""
+
+    def __init__(self, workers: int = 2, timeout: float = 120.0):
+        self.workers, self.timeout = workers, timeout
+        self.pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+
+    def map(self, images: list[np.ndarray], probs: list[np.ndarray]) -> list[np.ndarray]:
+        jobs = list(zip(images, probs))
+        if self.pool is not None:
+            try:
+                futures = [self.pool.submit(_crf_argmax, job) for job in jobs]
+                return [f.result(timeout=self.timeout) for f in futures]
+            except (FutureTimeout, OSError, RuntimeError) as exc:  # BrokenProcessPool is a RuntimeError
+                console.print(f"[yellow]CRF pool failed ({type(exc).__name__}); continuing serially[/]")
+                self.close()
+        return [_crf_argmax(job) for job in jobs]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+@torch.no_grad()
+def evaluate(source: CodeSource, store: FeatureStore, probes: Probes, device: torch.device, extra_as_errors: bool = False,
+             crf: CRFPool | None = None, batch: int = 8, progress=None) -> dict[str, Any]:
+    """Linear and cluster metrics over the whole val store (Hungarian over all of it), flattened
+    to ``linear/mIoU``, ``cluster/Accuracy`` …"""
+    lin = SegmentationMetrics(probes.n_classes)
+    clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters, hungarian=True, extra_as_errors=extra_as_errors)
+    n = len(store)
+    for start in range(0, n, batch):
+        rows = np.arange(start, min(start + batch, n))
+        labels = store[LABELS][rows[0] : rows[-1] + 1]
+        codes = torch.from_numpy(source(rows)).permute(0, 3, 1, 2).to(device)
+        logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
+        if crf is None:
+            lin_pred, clu_pred = logits.argmax(1).cpu().numpy(), cosines.argmax(1).cpu().numpy()
+        else:
+            images = list(store[IMAGES][rows[0] : rows[-1] + 1])
+            lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
+            clu_pred = np.stack(crf.map(images, [softmax(CLUSTER_ALPHA * x) for x in cosines.cpu().numpy()]))
+        lin.update(lin_pred, labels)
+        clu.update(clu_pred, labels)
+        if progress is not None:
+            progress(len(rows))
+    return flat({"linear": lin.compute(), "cluster": clu.compute()})
+
+
+def evaluate_with_crf(source: CodeSource, store: FeatureStore, probes: Probes, device: torch.device,
+                      extra_as_errors: bool = False, workers: int = 2, show_progress: bool = True) -> dict[str, Any]:
+    """:func:`evaluate` with every prediction refined by the dense CRF (STEGO's parameters), in a
+    worker pool that cannot hang the run."""
+    pool = CRFPool(workers)
+    try:
+        with progress_bar("img", show_progress) as bar:
+            task = bar.add_task("dense CRF", total=len(store))
+            return evaluate(source, store, probes, device, extra_as_errors, crf=pool, progress=lambda n: bar.advance(task, n))
+    finally:
+        pool.close()
+
+
+# -- the training loop -------------------------------------------------------------------------
+
+
+def train_validated(steps: int, val_every: int, update: Callable[[int], dict[str, float]],
+                    validate: Callable[[], dict[str, Any]], snapshot: Callable[[], Any],
+                    label: str, show_progress: bool = True) -> tuple[list[dict], dict, Any]:
+    """Run ``update(step)`` for steps 1..``steps``; every ``val_every`` steps and at the last,
+    ``validate()`` and keep ``snapshot()`` of the step with the best val cluster mIoU.
+
+    Returns (history, best row, best snapshot); each history row is the step, what ``update``
+    returned at it and the validation metrics.
+    """
+    history, best, best_snapshot = [], None, None
+    with progress_bar("step", show_progress) as bar:
+        task = bar.add_task(label, total=steps)
+        for step in range(1, steps + 1):
+            logged = update(step)
+            if step % val_every == 0 or step == steps:
+                row = {"step": step, **logged, **validate()}
+                history.append(row)
+                if best is None or row["cluster/mIoU"] > best["cluster/mIoU"]:
+                    best, best_snapshot = row, snapshot()
+            bar.advance(task)
+    return history, best, best_snapshot
+
+
+class TrainingLog:
+    """``log.jsonl`` (and TensorBoard when installed): scalars every ``every`` steps and at step 1,
+    histograms of the non-scalar tensors every ``hist_every`` steps."""
+
+    def __init__(self, directory: Path, every: int = 10, hist_every: int = 100):
+        self.every, self.hist_every = every, hist_every
+        self.file = open(Path(directory) / LOG, "w")
+        self.writer = _tensorboard(Path(directory))
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == 1
+
+    def write(self, step: int, values: dict[str, torch.Tensor | float]) -> None:
+        """Scalars are logged as they are, tensors by their mean (and histogram when due)."""
+        row: dict[str, Any] = {"step": step}
+        tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor) and v.numel() > 1}
+        for name, value in values.items():
+            row[name] = value.mean().item() if isinstance(value, torch.Tensor) else float(value)
+        if step % self.hist_every == 0 and tensors:
+            row["hist"] = {k: np.histogram(v.detach().cpu().numpy(), 40, (-1, 1))[0].tolist() for k, v in tensors.items()}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in row.items():
+                if name not in ("step", "hist"):
+                    self.writer.add_scalar(name, value, step)
+            if "hist" in row:
+                for name, value in tensors.items():
+                    self.writer.add_histogram(name, value.detach().cpu(), step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(directory / "tensorboard"))
+
+
+def flat(result: dict[str, dict]) -> dict[str, Any]:
+    """``{"linear": {"mIoU": …}}`` → ``{"linear/mIoU": …}``."""
+    return {f"{probe}/{key}": value for probe, values in result.items() for key, value in values.items()}
+
+
+def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,94 @@
+"""Train a registered head from cached tokens only — no backbone anywhere.
+
+The training itself is the head's :class:`~stegoscope.heads.base.HeadTrainer`; this stage keys
+it (stage ``train-<method>``, the head's version, the run and the head's parameters, the train
+and val stores and the kNN pairs) and writes the artefact: the best-by-val head as a reducer
+(``payload.npz``, which ``probe --reducer`` accepts), the final head (``final.npz``), both
+probes (``probes.pt``), every validation (``metrics.json``), the training log (``log.jsonl``),
+and ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import cache_schema
+from .. import methods as registry
+from ..atomic import atomic_write_bytes, atomic_write_npz
+from ..cache_schema import open_complete_store
+from ..heads.base import HeadRun
+from ..models import resolve_device
+from ..cache_schema import FINAL, METRICS, NNS, PROBES
+from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, write_manifest
+from ..probing import TrainingLog
+
+
+class TrainHeadStage(Stage):
+    version = 1
+
+    def __init__(self, cache_root: Path, method: str, params: Any, run: HeadRun, train: Stage, val: Stage, knn: Stage | None,
+                 device: str = "auto", resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True):
+        super().__init__(cache_root)
+        self.method, self.p, self.run = method, params, run
+        self.trainer_cls = registry.get(method).cls
+        self.name, self.version = f"train-{method}", self.trainer_cls.version
+        if self.trainer_cls.uses_knn and knn is None:
+            raise ValueError(f"{method} trains with kNN partners: give it the kNN stage")
+        self.train, self.val, self.knn = train, val, knn if self.trainer_cls.uses_knn else None
+        self.device, self.resident_bytes, self.crf_workers, self.show_progress = device, resident_bytes, crf_workers, show_progress
+
+    def params(self) -> dict[str, Any]:
+        run = asdict(self.run)
+        if not run["extra_as_errors"]:  # added later: left out at its default, so earlier keys stay valid
+            del run["extra_as_errors"]
+        return run | asdict(self.p)
+
+    def upstream(self) -> dict[str, Stage]:
+        up = {"train": self.train, "val": self.val}
+        if self.knn is not None:
+            up["knn"] = self.knn
+        return up
+
+    @property
+    def output(self) -> Path:
+        return cache_schema.artefact_dir(self.cache_root, f"train_{self.method}", f"{self.method}{self.run.dim}", self.key)
+
+    def state(self) -> str:
+        return artefact_state(self.output)
+
+    def execute(self, force: bool) -> dict:
+        started = time.time()
+        train, val = open_complete_store(self.train.output), open_complete_store(self.val.output)
+        nns = None
+        if self.knn is not None:
+            nns = load_npz(self.knn.output)[NNS]
+            if len(nns) != len(train):
+                raise cache_schema.StoreError(f"{self.knn.output}: kNN rows ({len(nns)}) do not match the train store ({len(train)})")
+        trainer = self.trainer_cls(self.p, self.run, train.layout.channels)
+        begin_artefact(self.output)
+        log = TrainingLog(self.output)
+        try:
+            result = trainer.fit(train, val, nns, resolve_device(self.device), log, self.resident_bytes, self.crf_workers,
+                                 self.show_progress, f"{self.name} D={self.run.dim}")
+        finally:
+            log.close()
+        atomic_write_npz(self.output / FINAL, result.final_head.state_dict())
+        atomic_write_npz(self.output / cache_schema.PAYLOAD, result.best_head.state_dict())
+        buffer = io.BytesIO()
+        torch.save({"best": result.best_probes, "final": result.final_probes}, buffer)
+        atomic_write_bytes(self.output / PROBES, buffer.getvalue())
+        metrics = {"history": result.history, "best": result.best, "final": result.history[-1]}
+        if result.best_crf is not None:
+            metrics["best_crf"] = result.best_crf
+        atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
+        write_manifest(self.output, self.manifest(
+            started, method=self.method, reducer_class=result.best_head.method, reducer=result.best_head.params(),
+            dataset=train.attrs["params"]["dataset"], code_dim=self.run.dim, seed=self.run.seed, resident=result.resident))
+        return metrics
