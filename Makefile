@@ -8,10 +8,11 @@ CACHE   ?= .stegoscope-cache
 DATASET ?= demo
 DATA_ROOT ?=
 # More `stegoscope extract` options, e.g. ARGS='--weights dino_vitbase8_pretrain.pth --skip-bad'
+# (flip TTA is the preset's eval.flip: `make features` and `stegoscope study` extract the same stores)
 ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo features status clean
+.PHONY: install test demo docs-figures features status clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,12 @@ test:
 
 demo:
 	$(BIN)/stegoscope demo --cache $(CACHE)
+
+# The README's figure, from a demo run in a cache of its own (only the demo preset's experiment).
+DOCS_CACHE ?= .stegoscope-cache/docs-demo
+docs-figures:
+	$(BIN)/stegoscope demo --cache $(DOCS_CACHE)
+	cp $(DOCS_CACHE)/figures/demo/fig4_miou_vs_dim.png docs/demo_fig4.png
 
 # Extract train and val tokens of one dataset preset, e.g. `make features DATASET=potsdam DATA_ROOT=/data`.
 features:

@@ -11,7 +11,7 @@ from stegoscope.cli import app
 from stegoscope.data.transforms import normalize
 from stegoscope.models.backbone import build_backbone
 from stegoscope.reducers import IdentityReducer
-from stegoscope.stages.probe import CodeSource
+from stegoscope.probing import CodeSource, StoreArrays
 
 
 def invoke(args):
@@ -44,5 +44,5 @@ def test_probe_on_demo_stores_with_crf_and_flip(tmp_path):
     with torch.no_grad():
         mirrored = build_backbone("random:vit_micro_patch8")(normalize(pixels.flip(2))).flip(2).half().numpy()
     np.testing.assert_array_equal(val[cache_schema.TOKENS_FLIP][:2], mirrored)
-    codes = CodeSource(val, IdentityReducer(), flip=True)(np.array([0, 1]))
+    codes = CodeSource(StoreArrays(val), IdentityReducer(), flip=True)(np.array([0, 1]))
     np.testing.assert_allclose(codes, (val[cache_schema.TOKENS][:2].astype(np.float32) + mirrored.astype(np.float32)) / 2)

@@ -9,6 +9,9 @@ Layout under a cache root::
     memo/                                                       memoised file hashes
     locks/<key>.lock                                            one lock per running stage key
     artefacts/<stage>/<name>-<key12>/                           later stages (manifest + payload)
+    derived/<store>-by-<key12>.zarr                             stores projected by a reducer (h-NNE)
+    studies/<preset>/experiments/<id>.json                      what each experiment of a study declared
+    figures/<study>/                                            figures and tables drawn from those
 
 A feature store holds, along a shared ``image`` axis that is cut into shards:
 

@@ -234,15 +234,6 @@ def _run_extract(stage, force: bool, no_wait: bool) -> None:
     print(stage.output)
 
 
-def _require_stores(ctx, *splits: str) -> None:
-    """Stop, naming the command that makes them, unless the preset's stores of ``splits`` exist."""
-    from .study import require_complete
-
-    for split in splits:
-        stage = ctx.extract(split)
-        require_complete(stage, ctx.command_for(stage))
-
-
 def _run_targets(ctx, targets: list, force: bool, no_wait: bool, prepare: list = ()) -> list:
     """Run ``targets`` (after ``prepare``, stages they need that may run first, such as kNN pairs),
     record them in the preset's study (what `figures` draws) and say how each went. Anything
@@ -290,7 +281,6 @@ def reduce(
     (reducers whose transform is slow, such as h-NNE, also project the train and val stores)."""
     overrides = _reducer_overrides(method, standardize=standardize, max_images=max_images, kind=rp, fit_tokens=fit_tokens)
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, scheduler=scheduler, show_progress=progress)
-    _require_stores(ctx, "train", *(("val",) if registry.get(method).cls.precompute_codes else ()))
     fit = ctx.fit(method, dim, seed)
     stages = [fit, *(ctx.projections(method, dim, seed) if fit.cls.precompute_codes else ())]
     _run_targets(ctx, stages, force, no_wait)
@@ -343,7 +333,6 @@ def probe(
     if method in registry.names(registry.REDUCER):
         overrides |= _reducer_overrides(method, standardize=standardize, max_images=max_images, kind=rp, fit_tokens=fit_tokens)
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, crf_workers=crf_workers)
-    _require_stores(ctx, "train", "val")
     stage = ctx.probe(method, dim, seed, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
     metrics = read_json(stage.output, cache_schema.METRICS)
@@ -371,9 +360,8 @@ def import_stego(
     """Evaluate a released STEGO checkpoint (head + probes) on the preset's val tokens, without Lightning."""
     ctx = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, show_progress=progress,
                    crf_workers=crf_workers)
-    _require_stores(ctx, "val")
     stage = ctx.import_stego(checkpoint, crf)
-    result = _run(stage, force, no_wait)
+    [result] = _run_targets(ctx, [stage], force, no_wait)
     metrics = read_json(stage.output, cache_schema.METRICS)
     table = Table(title=f"{checkpoint.name} — {'cached' if result.skipped else 'evaluated'}")
     for column in ("probe", "CRF", "mIoU", "Accuracy"):
@@ -402,10 +390,8 @@ def knn(
 ) -> None:
     """Cosine top-k neighbours of every train image's pooled tokens (the STEGO kNN pairs)."""
     ctx = _context(preset, cache, data_root, sets, device=device)
-    _require_stores(ctx, "train")
     stage = ctx.knn(k, block)
-    result = _run(stage, force, no_wait)
-    console.print(f"knn: {'cached' if result.skipped else f'done in {result.seconds:.1f} s'}")
+    _run_targets(ctx, [stage], force, no_wait)
     print(stage.output)
 
 
@@ -414,7 +400,6 @@ def _train(method, preset, data_root, dim, steps, seed, readd_global_mean, crf, 
     if readd_global_mean is not None:
         overrides[f"{method}.readd_global_mean"] = readd_global_mean
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress)
-    _require_stores(ctx, "train", "val")
     stage = ctx.head(method, dim, seed, crf)
     _run_targets(ctx, [stage], force, no_wait, prepare=[stage.knn] if stage.knn else [])
     metrics = read_json(stage.output, cache_schema.METRICS)
@@ -604,7 +589,7 @@ def _print_plan(title: str, plan) -> None:
     for column in ("node", "action", "why"):
         table.add_column(column)
     for node, action, why in plan:
-        table.add_row(node.label, f"[{'yellow' if action == 'run' else 'green'}]{action}[/]", escape(why + (f" [{node.stage.label}]" if node.stage.label and action == "run" else "")))
+        table.add_row(node.label, f"[{'yellow' if action == 'run' else 'green'}]{action}[/]", escape(why))
     console.print(table, soft_wrap=True)
     runs = sum(action == "run" for _, action, _ in plan)
     console.print(f"{title}: {runs} stages would run, {len(plan) - runs} are cached", highlight=False)

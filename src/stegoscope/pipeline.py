@@ -384,18 +384,19 @@ class Stage(ABC):
         return problem or ""
 
 
+def without_seeds(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved configuration without its run seeds: those of every stage after extraction (an
+    extraction's seed is its random backbone's)."""
+    params = config.get("params", {})
+    if config.get("stage") != "extract":
+        params = {k: v for k, v in params.items() if k != "seed"}
+    return {**config, "params": params, "inputs": {role: without_seeds(up) for role, up in config.get("inputs", {}).items()}}
+
+
 def experiment_id(config: dict[str, Any]) -> str:
-    """sha256 of a resolved configuration without its run seeds (those of every stage after
-    extraction; an extraction's seed is its random backbone's): results of one experiment id
+    """sha256 of a resolved configuration without its run seeds: results of one experiment id
     differ only by seed, so only they are averaged."""
-
-    def strip(node: dict[str, Any]) -> dict[str, Any]:
-        params = node.get("params", {})
-        if node.get("stage") != "extract":
-            params = {k: v for k, v in params.items() if k != "seed"}
-        return {**node, "params": params, "inputs": {role: strip(up) for role, up in node.get("inputs", {}).items()}}
-
-    return hashlib.sha256(canonical_json(strip(config)).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(without_seeds(config)).encode()).hexdigest()
 
 
 class Artefact(Stage):

@@ -40,9 +40,35 @@ from .progress import console, progress_bar
 from .reducers import Reducer
 
 CLUSTER_ALPHA = 2.0  # softmax(2·cos) for the CRF, as STEGO's evaluation
+RESIDENT_BYTES = 2e9  # stores whose arrays fit are read into memory once
 
 
 # -- codes ------------------------------------------------------------------------------------
+
+
+class StoreArrays:
+    """Some arrays of a feature store, read into memory once when together they fit in
+    ``limit_bytes`` (a zarr read of a few rows costs far more than the rows), else read from disk
+    per access. Rows come back in the order asked for."""
+
+    def __init__(self, store: FeatureStore, names=(TOKENS, TOKENS_FLIP, LABELS, IMAGES), limit_bytes: float = RESIDENT_BYTES):
+        self.store = store
+        present = [name for name in names if name in store]
+        self.resident = sum(store[name].nbytes for name in present) <= limit_bytes
+        self.arrays = {name: store[name][:] if self.resident else store[name] for name in present}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        array, rows = self.arrays[name], np.asarray(rows)
+        if self.resident:
+            return array[rows]
+        order = np.argsort(rows, kind="stable")  # zarr reads sorted rows; restore the order asked for after
+        return array.get_orthogonal_selection((rows[order],))[np.argsort(order)]
 
 
 class CodeSource:
@@ -52,17 +78,16 @@ class CodeSource:
     (flipped back) are averaged, as STEGO's evaluation.
     """
 
-    def __init__(self, store: FeatureStore, reducer: Reducer, derived: FeatureStore | None = None, flip: bool = False):
-        self.store, self.reducer, self.derived = store, reducer, derived
-        self.flip = flip and derived is None and TOKENS_FLIP in store
+    def __init__(self, arrays: StoreArrays, reducer: Reducer, derived: StoreArrays | None = None, flip: bool = False):
+        self.arrays, self.reducer, self.derived = arrays, reducer, derived
+        self.flip = flip and derived is None and TOKENS_FLIP in arrays
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows)
         if self.derived is not None:
-            return np.asarray(self.derived[TOKENS].get_orthogonal_selection((rows,)), dtype=np.float32)
-        codes = self.reducer.transform(self.store[TOKENS].get_orthogonal_selection((rows,)))
+            return np.asarray(self.derived.rows(TOKENS, rows), dtype=np.float32)
+        codes = self.reducer.transform(self.arrays.rows(TOKENS, rows))
         if self.flip:
-            codes = (codes + self.reducer.transform(self.store[TOKENS_FLIP].get_orthogonal_selection((rows,)))) / 2
+            codes = (codes + self.reducer.transform(self.arrays.rows(TOKENS_FLIP, rows))) / 2
         return codes
 
 
@@ -71,24 +96,22 @@ class TokenBatches:
     device memory when the store fits in ``limit_bytes``, else read from disk per batch."""
 
     def __init__(self, store: FeatureStore, device: torch.device, limit_bytes: float):
-        self.store, self.device = store, device
-        self.resident = store[TOKENS].nbytes + store[LABELS].nbytes <= limit_bytes
+        self.arrays, self.device = StoreArrays(store, (TOKENS, LABELS), limit_bytes), device
+        self.resident = self.arrays.resident
         if self.resident:
-            self.tokens = torch.from_numpy(store[TOKENS][:]).to(device)
-            self.labels = torch.from_numpy(store[LABELS][:]).to(device)
+            self.tokens = torch.from_numpy(self.arrays.arrays[TOKENS]).to(device)
+            self.labels = torch.from_numpy(self.arrays.arrays[LABELS]).to(device)
 
     def __len__(self) -> int:
-        return len(self.store)
+        return len(self.arrays)
 
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self.resident:
             index = torch.as_tensor(rows, device=self.device)
             tokens, labels = self.tokens[index], self.labels[index]
         else:
-            order = np.argsort(rows)  # zarr reads sorted rows; restore the batch order after
-            undo = np.argsort(order)
-            tokens = torch.from_numpy(self.store[TOKENS].get_orthogonal_selection((rows[order],))[undo]).to(self.device)
-            labels = torch.from_numpy(self.store[LABELS].get_orthogonal_selection((rows[order],))[undo]).to(self.device)
+            tokens = torch.from_numpy(self.arrays.rows(TOKENS, rows)).to(self.device)
+            labels = torch.from_numpy(self.arrays.rows(LABELS, rows)).to(self.device)
         return tokens.permute(0, 3, 1, 2).float(), labels.long()
 
 
@@ -198,22 +221,23 @@ class CRFPool:
 
 
 @torch.no_grad()
-def evaluate(source: CodeSource, store: FeatureStore, probes: Probes, device: torch.device, extra_as_errors: bool = False,
+def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_errors: bool = False,
              crf: CRFPool | None = None, batch: int = 8, progress=None) -> dict[str, Any]:
-    """Linear and cluster metrics over the whole val store (Hungarian over all of it), flattened
-    to ``linear/mIoU``, ``cluster/Accuracy`` …"""
+    """Linear and cluster metrics over every image of the source's (val) store (Hungarian over
+    all of them), flattened to ``linear/mIoU``, ``cluster/Accuracy`` …"""
     lin = SegmentationMetrics(probes.n_classes)
     clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters, hungarian=True, extra_as_errors=extra_as_errors)
+    store = source.arrays
     n = len(store)
     for start in range(0, n, batch):
         rows = np.arange(start, min(start + batch, n))
-        labels = store[LABELS][rows[0] : rows[-1] + 1]
+        labels = store.rows(LABELS, rows)
         codes = torch.from_numpy(source(rows)).permute(0, 3, 1, 2).to(device)
         logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
         if crf is None:
             lin_pred, clu_pred = logits.argmax(1).cpu().numpy(), cosines.argmax(1).cpu().numpy()
         else:
-            images = list(store[IMAGES][rows[0] : rows[-1] + 1])
+            images = list(store.rows(IMAGES, rows))
             lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
             clu_pred = np.stack(crf.map(images, [softmax(CLUSTER_ALPHA * x) for x in cosines.cpu().numpy()]))
         lin.update(lin_pred, labels)
@@ -223,15 +247,15 @@ def evaluate(source: CodeSource, store: FeatureStore, probes: Probes, device: to
     return flat({"linear": lin.compute(), "cluster": clu.compute()})
 
 
-def evaluate_with_crf(source: CodeSource, store: FeatureStore, probes: Probes, device: torch.device,
-                      extra_as_errors: bool = False, workers: int = 2, show_progress: bool = True) -> dict[str, Any]:
+def evaluate_with_crf(source: CodeSource, probes: Probes, device: torch.device, extra_as_errors: bool = False,
+                      workers: int = 2, show_progress: bool = True) -> dict[str, Any]:
     """:func:`evaluate` with every prediction refined by the dense CRF (STEGO's parameters), in a
     worker pool that cannot hang the run."""
     pool = CRFPool(workers)
     try:
         with progress_bar("img", show_progress) as bar:
-            task = bar.add_task("dense CRF", total=len(store))
-            return evaluate(source, store, probes, device, extra_as_errors, crf=pool, progress=lambda n: bar.advance(task, n))
+            task = bar.add_task("dense CRF", total=len(source.arrays))
+            return evaluate(source, probes, device, extra_as_errors, crf=pool, progress=lambda n: bar.advance(task, n))
     finally:
         pool.close()
 

@@ -29,7 +29,8 @@ from .config import ConfigError, Preset, config_changes, describe, readable_name
 from .data import write_synthetic
 from .heads.base import HeadRun
 from .models.backbone import RANDOM_PREFIX, parse_backbone
-from .pipeline import COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_stage, stage_lock
+from .pipeline import (COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_stage, stage_lock,
+                       without_seeds)
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.import_stego import ImportStegoStage
 from .stages.knn import KnnStage
@@ -140,7 +141,7 @@ class StudyContext:
         if what not in self._built:
             stage = make(self)
             if self.base is not self:
-                stage.label = describe(config_changes(stage.config(), make(self.base).config()))
+                stage.label = describe(config_changes(without_seeds(stage.config()), without_seeds(make(self.base).config())))
             self._built[what] = stage
             self.names[id(stage)] = name
             if result is not None:
@@ -173,14 +174,14 @@ class StudyContext:
         cls = registry.get(method).cls
         params = self.preset.method_params(method)
         dim = None if cls.serves_every_dim else dim
-        seed = seed if cls.seeded or getattr(params, "max_images", None) else 0
-        name = f"reduce {method}" + (f" D={dim}" if dim else "") + (f" seed {seed}" if cls.seeded else "")
+        seeded = cls.seeded or getattr(params, "max_images", None)
+        seed = seed if seeded else 0
+        name = f"reduce {method}" + (f" D={dim}" if dim else "") + (f" seed {seed}" if seeded else "")
         return self._build(("fit", method, dim, seed), name, lambda ctx: ReduceStage(
             ctx.cache_root, ctx.extract("train"), method, ctx.preset.method_params(method), dim, seed, ctx.device))
 
     def projections(self, method: str, dim: int | None, seed: int = 0) -> tuple[ProjectStage, ProjectStage]:
         """The train and val stores projected by a fit whose transform is too slow per batch (h-NNE)."""
-        fit = self.fit(method, dim, seed)
         return tuple(self._build(("project", split, method, dim, seed), f"project {split} {method} D={dim} seed {seed}",
                                  lambda ctx, split=split: ProjectStage(ctx.cache_root, ctx.fit(method, dim, seed), ctx.extract(split),
                                                                        ctx.show_progress))

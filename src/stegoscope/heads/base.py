@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..cache_schema import FeatureStore
-from ..probing import BatchOrder, CodeSource, Probes, TokenBatches, TrainingLog, evaluate, evaluate_with_crf, train_validated
+from ..probing import (BatchOrder, CodeSource, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate, evaluate_with_crf,
+                       train_validated)
 from ..reducers import Reducer
 
 
@@ -130,7 +131,8 @@ class HeadTrainer(ABC):
         optimizers = [self.optimizer(head), *probes.optimizers(run.probe_lr, run.probe_lr)]
         batches = BatchOrder(len(data), p.batch_size, rng)
         neighbours = min(p.knn_neighbors, nns.shape[1] - 1) if nns is not None else 0
-        val_codes = lambda reducer: CodeSource(val, reducer, flip=True)  # noqa: E731  flip TTA when val has flips
+        val_arrays = StoreArrays(val)
+        val_codes = lambda reducer: CodeSource(val_arrays, reducer, flip=True)  # noqa: E731  flip TTA when val has flips
 
         def update(step: int) -> dict:
             rows = batches.next()
@@ -153,7 +155,7 @@ class HeadTrainer(ABC):
 
         def validate() -> dict:
             current["head"] = self._exported(head, device)
-            return evaluate(val_codes(current["head"]), val, probes, device, run.extra_as_errors)
+            return evaluate(val_codes(current["head"]), probes, device, run.extra_as_errors)
 
         history, best, (best_head, best_probes) = train_validated(
             p.steps, run.val_every, update, validate, lambda: (current["head"], probes.snapshot()), label, show_progress)
@@ -161,7 +163,7 @@ class HeadTrainer(ABC):
         best_crf = None
         if run.crf:
             probes.restore(best_probes)
-            best_crf = {"step": best["step"], **evaluate_with_crf(val_codes(best_head), val, probes, device, run.extra_as_errors,
+            best_crf = {"step": best["step"], **evaluate_with_crf(val_codes(best_head), probes, device, run.extra_as_errors,
                                                                   crf_workers, show_progress)}
         return HeadResult(history, best, best_head, best_probes, final_head, final_probes, best_crf, data.resident)
 

@@ -29,7 +29,7 @@ from .. import methods as registry
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..cache_schema import METRICS
 from ..config import config_changes, describe
-from ..pipeline import begin_artefact, experiment_id, load_npz, read_json, read_manifest, write_manifest
+from ..pipeline import begin_artefact, experiment_id, load_npz, read_json, read_manifest, without_seeds, write_manifest
 from ..progress import console
 
 RESULT_FIELDS = ("study", "dataset", "method", "label", "experiment", "dim", "probe", "crf", "seed", "step", "mIoU", "Accuracy", "key")
@@ -104,7 +104,7 @@ def _relabel(rows: list[dict], first: str) -> None:
         if row["study"] == first:
             continue
         ref = reference.get((row["dataset"], row["method"], row.get("dim")))
-        row["label"] = describe(config_changes(row["config"], ref)) if ref is not None else " ".join(filter(None, (row["study"], row["label"])))
+        row["label"] = describe(config_changes(without_seeds(row["config"]), without_seeds(ref))) if ref is not None else " ".join(filter(None, (row["study"], row["label"])))
 
 
 def _disambiguate(rows: list[dict]) -> None:
@@ -214,8 +214,9 @@ def metric_figure(rows: list[dict], metric: str, methods: list[str] | None = Non
                     if method not in methods:
                         continue
                     style = _style(method, label, labels_of)
-                    if crf == "yes":
-                        ax.plot(x, y, linestyle="none", marker="v", color=style["color"], label=f"{_title(method, label)} + CRF")
+                    if crf == "yes":  # filled for the preset's configuration, hollow for the others
+                        ax.plot(x, y, linestyle="none", marker="v", color=style["color"], markerfacecolor="none" if label else None,
+                                label=f"{_title(method, label)} + CRF")
                         continue
                     ax.plot(x, y, label=_title(method, label), **style)
                     if (err > 0).any():
@@ -247,6 +248,7 @@ def hnne_figure(rows: list[dict], dataset: str):
                     ax.plot(x, y, label=_title(method, label), **_style(method, label, labels_of))
             _dim_axis(ax, [r["dim"] for r in rows if r["dataset"] == dataset and r["method"] in labels_of])
             ax.set_title(f"{paper.DATASET_TITLES.get(dataset, dataset)} — {probe} {metric}")
+            ax.set_ylabel(f"{metric} (%)")
     _shared_legend(fig, axes)
     return fig
 

@@ -20,7 +20,7 @@ from ..cache_schema import METRICS, StoreError, open_complete_store
 from ..models import resolve_device
 from ..models.stego_head import StegoHead, find_setting, read_stego_checkpoint
 from ..pipeline import FileHashMemo, Stage, artefact_state, begin_artefact, write_manifest
-from ..probing import CodeSource, Probes, evaluate, evaluate_with_crf
+from ..probing import CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf
 from ..reducers import StegoHeadReducer
 
 
@@ -79,10 +79,10 @@ class ImportStegoStage(Stage):
         reducer = StegoHeadReducer.from_head(head)
         device = resolve_device(self.device)
         probes = probes.to(device)
-        source = CodeSource(val, reducer, flip=self.flip)
-        metrics: dict[str, Any] = {"no_crf": evaluate(source, val, probes, device)}
+        source = CodeSource(StoreArrays(val), reducer, flip=self.flip)
+        metrics: dict[str, Any] = {"no_crf": evaluate(source, probes, device)}
         if self.crf:
-            metrics["crf"] = evaluate_with_crf(source, val, probes, device, workers=self.crf_workers, show_progress=self.show_progress)
+            metrics["crf"] = evaluate_with_crf(source, probes, device, workers=self.crf_workers, show_progress=self.show_progress)
         hparams = ckpt["hyper_parameters"]
         metrics["checkpoint"] = {k: find_setting(hparams, k) for k in ("model_type", "dino_patch_size", "dim", "dataset_name", "n_classes")}
         begin_artefact(self.output)

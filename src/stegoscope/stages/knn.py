@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import cache_schema
 from ..cache_schema import NNS, POOLED, open_complete_store
 from ..models import resolve_device

@@ -23,10 +23,10 @@ import torch
 
 from .. import cache_schema
 from ..atomic import atomic_write_bytes
-from ..cache_schema import LABELS, METRICS, PROBES, StoreError, open_complete_store
+from ..cache_schema import LABELS, METRICS, PROBES, TOKENS, StoreError, open_complete_store
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
-from ..probing import BatchOrder, CodeSource, Probes, evaluate, evaluate_with_crf, load_reducer, train_validated
+from ..probing import BatchOrder, CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf, load_reducer, train_validated
 from ..reducers import IdentityReducer
 
 
@@ -93,9 +93,10 @@ class ProbeStage(Stage):
             if LABELS not in store:
                 raise StoreError(f"{store.path}: no labels; probes need a labelled dataset")
         reducer = load_reducer(self.reducer.output, self.dim) if self.reducer is not None else IdentityReducer()
-        train_derived, val_derived = (open_complete_store(s.output) for s in self.derived) if self.derived else (None, None)
-        train_codes = CodeSource(train, reducer, train_derived)
-        val_codes = CodeSource(val, reducer, val_derived, flip=p.flip_tta)
+        train_derived, val_derived = (StoreArrays(open_complete_store(s.output), (TOKENS,)) for s in self.derived) if self.derived else (None, None)
+        train_arrays = StoreArrays(train, (TOKENS, LABELS))
+        train_codes = CodeSource(train_arrays, reducer, train_derived)
+        val_codes = CodeSource(StoreArrays(val), reducer, val_derived, flip=p.flip_tta)
         torch.manual_seed(p.seed)
         rng = np.random.default_rng(p.seed)
         dim = train_codes(np.array([0])).shape[-1]
@@ -106,7 +107,7 @@ class ProbeStage(Stage):
         def update(step: int) -> dict:
             rows = np.sort(batches.next())
             codes = torch.from_numpy(train_codes(rows)).permute(0, 3, 1, 2).to(device)
-            labels = torch.from_numpy(train[LABELS].get_orthogonal_selection((rows,)).astype(np.int64)).to(device)
+            labels = torch.from_numpy(train_arrays.rows(LABELS, rows).astype(np.int64)).to(device)
             loss_linear, loss_cluster = probes.losses(codes, labels)
             for opt in optimizers:
                 opt.zero_grad()
@@ -116,13 +117,13 @@ class ProbeStage(Stage):
             return {"loss_linear": loss_linear.item(), "loss_cluster": loss_cluster.item()}
 
         history, best, best_state = train_validated(
-            p.steps, p.val_every, update, lambda: evaluate(val_codes, val, probes, device, p.extra_as_errors),
+            p.steps, p.val_every, update, lambda: evaluate(val_codes, probes, device, p.extra_as_errors),
             probes.snapshot, f"probe {self.method}{self.dim or ''}", self.show_progress)
         metrics: dict[str, Any] = {"history": history, "best": best, "final": history[-1], "n_classes": p.n_classes}
         final_state = probes.snapshot()
         if p.crf:
             probes.restore(best_state)
-            metrics["best_crf"] = {"step": best["step"], **evaluate_with_crf(val_codes, val, probes, device, p.extra_as_errors,
+            metrics["best_crf"] = {"step": best["step"], **evaluate_with_crf(val_codes, probes, device, p.extra_as_errors,
                                                                              self.crf_workers, self.show_progress)}
         begin_artefact(self.output)
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
