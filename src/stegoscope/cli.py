@@ -395,10 +395,30 @@ def knn(
     print(stage.output)
 
 
-def _train(method, preset, data_root, dim, steps, seed, readd_global_mean, crf, sets, device, cache, force, no_wait, progress):
-    overrides = {f"{method}.steps": steps}
-    if readd_global_mean is not None:
-        overrides[f"{method}.readd_global_mean"] = readd_global_mean
+@app.command()
+@user_errors
+def train(
+    method: Annotated[str, typer.Option("--method", help=f"The head: {registry.describe(registry.HEAD)}.")] = "stego",
+    preset: PresetOpt = "directory",
+    data_root: DataRootOpt = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension (default: the head's headline D, e.g. D_STEGO).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's, Table 1).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, batches, partners and sample points.")] = 0,
+    readd_global_mean: Annotated[
+        Optional[bool],
+        typer.Option("--readd-global-mean/--paper-centring",
+                     help="STEGO: centre F per query point and re-add its global mean (STEGO's code, default) or not (the paper's F^SC)."),
+    ] = None,
+    crf: CrfOpt = None,
+    sets: SetOpt = None,
+    device: DeviceOpt = None,
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
+    no_wait: NoWaitOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Train a head from cached tokens (+ kNN pairs, computed first if missing) with the probes alongside; keeps the best-by-val head."""
+    overrides = {f"{method}.steps": steps, f"{method}.readd_global_mean": readd_global_mean}
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress)
     stage = ctx.head(method, dim, seed, crf)
     _run_targets(ctx, [stage], force, no_wait, prepare=[stage.knn] if stage.knn else [])
@@ -412,58 +432,7 @@ def _train(method, preset, data_root, dim, steps, seed, readd_global_mean, crf, 
     print(stage.output)
 
 
-HeadDimOpt = Annotated[Optional[int], typer.Option("--dim", help="Code dimension (default: the head's headline D, e.g. D_STEGO).")]
-HeadStepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Training steps (default: the preset's, Table 1).")]
-HeadSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of initialisation, batches, partners and sample points.")]
-CentringOpt = Annotated[
-    Optional[bool],
-    typer.Option("--readd-global-mean/--paper-centring",
-                 help="STEGO: centre F per query point and re-add its global mean (STEGO's code, default) or not (the paper's F^SC)."),
-]
-HeadForceOpt = Annotated[bool, typer.Option("--force", help="Retrain even if cached.")]
-
-
-@app.command()
-@user_errors
-def train(
-    method: Annotated[str, typer.Option("--method", help=f"The head: {registry.describe(registry.HEAD)}.")] = "stego",
-    preset: PresetOpt = "directory",
-    data_root: DataRootOpt = None,
-    dim: HeadDimOpt = None,
-    steps: HeadStepsOpt = None,
-    seed: HeadSeedOpt = 0,
-    readd_global_mean: CentringOpt = None,
-    crf: CrfOpt = None,
-    sets: SetOpt = None,
-    device: DeviceOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
-    force: HeadForceOpt = False,
-    no_wait: NoWaitOpt = False,
-    progress: ProgressOpt = True,
-) -> None:
-    """Train a head from cached tokens (+ kNN pairs, computed first if missing) with the probes alongside; keeps the best-by-val head."""
-    _train(method, preset, data_root, dim, steps, seed, readd_global_mean, crf, sets, device, cache, force, no_wait, progress)
-
-
-@app.command("train-stego")
-@user_errors
-def train_stego(
-    preset: PresetOpt = "directory",
-    data_root: DataRootOpt = None,
-    dim: HeadDimOpt = None,
-    steps: HeadStepsOpt = None,
-    seed: HeadSeedOpt = 0,
-    readd_global_mean: CentringOpt = None,
-    crf: CrfOpt = None,
-    sets: SetOpt = None,
-    device: DeviceOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
-    force: HeadForceOpt = False,
-    no_wait: NoWaitOpt = False,
-    progress: ProgressOpt = True,
-) -> None:
-    """`train --method stego`: the STEGO head from cached tokens + kNN pairs; keeps the best-by-val head."""
-    _train("stego", preset, data_root, dim, steps, seed, readd_global_mean, crf, sets, device, cache, force, no_wait, progress)
+app.command("train-stego", help="`train`, whose --method is stego by default: the STEGO head from cached tokens + kNN pairs.")(train)
 
 
 @app.command()

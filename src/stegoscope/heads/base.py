@@ -196,7 +196,7 @@ class ModuleReducer(Reducer):
         return reducer
 
     def fit(self, tokens) -> ModuleReducer:
-        raise NotImplementedError("a head is trained by its `stegoscope train-<method>` stage")
+        raise NotImplementedError("a head is trained by `stegoscope train --method <head>`")
 
     @torch.no_grad()
     def transform(self, tokens: np.ndarray) -> np.ndarray:
