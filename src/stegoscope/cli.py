@@ -603,7 +603,7 @@ def demo(
     _run_study("demo", cache, device=device)
     folder = cache_schema.figures_dir(cache) / "demo"
     written = render(cache, folder, ["demo"])
-    console.print((folder / "table2.md").read_text(), highlight=False, markup=False)
+    console.print((folder / "table2.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     for name, paths in written.items():
         print(f"{name}: " + "  ".join(str(p) for p in paths))
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")

@@ -230,12 +230,13 @@ def artefact_file(directory: Path, name: str) -> Path:
     return Path(directory) / name
 
 
-def load_npz(directory: Path, name: str = cache_schema.PAYLOAD) -> dict[str, Any]:
-    """Every array of an artefact's ``.npz``, after checking it against the manifest."""
+def load_npz(directory: Path, name: str = cache_schema.PAYLOAD, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """The arrays of an artefact's ``.npz`` (those of ``keys`` that it has, else all), after
+    checking it against the manifest."""
     import numpy as np
 
     with np.load(artefact_file(directory, name)) as payload:
-        return {key: payload[key] for key in payload.files}
+        return {key: payload[key] for key in payload.files if keys is None or key in keys}
 
 
 def read_json(directory: Path, name: str) -> Any:

@@ -32,6 +32,13 @@ STANDARDIZE = ("train", "batch", "none")
 RP_KINDS = ("gaussian", "orthogonal")
 
 
+def one_of(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value``, if it is one of ``choices`` (else ValueError naming them)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class IdentityParams:
     """Raw DINO tokens take no parameters."""
@@ -52,8 +59,7 @@ class ReducerParams:
     max_images: int | None = None
 
     def __post_init__(self):
-        if self.standardize not in STANDARDIZE:
-            raise ValueError(f"standardize must be one of {STANDARDIZE}, not {self.standardize!r}")
+        one_of("standardize", self.standardize, STANDARDIZE)
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"max_images must be a positive number of images or null, not {self.max_images}")
 
@@ -153,9 +159,7 @@ class _Standardized(Reducer):
     """Shared standardisation: train statistics (``mean_``, ``scale_``), batch, or none."""
 
     def __init__(self, standardize: str = "train"):
-        if standardize not in STANDARDIZE:
-            raise ValueError(f"standardize must be one of {STANDARDIZE}, not {standardize!r}")
-        self.standardize = standardize
+        self.standardize = one_of("standardize", standardize, STANDARDIZE)
 
     def _standardized(self, tokens: np.ndarray, center_when_none: bool) -> np.ndarray:
         x = np.asarray(tokens, dtype=np.float32)
@@ -261,8 +265,7 @@ class RPParams(ReducerParams):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kind not in RP_KINDS:
-            raise ValueError(f"kind must be one of {RP_KINDS}, not {self.kind!r}")
+        one_of("kind", self.kind, RP_KINDS)
 
 
 class RandomProjection(_Standardized):
@@ -283,8 +286,7 @@ class RandomProjection(_Standardized):
 
     def __init__(self, n_components: int, kind: str = "gaussian", seed: int = 0, standardize: str = "train", device: str = "cpu"):
         super().__init__(standardize)
-        if kind not in RP_KINDS:
-            raise ValueError(f"kind must be one of {RP_KINDS}, not {kind!r}")
+        one_of("kind", kind, RP_KINDS)
         self.n_components, self.kind, self.seed, self.device = n_components, kind, seed, device
 
     def fit(self, tokens) -> RandomProjection:

@@ -74,16 +74,16 @@ def collect(cache_root: Path, studies: list[str]) -> tuple[list[dict[str, Any]],
                         "experiment": (manifest.get("experiment") or (experiment_id(config) if config else node["key"]))[:12],
                         "key": node["key"], "config": config, "headline": node.get("headline", False)}
                 if node["result"]:
-                    rows += _metric_rows(directory, manifest, base | {"dim": manifest["code_dim"], "seed": manifest.get("seed", 0)})
-                elif "explained_variance_ratio_" in load_npz(directory):
-                    fits.append(base | {"ratio": load_npz(directory)["explained_variance_ratio_"]})
+                    rows += _metric_rows(directory, base | {"dim": manifest["code_dim"], "seed": manifest.get("seed", 0)})
+                elif variance := load_npz(directory, keys=["explained_variance_ratio_"]):
+                    fits.append(base | {"ratio": variance["explained_variance_ratio_"]})
     if len(studies) > 1:
         _relabel(rows + fits, studies[0])
     _disambiguate(rows)
     return rows, fits
 
 
-def _metric_rows(directory: Path, manifest: dict, base: dict) -> list[dict[str, Any]]:
+def _metric_rows(directory: Path, base: dict) -> list[dict[str, Any]]:
     metrics = read_json(directory, METRICS)
     out = []
     for crf, row in (("no", metrics.get("best")), ("yes", metrics.get("best_crf"))):
