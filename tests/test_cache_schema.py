@@ -49,3 +49,28 @@ def test_foreign_or_other_version_stores_are_refused(tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["schema_version"] = cache_schema.SCHEMA_VERSION
     with pytest.raises(StoreError, match="missing"):
         cache_schema.open_feature_store(tmp_path / "other.zarr")
+
+
+def test_resume_rewrites_an_unflagged_shard_from_nothing(tmp_path):
+    """A shard file half written before a crash (zarr < 3.1.3 wrote in place) must not be read
+    back: resuming deletes every file of every unflagged shard."""
+    layout = StoreLayout(6, (2, 2), 4, (16, 16), False, False, 3)
+    store = cache_schema.create_feature_store(tmp_path / "s.zarr", layout, {"key": "k" * 64, "spec": {}})
+    tokens = np.random.default_rng(0).normal(size=(6, 2, 2, 4)).astype(np.float16)
+
+    def shard(i):
+        sl = layout.shard_slice(i)
+        return {cache_schema.TOKENS: tokens[sl], cache_schema.POOLED: tokens[sl].mean((1, 2)).astype(np.float32),
+                cache_schema.IDS: np.array([str(j) for j in range(sl.start, sl.stop)])}
+
+    store.write_shard(0, shard(0))
+    half = tmp_path / "s.zarr" / "tokens" / "c" / "1" / "0" / "0" / "0"
+    half.parent.mkdir(parents=True, exist_ok=True)
+    half.write_bytes(b"\x00\x01half a shard" * 10)
+    kept = (tmp_path / "s.zarr" / "tokens" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns
+    resumed = cache_schema.resume_store(tmp_path / "s.zarr", "k" * 64)
+    assert resumed.pending_shards() == [1] and not half.exists()
+    assert (tmp_path / "s.zarr" / "tokens" / "c" / "0" / "0" / "0" / "0").stat().st_mtime_ns == kept  # flagged: untouched
+    resumed.write_shard(1, shard(1))
+    resumed.mark_complete()
+    np.testing.assert_array_equal(cache_schema.open_feature_store(tmp_path / "s.zarr")[cache_schema.TOKENS][:], tokens)

@@ -5,6 +5,8 @@ Crashes are real SIGKILLs of a CLI subprocess, injected at chosen durable writes
 """
 
 import errno
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -197,6 +199,55 @@ def test_same_key_waits_and_reuses_no_wait_names_the_holder_other_keys_run_along
     assert len(list(cache.glob("features/*.zarr"))) == 2
 
 
+def test_killing_the_extractor_frees_its_lock_at_once_though_its_workers_linger(tmp_path):
+    data = write_directory_dataset(tmp_path / "data", n_train=16, n_val=1)
+    args = ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", MICRO,
+            "--n-classes", 3, "--train-res", 32, "--batch-size", 2, "--shard-size", 2, "--workers", 2, "--device", "cpu",
+            "--no-progress", "--cache", tmp_path / "c"]
+    killed = crash("kill-at", "tokens/c/1/", *args)  # while forked DataLoader workers still prefetch
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
+    rerun = invoke(*args, "--no-wait")  # at once: no worker of the dead run keeps the lock
+    assert rerun.exit_code == 0 and "held by" not in rerun.output, rerun.output
+
+
+def _shared_lock_taken(lock: Path) -> bool:
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases our probe of the lock
+    return False
+
+
+def test_a_forced_re_extraction_waits_for_the_stage_reading_the_store(tmp_path):
+    preset, cache = _micro_preset(tmp_path), tmp_path / "c"
+    common = ["--preset", preset, "--device", "cpu", "--no-progress"]
+    assert invoke("extract", *common, "--cache", cache, "--workers", 0).exit_code == 0
+    shutil.copytree(cache, tmp_path / "reference")
+    clean = invoke("probe", "--no-crf", *common, "--cache", tmp_path / "reference")
+    assert clean.exit_code == 0
+
+    reader = crash("slow", 1.0, "probe", "--no-crf", *common, "--cache", cache, wait=False)
+    train = store_of_split(cache, "train")
+    train_lock = cache_schema.lock_path(cache, cache_schema.open_feature_store(train).key)
+    deadline = time.monotonic() + 120
+    while not _shared_lock_taken(train_lock):  # the probe holds its read lock on the train store
+        assert time.monotonic() < deadline and reader.poll() is None, reader.stdout.read()
+        time.sleep(0.05)
+    force = invoke("extract", "--force", "--split", "train", *common, "--cache", cache, "--workers", 0)
+    assert force.exit_code == 0 and "waiting for" in force.output, force.output
+    assert reader.wait(timeout=120) == 0  # it finished before the rewrite began
+    (ours,), (theirs,) = (list((c / "artefacts" / "probe").glob("*/metrics.json")) for c in (cache, tmp_path / "reference"))
+    assert json.loads(ours.read_text())["history"] == json.loads(theirs.read_text())["history"]  # never a mixture
+
+
+def store_of_split(cache, split):
+    (path,) = cache.glob(f"features/*-{split}-*.zarr")
+    return path
+
+
 # -- 3. stores that are not what they claim -----------------------------------------------------
 
 
@@ -307,6 +358,26 @@ def test_a_changed_dataset_makes_the_store_stale_and_the_study_re_extracts(tmp_p
     assert again.exit_code == 0 and "1 stages run, 1 cached" in again.output, again.output
     assert invoke("status", "--preset", preset, "--cache", cache).output.count("complete") == 2
     assert len(list(cache.glob("features/*-train-*.zarr"))) == 2  # the old store is kept, not overwritten
+
+
+def test_a_same_size_edit_with_its_mtime_restored_makes_the_split_stale(tmp_path):
+    data = write_directory_dataset(tmp_path / "data", n_train=3, n_val=1)
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(
+        f"name: mine\ndataset: directory\ndata_root: {data}\nbackbone: {MICRO}\nn_classes: 3\nmethods: []\n"
+        "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 32, store_images: true}\n"
+    )
+    common = ["--preset", preset, "--cache", tmp_path / "c"]
+    assert invoke("extract", *common, "--workers", 0, "--device", "cpu", "--no-progress").exit_code == 0
+    image = data / "imgs" / "train" / "img000.png"
+    before = image.stat()
+    content = bytearray(image.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    image.write_bytes(bytes(content))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert image.stat().st_size == before.st_size and image.stat().st_mtime_ns == before.st_mtime_ns
+    status = invoke("status", *common)
+    assert "stale" in status.output and "1 modified (imgs/train/img000.png)" in status.output, status.output
 
 
 # -- 5. disk full -------------------------------------------------------------------------------

@@ -319,8 +319,10 @@ class FeatureStore:
     def reopen_for_writing(self) -> list[int]:
         """Prepare an unfinished or damaged store for the rest of its shards.
 
-        Drops the temporaries of a killed writer and the completion marker, deletes damaged chunk
-        files and unflags their shards so that they are written again. Returns those shards.
+        Drops the temporaries of a killed writer and the completion marker, unflags damaged
+        shards, and deletes every chunk file of every unflagged shard, so that each is written
+        again from nothing (zarr would read a damaged shard file back before rewriting it).
+        Returns the damaged shards.
         """
         damage = self.damage()
         shard_of = {name: _shard_of(name) for name in damage}
@@ -329,12 +331,15 @@ class FeatureStore:
         shards = sorted(set(shard_of.values()))
         remove_partials(self.path)
         (self.path / INVENTORY).unlink(missing_ok=True)
-        for name in damage:  # zarr would read a damaged shard file back before rewriting it
-            (self.path / name).unlink(missing_ok=True)
         for shard in shards:
             self.group[WRITTEN][shard] = False
         if shards:
             self.group.attrs["status"] = STATUS_WRITING
+        pending = set(self.pending_shards())
+        for path in self.path.glob("*/c/**/*"):
+            name = path.relative_to(self.path).as_posix()
+            if path.is_file() and not name.startswith(f"{WRITTEN}/") and _shard_of(name) in pending:
+                path.unlink()
         return shards
 
 

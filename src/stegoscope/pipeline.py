@@ -17,7 +17,7 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import metadata
@@ -78,7 +78,9 @@ def _fast_file_hash(path: Path, size: int) -> str:
 
 
 class FileHashMemo:
-    """Memoised per-file hashes, invalidated by (size, mtime_ns). Stored as one JSON file."""
+    """Memoised per-file hashes, invalidated by any change of (size, mtime_ns, ctime_ns, inode):
+    an edit that keeps the size and restores the mtime still changes the ctime, and a file
+    replaced by another changes the inode. Stored as one JSON file."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -93,11 +95,12 @@ class FileHashMemo:
     def hash(self, path: Path, full: bool = False) -> str:
         stat = path.stat()
         entry_key = f"{'full' if full else 'fast'}:{path.resolve()}"
+        identity = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         cached = self._entries.get(entry_key)
-        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
-            return cached[2]
+        if cached and cached[:-1] == identity:
+            return cached[-1]
         value = sha256_file(path) if full else _fast_file_hash(path, stat.st_size)
-        self._entries[entry_key] = [stat.st_size, stat.st_mtime_ns, value]
+        self._entries[entry_key] = [*identity, value]
         self._dirty = True
         return value
 
@@ -284,33 +287,58 @@ class LockHeld(RuntimeError):
     """Another process holds the lock of a stage key."""
 
 
+_HELD_LOCKS: set[int] = set()  # file descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that a
+    lock is free as soon as the process that took it dies, whatever its children do."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextmanager
-def stage_lock(path: Path, wait: bool = True, on_wait=None) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` for the duration of a stage run.
+def stage_lock(path: Path, wait: bool = True, on_wait=None, shared: bool = False) -> Iterator[None]:
+    """A ``flock`` on ``path``: exclusive while a stage writes its key's output, ``shared`` while a
+    stage reads it (so a rewrite of a store waits for its readers, and a reader for the rewrite).
 
     The kernel drops the lock when its holder dies, so a stale lock of a crashed process is
-    taken over at once. Local file systems only: flock means nothing on object storage.
+    taken over at once; forked children do not keep it. Local file systems only: flock means
+    nothing on object storage.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD_LOCKS.add(fd)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            if not shared:
+                holder += " or a stage reading its output"
             if not wait:
-                raise LockHeld(f"{path} is held by {holder}, which runs the same stage key; "
-                               "wait for it to finish (run without --no-wait) and its result is reused") from None
+                raise LockHeld(f"{path} is held by {holder}, which runs or reads the same stage key; "
+                               "wait for it to finish (run without --no-wait)") from None
             if on_wait is not None:
                 on_wait(holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
+            fcntl.flock(fd, mode)
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # releases the flock
 
 
@@ -458,13 +486,19 @@ class RunResult:
 
 
 def run_stage(stage: Stage, force: bool = False, wait: bool = True, on_wait=None) -> RunResult:
-    """Skip a complete stage; otherwise run it under the lock of its key."""
+    """Skip a complete stage; otherwise run it under the lock of its key, holding a shared lock
+    on every upstream feature store it reads, so that no rewrite of one can run under it."""
     start = time.perf_counter()
     if not force and stage.state() == COMPLETE:
         return RunResult(stage, True, time.perf_counter() - start)
-    with stage_lock(cache_schema.lock_path(stage.cache_root, stage.key), wait=wait, on_wait=on_wait):
+    with ExitStack() as locks:
+        locks.enter_context(stage_lock(cache_schema.lock_path(stage.cache_root, stage.key), wait=wait, on_wait=on_wait))
         # Whoever held the lock before us may have finished the same work.
         if not force and stage.state() == COMPLETE:
             return RunResult(stage, True, time.perf_counter() - start)
+        for upstream in stage.upstream().values():
+            if upstream.output.suffix == ".zarr":
+                locks.enter_context(stage_lock(cache_schema.lock_path(stage.cache_root, upstream.key), wait=wait,
+                                               on_wait=on_wait, shared=True))
         detail = stage.execute(force)
     return RunResult(stage, False, time.perf_counter() - start, detail)
