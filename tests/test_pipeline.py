@@ -94,3 +94,11 @@ def test_manifest_round_trip_and_damage(tmp_path):
     assert artefact_state(tmp_path) == PARTIAL
     with pytest.raises(cache_schema.StoreError, match="manifest.json does not parse"):
         read_manifest(tmp_path)
+
+
+def test_a_damaged_artefact_names_the_command_of_its_stage_even_without_a_manifest(tmp_path):
+    directory = cache_schema.artefact_dir(tmp_path, "train_stego", "stego90", "k" * 64)
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text("{not json")
+    with pytest.raises(cache_schema.StoreError, match=r"does not parse \(.*\); rerun the `stegoscope train --method stego`"):
+        read_manifest(directory)

@@ -1,6 +1,7 @@
 """Metrics on hand-built confusions, both k-means probes, and the dense CRF."""
 
 import numpy as np
+import pytest
 import torch
 
 from stegoscope.ops.crf import dense_crf, softmax
@@ -136,3 +137,24 @@ def test_crf_snaps_a_blurred_map_to_colour_edges():
     before = np.mean(probs.argmax(0) == truth)
     after = np.mean(dense_crf(image, probs).argmax(0) == truth)
     assert before < 0.95 and after > before and after > 0.98
+
+
+def test_crf_pool_gives_the_in_process_labels_and_a_hung_pool_stops_with_a_message():
+    from stegoscope.probing import CRFError, CRFPool
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(3)]
+    probs = [softmax(rng.normal(size=(3, 24, 24))) for _ in range(3)]
+    expected = [dense_crf(image, p).argmax(0) for image, p in zip(images, probs)]
+    pool = CRFPool(workers=1)
+    try:
+        for got, want in zip(pool.map(images, probs), expected):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        pool.close()
+    for got, want in zip(CRFPool(workers=0).map(images, probs), expected):
+        np.testing.assert_array_equal(got, want)
+    hung = CRFPool(workers=1, timeout=1e-4)  # every image "hangs": the first pool and its replacement time out
+    with pytest.raises(CRFError, match="failed twice .*took over 0.0001 s.*--crf-workers 0"):
+        hung.map(images, probs)
+    assert hung.pool is None  # killed, not left behind

@@ -272,7 +272,7 @@ def _set_attrs(store, **attrs):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    (lambda s: _set_attrs(s, schema_version=0), ["schema version 0", "extract --force"]),
+    (lambda s: _set_attrs(s, schema_version=0), ["schema version 0", "extract --force --split train"]),
     (lambda s: _set_attrs(s, spec={**zarr.open_group(str(s)).attrs["spec"], "res": 48}),
      ["tokens are 4×4×96 but the attrs say res 48", "extract --force"]),
     (lambda s: _set_attrs(s, pixels=[48, 48]), ["labels is (32, 32) pixels, the attrs say (48, 48)", "extract --force"]),

@@ -63,3 +63,20 @@ def test_official_weights_folder_is_used_by_every_command(tmp_path, monkeypatch)
     stages = [ctx.extract(split) for split in ("train", "val")]
     assert all(s.p.weights == str(folder / "dino_deitsmall8_300ep_pretrain.pth") for s in stages)
     assert stages[0].weights["source"] == "file"
+
+
+def test_status_never_downloads_weights(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from fixtures import write_potsdam
+
+    def hub(repo, filename, local_files_only=False, **kwargs):
+        assert local_files_only, "status tried to download"  # offline this retried the hub for 20 s
+        raise LocalEntryNotFoundError("not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.delenv("STEGOSCOPE_WEIGHTS", raising=False)
+    out = CliRunner().invoke(app, ["status", "--preset", "potsdam", "--data-root", str(write_potsdam(tmp_path / "d")),
+                                   "--cache", str(tmp_path / "c")], env={"COLUMNS": "200"})
+    assert out.exit_code == 2 and "does not download" in out.output and "--weights" in out.output, out.output

@@ -129,6 +129,8 @@ def test_extract_each_paper_dataset(tmp_path, name, writer, n_train, n_val):
     assert cache_schema.IMAGES in val and cache_schema.IMAGES not in train
     assert train.spec["crop"] == ("none" if name == "potsdam" else {"type": "five", "ratio": 0.5})
     assert val[cache_schema.TOKENS].shape == (n_val, 3, 3, 96)
+    assert f"/train: {n_train} {'images' if name == 'potsdam' else 'crops'}," in result.output  # five-crop rows are crops
+    assert val.spec["flip"] and cache_schema.TOKENS_FLIP in val  # the paper presets' eval.flip: val also mirrored
 
 
 def test_make_features_picks_the_preset(tmp_path):
@@ -217,17 +219,17 @@ def test_label_values_out_of_range(tmp_path):
     root = write_cocostuff(tmp_path / "c")
     coco = open_dataset("cocostuff27", root, "val")
     Image.fromarray(np.full((40, 48), 200, np.uint8)).save(coco.paths(0)[1])
-    with pytest.raises(DatasetError, match=r"000000002000.png: label values \[200\] are outside"):
+    with pytest.raises(DatasetError, match=r"000000002000.png: label values \[200\] are outside this dataset's ids \(0–181 and 255\)"):
         coco.label(0)
     root = write_cityscapes(tmp_path / "y")
     city = open_dataset("cityscapes", root, "val")
     Image.fromarray(np.full((32, 64), 40, np.uint8)).save(city.paths(0)[1])
-    with pytest.raises(DatasetError, match=r"gtFine_labelIds.png: label values \[40\]"):
+    with pytest.raises(DatasetError, match=r"gtFine_labelIds.png: label values \[40\] .*\(0–33 and 255\)"):
         city.label(0)
     root = write_potsdam(tmp_path / "p")
     pots = open_dataset("potsdam", root, "train")
     savemat(pots.paths(0)[1], {"gt": np.full((16, 16), 7, np.uint8)})
-    with pytest.raises(DatasetError, match=r"gt/0.mat: label values \[7\]"):
+    with pytest.raises(DatasetError, match=r"gt/0.mat: label values \[7\] .*\(0–5 and 255\)"):
         pots.label(0)
 
 
@@ -276,5 +278,8 @@ def test_skip_bad_records_and_skips(tmp_path):
     assert store.complete and store.ids == ["0", "2"]
     skipped = {entry["id"]: entry["reason"] for entry in store.attrs["skipped"]}
     assert set(skipped) == {"1", "3", "4"} and "label values [9]" in skipped["1"] and "3.mat" in skipped["3"]
+    assert not any("--skip-bad" in reason for reason in skipped.values())  # what was wrong, not an advice already taken
     again = extract(["--preset", "potsdam", "--data-root", str(root), "--split", "train", "--skip-bad"], tmp_path / "c")
     assert "cached" in again.output and "3 bad samples skipped" in again.output
+    plain = extract(["--preset", "potsdam", "--data-root", str(root), "--split", "train"], tmp_path / "c")
+    assert "cached" in plain.output and len(cache_schema.list_feature_stores(tmp_path / "c")) == 1  # --skip-bad is not keyed

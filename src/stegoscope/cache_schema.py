@@ -104,6 +104,16 @@ def read_sources(path: Path) -> list[list] | None:
         return None
 
 
+def force_command(path: Path) -> str:
+    """The command that rebuilds the store at ``path`` from nothing: only its own split."""
+    path = Path(path)
+    if path.parent.name == "derived":
+        return "the `stegoscope reduce` command that made it with --force"
+    parts = path.name.split("-")  # <dataset>-<split>-<backbone>-<res>-<key12>.zarr; slugs hold no '-'
+    split = f" --split {parts[1]}" if len(parts) == 5 else ""
+    return f"`stegoscope extract --force{split}` (same preset and options)"
+
+
 def derived_store_path(cache_root: Path, source: Path, reducer_key: str) -> Path:
     """A store of codes: ``source`` projected by the reducer ``reducer_key`` (e.g. h-NNE)."""
     return Path(cache_root) / "derived" / f"{Path(source).stem}-by-{reducer_key[:12]}.zarr"
@@ -327,7 +337,7 @@ class FeatureStore:
         damage = self.damage()
         shard_of = {name: _shard_of(name) for name in damage}
         if None in shard_of.values():
-            raise StoreError(f"{self.path}: metadata files {sorted(damage)} are damaged; re-extract with --force")
+            raise StoreError(f"{self.path}: metadata files {sorted(damage)} are damaged; rerun {force_command(self.path)}")
         shards = sorted(set(shard_of.values()))
         remove_partials(self.path)
         (self.path / INVENTORY).unlink(missing_ok=True)
@@ -408,27 +418,27 @@ def open_feature_store(path: Path, mode: str = "r", verify: bool = True) -> Feat
     try:
         group = zarr.open_group(str(path), mode=mode, zarr_format=3)
     except Exception as exc:  # zarr raises several types for unreadable metadata
-        raise StoreError(f"{path}: not a readable Zarr v3 group ({exc}); re-extract with --force") from exc
+        raise StoreError(f"{path}: not a readable Zarr v3 group ({exc}); rerun {force_command(path)}") from exc
     version = group.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         raise StoreError(
             f"{path}: schema version {version!r}, this stegoscope reads {SCHEMA_VERSION}; "
-            "re-extract with `stegoscope extract --force`"
+            f"rerun {force_command(path)}"
         )
     missing = [name for name in (TOKENS, POOLED, IDS, WRITTEN) if name not in group]
     if missing:
-        raise StoreError(f"{path}: arrays {missing} are missing; re-extract with --force")
+        raise StoreError(f"{path}: arrays {missing} are missing; rerun {force_command(path)}")
     store = FeatureStore(group, path)
     disagreement = _disagreement(store)
     if disagreement:
-        raise StoreError(f"{path}: {disagreement}, so it cannot be trusted; re-extract with `stegoscope extract --force`")
+        raise StoreError(f"{path}: {disagreement}, so it cannot be trusted; rerun {force_command(path)}")
     if verify and store.complete:
         damage = store.damage()
         if damage:
             listed = "; ".join(f"{name} {what}" for name, what in sorted(damage.items())[:3])
             more = f" (and {len(damage) - 3} more)" if len(damage) > 3 else ""
             if any(_shard_of(name) is None for name in damage):
-                raise StoreError(f"{path}: {listed}{more}. Metadata is damaged: re-extract with `stegoscope extract --force`")
+                raise StoreError(f"{path}: {listed}{more}. Metadata is damaged: rerun {force_command(path)}")
             raise StoreError(f"{path}: {listed}{more}. {store.fix_hint}: it rewrites only the damaged shards")
     return store
 

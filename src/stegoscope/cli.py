@@ -23,6 +23,7 @@ from .config import ConfigError, load_preset, parse_assignment, parse_sweep
 from .data import DatasetError
 from .models.backbone import BackboneError
 from .pipeline import LockHeld, read_json, run_stage
+from .probing import CRFError
 from .progress import console
 
 app = typer.Typer(
@@ -30,7 +31,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, LockHeld, ValueError, FileNotFoundError)
+USER_ERRORS = (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, LockHeld, CRFError, ValueError, FileNotFoundError)
 
 
 # Write errors the user can fix (full disk, quota, read-only or failing disk, permissions).
@@ -80,7 +81,9 @@ SetOpt = Annotated[
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N] (default: the preset's).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
-CrfWorkersOpt = Annotated[int, typer.Option("--crf-workers", help="CRF worker processes (1 = serial).")]
+CrfWorkersOpt = Annotated[
+    int, typer.Option("--crf-workers", help="CRF worker processes, each image with a timeout (0: in this process, no timeout).")
+]
 CrfOpt = Annotated[
     Optional[bool],
     typer.Option("--crf/--no-crf", help="Also evaluate with the dense CRF, or not (default: the preset's eval.crf: "
@@ -181,7 +184,8 @@ def extract(
         typer.Option(
             "--skip-bad",
             help="Check every sample first and skip unreadable ones (missing, corrupt, bad label values), "
-            "recording their ids and reasons in the store; without it the first bad file stops the run.",
+            "recording their ids and reasons in the store; without it the first bad file stops the run. Not part of the "
+            "key: a complete store is reused either way.",
         ),
     ] = False,
     flip: FlipOpt = None,
@@ -208,13 +212,15 @@ def extract(
                  "interpolation": interpolation, "n_classes": n_classes, "batch_size": batch_size, "shard_images": shard_size,
                  "splits.train.res": train_res, "splits.val.res": val_res, "eval.flip": flip}
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, workers=workers,
-                   skip_bad=skip_bad, extract_options={"decode": decode, "compile": compile_model, "writers": writers})
+                   extract_options={"decode": decode, "compile": compile_model, "writers": writers, "skip_bad": skip_bad,
+                                    "download_weights": True})
     for name in split or list(ctx.preset.splits):
         _run_extract(ctx.extract(name), force, no_wait)
 
 
 def _run_extract(stage, force: bool, no_wait: bool) -> None:
     label = f"{stage.p.dataset}/{stage.p.split}"
+    unit = "crops" if stage.p.crop == "five" else "images"
     result = _run(stage, force, no_wait, label)
     if result.skipped:
         console.print(f"{label}: cached, no backbone work ({result.seconds:.2f} s)")
@@ -223,8 +229,8 @@ def _run_extract(stage, force: bool, no_wait: bool) -> None:
         s = result.detail
         reused = f", {s.shards_reused} reused" if s.shards_reused else ""
         console.print(
-            f"{label}: {s.n_images} images, {s.shards_written} shards written{reused} "
-            f"in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s)"
+            f"{label}: {s.n_images} {unit}, {s.shards_written} shards written{reused} "
+            f"in {s.seconds:.1f} s ({s.images_per_second:.1f} {unit}/s)"
         )
         skipped = [{"id": k, "reason": v} for k, v in s.skipped.items()]
     if skipped:
@@ -523,7 +529,8 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
     """Run (or with ``dry_run`` plan) every experiment of a study; the contexts that ran."""
     from .progress import progress_bar
 
-    base = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, scheduler=scheduler, show_progress=False)
+    base = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, scheduler=scheduler, show_progress=False,
+                    extract_options={"download_weights": not dry_run})
     grid = dict(parse_sweep(text) for text in sweeps or ())
     contexts = [base.variant(p) for p in base.preset.experiments(grid)]
     for ctx in contexts:

@@ -180,11 +180,14 @@ def _parse_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]
     return manifest, None
 
 
-def _fix_hint(manifest: dict[str, Any] | None, force: bool = False) -> str:
-    stage = (manifest or {}).get("stage", "<stage>").replace("_", "-")
+def _fix_hint(directory: Path, manifest: dict[str, Any] | None, force: bool = False) -> str:
+    """The command that recomputes the artefact in ``directory`` (its stage: from the manifest,
+    else from the folder it is in: ``artefacts/<stage>/…``)."""
+    stage = (manifest or {}).get("stage") or Path(directory).parent.name
+    command = f"train --method {stage[6:]}" if stage.startswith(("train-", "train_")) else stage.replace("_", "-")
     if force:  # sizes match, so the stage looks complete: only --force recomputes it
-        return f"rerun the `stegoscope {stage}` command that made it with --force"
-    return f"rerun the `stegoscope {stage}` (or `study`) command that made it; it recomputes this artefact"
+        return f"rerun the `stegoscope {command}` command that made it with --force"
+    return f"rerun the `stegoscope {command}` (or `study`) command that made it; it recomputes this artefact"
 
 
 def _inspect(directory: Path, hashes: Iterable[str] = ()) -> tuple[dict[str, Any] | None, str | None]:
@@ -222,7 +225,7 @@ def read_manifest(directory: Path, hashes: Iterable[str] = ()) -> dict[str, Any]
     """
     manifest, problem = _inspect(directory, hashes)
     if problem:
-        raise cache_schema.StoreError(f"{problem}; {_fix_hint(manifest, force='sha256' in problem)}")
+        raise cache_schema.StoreError(f"{problem}; {_fix_hint(directory, manifest, force='sha256' in problem)}")
     return manifest
 
 

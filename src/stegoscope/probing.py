@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache_schema import IMAGES, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError
-from .ops.crf import dense_crf, softmax
+from .ops.crf import crf_argmax, softmax
 from .ops.kmeans import ClusterLookup
 from .ops.metrics import SegmentationMetrics
 from .pipeline import load_npz, read_manifest
@@ -188,35 +188,50 @@ def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],
     return logits, dots / norm2.sqrt().clamp_min(1e-12)[:, None]
 
 
-def _crf_argmax(args: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    image, probs = args
-    return dense_crf(image, probs).argmax(axis=0)
+class CRFError(RuntimeError):
+    """The dense CRF could not finish (a worker hung past its timeout or died, twice)."""
 
 
 class CRFPool:
-    """Dense CRF over many images in worker processes that cannot hang the run: a spawn
-    context, a per-image timeout, and a serial fallback when the pool fails."""
+    """Dense CRF over many images in spawned worker processes that cannot hang the run.
+
+    Every image has a timeout. A pool that breaks or hangs is killed and a fresh one retries the
+    images left; a second failure stops the run with what happened. ``workers=0`` runs the CRF
+    in this process instead, without a timeout.
+    """
 
     def __init__(self, workers: int = 2, timeout: float = 120.0):
         self.workers, self.timeout = workers, timeout
         self.pool: ProcessPoolExecutor | None = None
-        if workers > 1:
-            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
 
     def map(self, images: list[np.ndarray], probs: list[np.ndarray]) -> list[np.ndarray]:
         jobs = list(zip(images, probs))
-        if self.pool is not None:
+        if self.workers == 0:
+            return [crf_argmax(job) for job in jobs]
+        done: list[np.ndarray] = []
+        for attempt in (1, 2):
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
             try:
-                futures = [self.pool.submit(_crf_argmax, job) for job in jobs]
-                return [f.result(timeout=self.timeout) for f in futures]
+                futures = [self.pool.submit(crf_argmax, job) for job in jobs[len(done):]]
+                for future in futures:
+                    done.append(future.result(timeout=self.timeout))
+                return done
             except (FutureTimeout, OSError, RuntimeError) as exc:  # BrokenProcessPool is a RuntimeError
-                console.print(f"[yellow]CRF pool failed ({type(exc).__name__}); continuing serially[/]")
-                self.close()
-        return [_crf_argmax(job) for job in jobs]
+                self.close(kill=True)
+                what = f"a worker took over {self.timeout:g} s" if isinstance(exc, FutureTimeout) else f"{type(exc).__name__}: {exc}"
+                if attempt == 2:
+                    raise CRFError(f"the dense CRF failed twice ({what}); rerun with --crf-workers 0 to run it in this "
+                                   "process without a timeout, or with --no-crf") from exc
+                console.print(f"[yellow]CRF pool failed ({what}); a fresh pool retries the {len(jobs) - len(done)} images left[/]")
+        raise AssertionError("unreachable")
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         if self.pool is not None:
+            processes = list(getattr(self.pool, "_processes", {}).values()) if kill else []
             self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:  # a hung worker would outlive shutdown()
+                process.terminate()
             self.pool = None
 
 

@@ -89,11 +89,11 @@ class StudyContext:
 
     def __init__(self, preset: Preset, cache_root: Path, data_root: Path | None = None, *, device: str | None = None,
                  scheduler: str | None = None, show_progress: bool = True, workers: int | None = None, crf_workers: int = 2,
-                 extract_options: dict[str, Any] | None = None, skip_bad: bool = False):
+                 extract_options: dict[str, Any] | None = None):
         self.preset, self.cache_root, self._data_root = preset, Path(cache_root), data_root
         self.device, self.scheduler = device or preset.device, scheduler or preset.scheduler
         self.show_progress, self.workers, self.crf_workers = show_progress, workers, crf_workers
-        self.extract_options, self.skip_bad = dict(extract_options or {}), skip_bad
+        self.extract_options = dict(extract_options or {})
         self._built: dict[tuple, Stage] = {}
         self._classes_of: StudyContext | None = None
         self.names: dict[int, str] = {}  # stage → its node's name
@@ -103,7 +103,7 @@ class StudyContext:
         """The same cache, data and options for another preset (a sweep point, the base)."""
         return StudyContext(preset, self.cache_root, self._data_root, device=self.device, scheduler=self.scheduler,
                             show_progress=self.show_progress, workers=self.workers, crf_workers=self.crf_workers,
-                            extract_options=self.extract_options, skip_bad=self.skip_bad)
+                            extract_options=self.extract_options)
 
     @cached_property
     def base(self) -> StudyContext:
@@ -158,9 +158,9 @@ class StudyContext:
             params = ExtractParams(
                 dataset=p.dataset, split=split, res=cfg.res, backbone=p.backbone, weights=p.weights or official_weights(p.backbone),
                 seed=p.seed, interpolation=p.interpolation, n_classes=p.n_classes, store_images=cfg.store_images, crop=cfg.crop,
-                skip_bad=ctx.skip_bad, flip=p.eval.flip and split != "train")
-            options = {"batch_size": p.batch_size, "shard_images": p.shard_images, "workers": ctx.workers,
-                       "device": ctx.device, "show_progress": ctx.show_progress, **ctx.extract_options}
+                flip=p.eval.flip and split != "train")
+            options = {"batch_size": p.batch_size, "shard_images": p.shard_images, "workers": ctx.workers, "device": ctx.device,
+                       "show_progress": ctx.show_progress, **ctx.extract_options}
             return ExtractStage(ctx.cache_root, ctx.data_root, params, **options)
 
         return self._build(("extract", split), f"extract {split}", make)

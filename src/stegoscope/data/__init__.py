@@ -108,7 +108,7 @@ class _Check(torch.utils.data.Dataset):
         try:
             self.dataset.sample(index)
         except DatasetError as exc:
-            return index, str(exc)
+            return index, exc.reason
         return index, ""
 
 
@@ -118,7 +118,7 @@ def find_bad_samples(dataset: SegmentationDataset, workers: int = 0, progress=No
     Missing files are found from the listing; the rest by decoding each sample once in
     DataLoader workers. ``progress(n)`` is called as samples are checked.
     """
-    bad = {index: str(exc) for index, exc in dataset.problems()}
+    bad = {index: exc.reason for index, exc in dataset.problems()}
     todo = [i for i in range(len(dataset)) if i not in bad]
     if progress is not None and bad:
         progress(len(bad))

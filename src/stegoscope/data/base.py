@@ -20,6 +20,11 @@ class DatasetError(ValueError):
         self.path, self.cause, self.fix = str(path), cause, fix
         super().__init__(f"{path}: {cause}" + (f". {fix}" if fix else "") if cause else str(path))
 
+    @property
+    def reason(self) -> str:
+        """The file and what is wrong with it, without the fix (what a skipped sample records)."""
+        return f"{self.path}: {self.cause}" if self.cause else self.path
+
     @classmethod
     def from_worker(cls, exc: DatasetError) -> DatasetError:
         """DataLoader workers re-raise with the worker traceback as the message: keep its last line."""
@@ -143,12 +148,23 @@ def pascal_colormap(n: int) -> np.ndarray:
     return out
 
 
+def describe_ids(ids: np.ndarray) -> str:
+    """Sorted ids as runs: ``0–33 and 255``."""
+    ids = np.unique(ids)
+    runs, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            runs.append(f"{ids[start]}" if i - 1 == start else f"{ids[start]}–{ids[i - 1]}")
+            start = i
+    return ", ".join(runs[:-1]) + " and " + runs[-1] if len(runs) > 1 else runs[0]
+
+
 def check_label_values(path: Path, raw: np.ndarray, valid: np.ndarray) -> None:
     """Raise if the raw label holds a value outside the dataset's id set ``valid``."""
     bad = np.setdiff1d(np.unique(raw), valid)
     if bad.size:
         raise DatasetError(
-            path, f"label values {bad[:5].tolist()} are outside this dataset's ids ({valid.min()}..{valid.max()})",
+            path, f"label values {bad[:5].tolist()} are outside this dataset's ids ({describe_ids(valid)})",
             "is this the right dataset / label file? " + SKIP_HINT,
         )
 

@@ -214,25 +214,28 @@ def load_weights(vit: nn.Module, path: Path) -> None:
     vit.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-def hub_weights_file(spec: BackboneSpec) -> Path:
-    """timm's hub copy of the DINO weights (downloaded once by huggingface_hub)."""
+def hub_weights_file(spec: BackboneSpec, download: bool = True) -> Path:
+    """timm's hub copy of the DINO weights (downloaded once by huggingface_hub; with
+    ``download=False`` only a copy already on this machine, without touching the network)."""
     from huggingface_hub import hf_hub_download
 
     repo = f"timm/{spec.timm_name}"
     try:
-        return Path(hf_hub_download(repo, "model.safetensors"))
+        return Path(hf_hub_download(repo, "model.safetensors", local_files_only=not download))
     except Exception as exc:  # offline, no cache, hub unreachable: all end here
+        where = "from the hub" if download else "on this machine (this command does not download them; `extract` does)"
         raise BackboneError(
-            f"cannot get the pretrained weights of {spec.name} from the hub ({repo}: {type(exc).__name__}). "
-            f"Pass --weights PATH with the official DINO file ({spec.dino_url}) or a timm state dict, "
-            f"or use --backbone random:{spec.name} for random weights (NOT pretrained)."
+            f"cannot get the pretrained weights of {spec.name} {where} ({repo}: {type(exc).__name__}). "
+            f"Pass --weights PATH with the official DINO file ({spec.dino_url}) or a timm state dict, or set "
+            f"STEGOSCOPE_WEIGHTS to the folder holding it, or use --backbone random:{spec.name} for random weights (NOT pretrained)."
         ) from exc
 
 
-def weights_identity(name: str, weights: Path | None, seed: int, file_hash) -> dict[str, Any]:
+def weights_identity(name: str, weights: Path | None, seed: int, file_hash, download: bool = True) -> dict[str, Any]:
     """What identifies the weights in the cache key, without building the model.
 
-    ``file_hash(path)`` returns a file's sha256 (memoised by the caller).
+    ``file_hash(path)`` returns a file's sha256 (memoised by the caller); ``download``: whether
+    timm's hub copy may be downloaded to hash it.
     """
     spec, random = parse_backbone(name)
     if random:
@@ -240,7 +243,7 @@ def weights_identity(name: str, weights: Path | None, seed: int, file_hash) -> d
             raise BackboneError("--weights and a random: backbone exclude each other")
         # timm's init code decides random weights; its version is part of their identity.
         return {"arch": spec.name, "source": "random", "seed": seed, "timm": metadata.version("timm")}
-    path = Path(weights) if weights is not None else hub_weights_file(spec)
+    path = Path(weights) if weights is not None else hub_weights_file(spec, download)
     if not path.is_file():
         raise BackboneError(f"{path}: weights file not found")
     return {"arch": spec.name, "source": "file" if weights is not None else "hub", "sha256": file_hash(path)}

@@ -35,3 +35,9 @@ def dense_crf(image_rgb: np.ndarray, probs: np.ndarray, iterations: int = MAX_IT
     crf.addPairwiseBilateral(sxy=BI_XY_STD, srgb=BI_RGB_STD, rgbim=bgr, compat=BI_W)
     q = crf.inference(iterations)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
+
+
+def crf_argmax(image_and_probs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The refined label map (H, W) of one (image, probs) pair: a picklable job for worker processes."""
+    image, probs = image_and_probs
+    return dense_crf(image, probs).argmax(axis=0)

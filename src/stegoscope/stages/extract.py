@@ -57,7 +57,6 @@ class ExtractParams:
     store_images: bool = False
     crop: str = CROP_NONE  # "five": five-crop of the full-resolution image first (train splits)
     crop_ratio: float = 0.5
-    skip_bad: bool = False  # skip unreadable samples (recorded in the store) instead of stopping
     flip: bool = False  # also store the tokens of the horizontally flipped images (flip TTA)
 
     def __post_init__(self):
@@ -99,6 +98,8 @@ class ExtractStage(Stage):
         decode: str = DECODE_AUTO,
         compile: bool = False,
         writers: int | None = None,
+        skip_bad: bool = False,
+        download_weights: bool = False,
     ):
         super().__init__(cache_root)
         if decode not in DECODE_MODES:
@@ -111,6 +112,8 @@ class ExtractStage(Stage):
         self.device = device
         self.show_progress = show_progress
         self.decode, self.compile, self.writers = decode, compile, writers
+        self.skip_bad = skip_bad  # check every sample first and skip unreadable ones, recording them
+        self.download_weights = download_weights  # fetch timm's hub copy if it is not here (extract, study)
 
     def decode_mode(self, device: torch.device) -> str:
         """Where JPEGs are decoded: ``auto`` means on the device when it is a GPU."""
@@ -138,7 +141,8 @@ class ExtractStage(Stage):
     @cached_property
     def weights(self) -> dict[str, Any]:
         weights = Path(self.p.weights) if self.p.weights else None
-        identity = weights_identity(self.p.backbone, weights, self.p.seed, lambda path: self._memo.hash(path, full=True))
+        identity = weights_identity(self.p.backbone, weights, self.p.seed, lambda path: self._memo.hash(path, full=True),
+                                    self.download_weights)
         self._memo.save()
         return identity
 
@@ -155,7 +159,9 @@ class ExtractStage(Stage):
             "weights": self.weights,
             "token_dtype": "float16",
             "store_images": self.p.store_images,
-            "skip_bad": self.p.skip_bad,
+            # Whether bad samples are skipped is not keyed (the store records which were skipped);
+            # the entry stays at its old value so that keys made before stay valid.
+            "skip_bad": False,
             "flip": self.p.flip,
             "schema_version": cache_schema.SCHEMA_VERSION,
         }
@@ -211,7 +217,7 @@ class ExtractStage(Stage):
     def find_skipped(self) -> dict[str, str]:
         """With ``skip_bad``: decode every sample once and return the unreadable ones (id → reason).
         Without: stop at the first missing file (cheap, before any compute)."""
-        if not self.p.skip_bad:
+        if not self.skip_bad:
             problems = self.dataset.problems()
             if problems:
                 raise problems[0][1]
