@@ -122,7 +122,7 @@ def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_stor
         assert_same_store(path, root)
         flagged = [s for s in range(3) if before.get(f"written/c/{s}")]
         for name, mtime in before.items():  # shards finished before the crash are not written again
-            if cache_schema._shard_of(name) in flagged:
+            if cache_schema.shard_of(name) in flagged:
                 assert (path / name).stat().st_mtime_ns == mtime, (label, name)
         if flagged:
             assert f"{len(flagged)} reused" in rerun.output or "cached" in rerun.output, (label, rerun.output)
@@ -296,7 +296,7 @@ def test_a_truncated_chunk_is_named_and_the_rerun_rewrites_only_its_shard(extrac
     tokens = cache_schema.open_feature_store(train)[cache_schema.TOKENS][:]
     chunk = train / "tokens" / "c" / "1" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:1000])
-    others = {n: f.stat().st_mtime_ns for n, f in files_of(train).items() if "/c/" in n and cache_schema._shard_of(n) != 1}
+    others = {n: f.stat().st_mtime_ns for n, f in files_of(train).items() if "/c/" in n and cache_schema.shard_of(n) != 1}
 
     result = invoke("reduce", "--method", "rp", "--dim", 4, "--preset", preset, "--cache", cache, "--device", "cpu")
     assert result.exit_code == 2
@@ -305,7 +305,7 @@ def test_a_truncated_chunk_is_named_and_the_rerun_rewrites_only_its_shard(extrac
     assert "partial" in state.output and "truncated" in state.output
 
     repaired = invoke("extract", "--preset", preset, "--cache", cache, "--device", "cpu", "--workers", 0, "--no-progress")
-    assert repaired.exit_code == 0 and "1 shards written, 1 reused" in repaired.output, repaired.output
+    assert repaired.exit_code == 0 and f"{split}: " in repaired.output and "1 shards written" in repaired.output, repaired.output
     store = cache_schema.open_feature_store(train)
     np.testing.assert_array_equal(store[cache_schema.TOKENS][:], tokens)
     assert {n: (train / n).stat().st_mtime_ns for n in others} == others
@@ -327,6 +327,48 @@ def test_a_manifest_that_does_not_parse_or_a_changed_payload_is_named_with_its_f
     payload.write_bytes(payload.read_bytes()[:-100])
     result = invoke(*probe)
     assert result.exit_code == 2 and "payload.npz has" in result.output and "truncated" in result.output
+
+
+def _flip_a_byte(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("split, array", [("train", "tokens"), ("train", "pooled"), ("train", "labels"), ("train", "ids"),
+                                          ("train", "written"), ("val", "images")])
+def test_a_flipped_byte_in_any_array_is_named_by_verify_and_repaired_by_a_plain_extract(extracted, tmp_path, split, array):
+    preset, cache, _ = _copy(extracted, tmp_path)
+    store = store_of_split(cache, split)
+    before = {name: cache_schema.open_feature_store(store)[name][:] for name in DATA_ARRAYS if name in cache_schema.open_feature_store(store)}
+    chunk = [p for p in sorted((store / array / "c").rglob("*")) if p.is_file()][-1]  # of the last shard
+    shard = cache_schema.shard_of(chunk.relative_to(store).as_posix())
+    _flip_a_byte(chunk)
+    assert invoke("extract", "--preset", preset, "--cache", cache, "--device", "cpu", "--no-progress").output.count("cached") == 2
+
+    found = invoke("verify", store, "--cache", cache, "--no-progress")
+    assert found.exit_code == 1 and f"{array} {shard}" in found.output and "1 of 1 damaged" in found.output, found.output
+    refused = invoke("status", "--preset", preset, "--cache", cache)
+    assert f"{chunk.relative_to(store).as_posix()} fails its checksum" in refused.output and "partial" in refused.output
+
+    repaired = invoke("extract", "--preset", preset, "--cache", cache, "--device", "cpu", "--workers", 0, "--no-progress")
+    assert repaired.exit_code == 0 and f"{split}: " in repaired.output and "1 shards written" in repaired.output, repaired.output
+    again = cache_schema.open_feature_store(store)
+    for name, value in before.items():
+        np.testing.assert_array_equal(again[name][:], value)
+    assert invoke("verify", store, "--cache", cache, "--no-progress").exit_code == 0
+
+
+@pytest.mark.parametrize("array, reader", [("tokens", ["reduce", "--method", "rp", "--dim", 4]), ("pooled", ["knn"]),
+                                           ("labels", ["probe", "--no-crf"])])
+def test_a_reader_names_a_flipped_byte_once_without_noise_and_the_damage_is_kept(extracted, tmp_path, array, reader):
+    preset, cache, train = _copy(extracted, tmp_path)
+    _flip_a_byte(next(p for p in sorted((train / array / "c").rglob("*")) if p.is_file()))
+    result = invoke(*reader, "--preset", preset, "--cache", cache, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert f"{train}: {array} shard" in result.output and "rewrites only the damaged shards" in result.output
+    assert "Task was destroyed" not in result.output and result.output.count("error:") == 1
+    assert "partial" in invoke("status", "--preset", preset, "--cache", cache).output  # recorded for status and extract
 
 
 # -- 4. inputs that changed ---------------------------------------------------------------------

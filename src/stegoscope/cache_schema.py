@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .atomic import PARTIAL_SUFFIX, atomic_write_text, fsync_tree, remove_partials
 
@@ -66,6 +66,8 @@ CHUNK_BYTES = 16 << 20  # dask chunk of tokens for streamed analyses
 # fp16 tokens barely compress (zstd + shuffle <= 8 % smaller, 3-5x slower writes): store them raw.
 # Labels and pixels compress well and cheaply.
 _PIXEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+# Every chunk carries a crc32c of its bytes, verified on every read (stores made before 0.2 have none).
+CHECKSUM = "crc32c"
 
 
 class StoreError(RuntimeError):
@@ -132,6 +134,7 @@ FINAL = "final.npz"  # a head's last state (payload.npz holds the best-by-val on
 LOG = "log.jsonl"  # a head's training log
 NNS = "nns"  # the kNN artefact's array: (image, rank) neighbour rows
 INVENTORY = "inventory.json"  # a feature store's completion marker: relative path → bytes
+DAMAGE = "damage.json"  # shards of a complete store found damaged (by a reader or `verify`): rewritten by `extract`
 SOURCES = "sources.json"  # the dataset files an extraction read: [relative path, size, hash]
 
 
@@ -201,6 +204,60 @@ class StoreLayout:
         return slice(start, min(start + self.shard_images, self.n_images))
 
 
+class CheckedArray:
+    """A store array whose reads, when bytes on disk fail their checksum (or cannot be decoded),
+    find the damaged shards, record them in the store and raise a StoreError that names the
+    store, the array, the shards and the command that rewrites them. Otherwise a zarr array."""
+
+    def __init__(self, store: FeatureStore, name: str):
+        self.store, self.name, self.array = store, name, store.group[name]
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__") or attribute in ("store", "name", "array"):
+            raise AttributeError(attribute)  # not set yet (unpickling): no delegation
+        return getattr(self.array, attribute)
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, selection) -> np.ndarray:
+        return self._read(lambda: self.array[selection], selection)
+
+    def get_orthogonal_selection(self, selection) -> np.ndarray:
+        return self._read(lambda: self.array.get_orthogonal_selection(selection), selection)
+
+    def _read(self, read, selection):
+        try:
+            return read()
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            shards = self._shards_of(selection)
+            damaged = {shard: error for shard in shards if (error := self.store.checked_read(self.name, shard)) is not None}
+            if not damaged:
+                raise
+            self.store.record_damage({f: "fails its checksum" for shard in damaged for f in self.store.shard_files(self.name, shard)})
+            first = next(iter(damaged.values()))
+            raise StoreError(
+                f"{self.store.path}: {self.name} shard{'s' if len(damaged) > 1 else ''} {sorted(damaged)} "
+                f"cannot be read back as written ({type(first).__name__}: {first}). The damage is recorded; "
+                f"{self.store.fix_hint}: it rewrites only the damaged shards"
+            ) from None
+
+    def _shards_of(self, selection) -> list[int]:
+        """The shards a read touched (along the image axis); every shard when that is unclear."""
+        n_shards = self.store.layout.n_shards
+        rows = selection[0] if isinstance(selection, tuple) and selection else selection
+        if self.name == WRITTEN:
+            return list(range(n_shards))
+        size = self.store.layout.shard_images
+        if isinstance(rows, slice):
+            return sorted({r // size for r in range(*rows.indices(self.array.shape[0]))})
+        if isinstance(rows, (int, np.integer, list, np.ndarray)):
+            return sorted({int(r) // size for r in np.atleast_1d(rows)})
+        return list(range(n_shards))
+
+
 class FeatureStore:
     """A Zarr v3 group of extracted tokens. Create with :func:`create_feature_store`,
     open with :func:`open_feature_store`."""
@@ -246,8 +303,9 @@ class FeatureStore:
         return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype), TOKENS_FLIP in self.group)
 
     # -- arrays --------------------------------------------------------------------------------
-    def __getitem__(self, name: str) -> zarr.Array:
-        return self.group[name]
+    def __getitem__(self, name: str) -> CheckedArray:
+        """An array whose reads name the store, array and shard of bytes that fail their checksum."""
+        return CheckedArray(self, name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.group
@@ -271,7 +329,7 @@ class FeatureStore:
         n, h, w, c = tokens.shape
         if images_per_chunk is None:
             images_per_chunk = max(1, CHUNK_BYTES // (h * w * c * tokens.dtype.itemsize))
-        x = da.from_zarr(tokens, chunks=(images_per_chunk, h, w, c))
+        x = da.from_array(self[TOKENS], chunks=(images_per_chunk, h, w, c), asarray=True, lock=False, fancy=False)
         if images is not None:
             x = x[np.sort(np.asarray(images))]
             x = x.rechunk((images_per_chunk, h, w, c))
@@ -297,6 +355,7 @@ class FeatureStore:
         pending = self.pending_shards()
         if pending:
             raise StoreError(f"{self.path}: shards {pending[:8]} are not written; cannot mark complete")
+        (self.path / DAMAGE).unlink(missing_ok=True)  # every damaged shard was rewritten
         fsync_tree(self.path)
         self.group.attrs["status"] = STATUS_COMPLETE
         with warnings.catch_warnings():  # "not part of the v3 spec": xarray reads it all the same
@@ -308,14 +367,15 @@ class FeatureStore:
 
     # -- integrity -----------------------------------------------------------------------------
     def damage(self) -> dict[str, str]:
-        """Files of a complete store that no longer match its inventory: relative path → what."""
+        """Files of a complete store that no longer match its inventory, or whose shard failed its
+        checksum when read (:meth:`record_damage`): relative path → what."""
         try:
             inventory = json.loads((self.path / INVENTORY).read_text())["files"]
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError) as exc:
             return {INVENTORY: f"does not parse ({exc})"}
-        damaged = {}
+        damaged = {name: what for name, what in self.recorded_damage().items() if name in inventory}
         for name, size in inventory.items():
             try:
                 actual = (self.path / name).stat().st_size
@@ -326,6 +386,45 @@ class FeatureStore:
                 damaged[name] = f"truncated or rewritten: {actual} bytes, {size} expected"
         return damaged
 
+    def recorded_damage(self) -> dict[str, str]:
+        """Chunk files of shards that failed their checksum when read: relative path → what."""
+        try:
+            return json.loads((self.path / DAMAGE).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def record_damage(self, files: dict[str, str]) -> None:
+        """Remember damaged chunk files, so that status shows them and `extract` rewrites them."""
+        atomic_write_text(self.path / DAMAGE, json.dumps({**self.recorded_damage(), **files}, indent=1, sort_keys=True))
+
+    def shard_files(self, name: str, shard: int) -> list[str]:
+        """The chunk files of one shard of array ``name``, relative to the store."""
+        return sorted(p.relative_to(self.path).as_posix() for p in (self.path / name / "c").glob(f"{shard}/**/*")
+                      if p.is_file()) + ([f"{name}/c/{shard}"] if (self.path / name / "c" / str(shard)).is_file() else [])
+
+    def scrub(self, progress=None) -> dict[str, str]:
+        """Read every shard of every array, checking every checksum; record and return the
+        chunk files of shards that fail (relative path → what). ``progress(n)`` counts shards."""
+        found = {}
+        for name in sorted(self.group.array_keys()):
+            for shard in range(self.layout.n_shards):
+                if self.checked_read(name, shard) is not None:
+                    found.update(dict.fromkeys(self.shard_files(name, shard), "fails its checksum (verify)"))
+                if progress is not None:
+                    progress(1)
+        if found:
+            self.record_damage(found)
+        return found
+
+    def checked_read(self, name: str, shard: int) -> Exception | None:
+        """The error reading one shard of array ``name`` raises (None when its bytes are good)."""
+        sl = slice(shard, shard + 1) if name == WRITTEN else self.layout.shard_slice(shard)
+        try:
+            self.group[name][sl]
+        except Exception as exc:  # zarr raises ValueError for checksums, others for unreadable bytes
+            return exc
+        return None
+
     def reopen_for_writing(self) -> list[int]:
         """Prepare an unfinished or damaged store for the rest of its shards.
 
@@ -335,10 +434,10 @@ class FeatureStore:
         Returns the damaged shards.
         """
         damage = self.damage()
-        shard_of = {name: _shard_of(name) for name in damage}
-        if None in shard_of.values():
+        shards_of = {name: shard_of(name) for name in damage}
+        if None in shards_of.values():
             raise StoreError(f"{self.path}: metadata files {sorted(damage)} are damaged; rerun {force_command(self.path)}")
-        shards = sorted(set(shard_of.values()))
+        shards = sorted(set(shards_of.values()))
         remove_partials(self.path)
         (self.path / INVENTORY).unlink(missing_ok=True)
         for shard in shards:
@@ -348,7 +447,7 @@ class FeatureStore:
         pending = set(self.pending_shards())
         for path in self.path.glob("*/c/**/*"):
             name = path.relative_to(self.path).as_posix()
-            if path.is_file() and not name.startswith(f"{WRITTEN}/") and _shard_of(name) in pending:
+            if path.is_file() and not name.startswith(f"{WRITTEN}/") and shard_of(name) in pending:
                 path.unlink()
         return shards
 
@@ -357,11 +456,11 @@ def _file_sizes(path: Path) -> dict[str, int]:
     return {
         p.relative_to(path).as_posix(): p.stat().st_size
         for p in sorted(Path(path).rglob("*"))
-        if p.is_file() and p.name != INVENTORY and not p.name.endswith(PARTIAL_SUFFIX)
+        if p.is_file() and p.name not in (INVENTORY, DAMAGE) and not p.name.endswith(PARTIAL_SUFFIX)
     }
 
 
-def _shard_of(name: str) -> int | None:
+def shard_of(name: str) -> int | None:
     """The shard a chunk file belongs to (``<array>/c/<shard>/...``); None for metadata.
 
     Every array is chunked along ``image`` by whole shards (``written`` by one shard per
@@ -371,38 +470,37 @@ def _shard_of(name: str) -> int | None:
     return int(parts[2]) if len(parts) >= 3 and parts[1] == "c" and parts[2].isdigit() else None
 
 
-def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any]) -> FeatureStore:
-    """Create an empty store (``status=writing``), replacing whatever was at ``path``."""
-    attrs = {**attrs, "schema_version": SCHEMA_VERSION, "status": STATUS_WRITING, "pixels": list(layout.pixels)}
+def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any], checksums: bool = True) -> FeatureStore:
+    """Create an empty store (``status=writing``), replacing whatever was at ``path``. With
+    ``checksums`` every chunk ends in a crc32c of its bytes, checked whenever it is read."""
+    attrs = {**attrs, "schema_version": SCHEMA_VERSION, "status": STATUS_WRITING, "pixels": list(layout.pixels),
+             "checksums": CHECKSUM if checksums else None}
     group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+    crc = [Crc32cCodec()] if checksums else []
     n, s = layout.n_images, layout.shard_images
     (h, w), c, (ph, pw) = layout.grid, layout.channels, layout.pixels
-    group.create_array(
-        TOKENS, shape=(n, h, w, c), dtype=layout.token_dtype, chunks=(1, h, w, c), shards=(s, h, w, c),
-        compressors=None, fill_value=0, dimension_names=("image", "y", "x", "channel"),
-    )
+    tokens = dict(shape=(n, h, w, c), dtype=layout.token_dtype, chunks=(1, h, w, c), shards=(s, h, w, c),
+                  compressors=crc or None, fill_value=0, dimension_names=("image", "y", "x", "channel"))
+    group.create_array(TOKENS, **tokens)
     if layout.flip:
-        group.create_array(
-            TOKENS_FLIP, shape=(n, h, w, c), dtype=layout.token_dtype, chunks=(1, h, w, c), shards=(s, h, w, c),
-            compressors=None, fill_value=0, dimension_names=("image", "y", "x", "channel"),
-        )
+        group.create_array(TOKENS_FLIP, **tokens)
     group.create_array(
-        POOLED, shape=(n, c), dtype="float32", chunks=(s, c), compressors=None, fill_value=0,
+        POOLED, shape=(n, c), dtype="float32", chunks=(s, c), compressors=crc or None, fill_value=0,
         dimension_names=("image", "channel"),
     )
     if layout.labelled:
         group.create_array(
             LABELS, shape=(n, ph, pw), dtype="int16", chunks=(1, ph, pw), shards=(s, ph, pw),
-            compressors=_PIXEL_CODEC, fill_value=IGNORE_LABEL, dimension_names=("image", "pixel_y", "pixel_x"),
+            compressors=[_PIXEL_CODEC, *crc], fill_value=IGNORE_LABEL, dimension_names=("image", "pixel_y", "pixel_x"),
         )
     if layout.with_images:
         group.create_array(
             IMAGES, shape=(n, ph, pw, 3), dtype="uint8", chunks=(1, ph, pw, 3), shards=(s, ph, pw, 3),
-            compressors=_PIXEL_CODEC, fill_value=0, dimension_names=("image", "pixel_y", "pixel_x", "rgb"),
+            compressors=[_PIXEL_CODEC, *crc], fill_value=0, dimension_names=("image", "pixel_y", "pixel_x", "rgb"),
         )
-    group.create_array(IDS, shape=(n,), dtype=str, chunks=(s,), dimension_names=("image",))
+    group.create_array(IDS, shape=(n,), dtype=str, chunks=(s,), compressors=crc or "auto", dimension_names=("image",))
     group.create_array(
-        WRITTEN, shape=(layout.n_shards,), dtype="bool", chunks=(1,), fill_value=False,
+        WRITTEN, shape=(layout.n_shards,), dtype="bool", chunks=(1,), compressors=crc or None, fill_value=False,
         dimension_names=("shard",),
     )
     return FeatureStore(group, path)
@@ -437,9 +535,9 @@ def open_feature_store(path: Path, mode: str = "r", verify: bool = True) -> Feat
         if damage:
             listed = "; ".join(f"{name} {what}" for name, what in sorted(damage.items())[:3])
             more = f" (and {len(damage) - 3} more)" if len(damage) > 3 else ""
-            if any(_shard_of(name) is None for name in damage):
-                raise StoreError(f"{path}: {listed}{more}. Metadata is damaged: rerun {force_command(path)}")
-            raise StoreError(f"{path}: {listed}{more}. {store.fix_hint}: it rewrites only the damaged shards")
+            if any(shard_of(name) is None for name in damage):
+                raise StoreError(f"{path}: {listed}{more}; metadata is damaged: rerun {force_command(path)}")
+            raise StoreError(f"{path}: {listed}{more}; {store.fix_hint}: it rewrites only the damaged shards")
     return store
 
 
@@ -498,6 +596,15 @@ def resume_store(path: Path, key: str) -> FeatureStore | None:
         return None
     store.reopen_for_writing()
     return store
+
+
+def list_artefacts(cache_root: Path) -> list[Path]:
+    """Every artefact folder of the cache (``artefacts/<stage>/<name>-<key12>``)."""
+    return sorted(p for p in (Path(cache_root) / "artefacts").glob("*/*") if p.is_dir())
+
+
+def list_derived_stores(cache_root: Path) -> list[Path]:
+    return sorted((Path(cache_root) / "derived").glob("*.zarr"))
 
 
 def list_feature_stores(cache_root: Path) -> list[Path]:

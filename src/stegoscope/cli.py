@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -25,6 +26,16 @@ from .models.backbone import BackboneError
 from .pipeline import LockHeld, read_json, run_stage
 from .probing import CRFError
 from .progress import console
+
+class _QuietDestroyedTasks(logging.Filter):
+    """When a read fails, zarr's event loop leaves sibling reads pending; asyncio then logs a
+    "Task was destroyed" line for each. The error itself is reported once, with its fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Task was destroyed but it is pending" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietDestroyedTasks())
 
 app = typer.Typer(
     help="Reproduce, extend and trust STEGO unsupervised segmentation on cached DINO tokens.",
@@ -468,6 +479,61 @@ def figures(
             console.print(f"  {name}:")
             for path in paths:
                 print(f"    {path}")
+
+
+@app.command()
+@user_errors
+def verify(
+    paths: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Stores (*.zarr) or artefact folders to check (default: those of --preset, else all in the cache)."),
+    ] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Check the stores and artefacts of this preset's study.")] = None,
+    data_root: DataRootOpt = None,
+    sets: SetOpt = None,
+    cache: CacheOpt = cache_schema.default_cache_root(),
+    progress: ProgressOpt = True,
+) -> None:
+    """Read back every chunk of the stores (crc32c, sizes) and every file of the artefacts (sha256);
+    report every damaged shard or file and record it, so that `status` shows it and a plain
+    `extract` (or the stage's command) rewrites exactly that. Exit code 1 when anything is damaged."""
+    from .pipeline import verify_artefact
+    from .progress import progress_bar
+
+    if paths:
+        targets = list(paths)
+    elif preset:
+        targets = [n.stage.output for n in _context(preset, cache, data_root, sets, show_progress=False).graph()]
+    else:
+        targets = cache_schema.list_feature_stores(cache) + cache_schema.list_derived_stores(cache) + cache_schema.list_artefacts(cache)
+    targets = [Path(t) for t in targets if Path(t).exists()]
+    table = Table(title=f"verify — {len(targets)} stores and artefacts")
+    table.add_column("path", overflow="fold")
+    table.add_column("state")
+    table.add_column("what")
+    damaged = 0
+    with progress_bar("shard", progress) as bar:
+        for path in targets:
+            if path.suffix == ".zarr":
+                store = cache_schema.open_feature_store(path, verify=False)
+                task = bar.add_task(f"verify {path.name}", total=store.layout.n_shards * len(list(store.group.array_keys())))
+                found = {**store.damage(), **store.scrub(lambda n: bar.advance(task, n))}
+                shards = sorted({f"{name.split('/')[0]} {cache_schema.shard_of(name)}" for name in found})
+                what = ("damaged shards: " + ", ".join(shards) + f"; {store.fix_hint}: it rewrites only those") if found else (
+                    "" if store.attrs.get("checksums") else "no chunk checksums (made before they existed): decoding and sizes only")
+                problem = bool(found)
+            elif not (path / cache_schema.MANIFEST).exists():
+                table.add_row(str(path), "[yellow]unfinished[/]", "no manifest: its stage reruns it")
+                continue
+            else:
+                what = verify_artefact(path) or ""
+                problem = bool(what)
+            damaged += problem
+            table.add_row(str(path), "[red]damaged[/]" if problem else "[green]ok[/]", escape(what))
+    console.print(table, soft_wrap=True)
+    console.print(f"{damaged} of {len(targets)} damaged", highlight=False)
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -217,6 +217,13 @@ def artefact_problem(directory: Path, hashes: Iterable[str] = ()) -> str | None:
     return _inspect(directory, hashes)[1]
 
 
+def verify_artefact(directory: Path) -> str | None:
+    """What is wrong with a finished artefact when every file is checked against the sha256 in
+    its manifest (None when nothing, or when it has no manifest: it never finished)."""
+    manifest, problem = _parse_manifest(directory)
+    return problem or (artefact_problem(directory, hashes=manifest.get("files", {})) if manifest else None)
+
+
 def read_manifest(directory: Path, hashes: Iterable[str] = ()) -> dict[str, Any] | None:
     """The manifest of a finished stage, or None when there is none (not done).
 
