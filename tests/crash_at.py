@@ -9,7 +9,11 @@ written temporary file. MODE decides what happens at those renames:
 - ``kill N``: SIGKILL this process just before the N-th rename (its temporary stays behind,
   as after a crash in the middle of writing that file);
 - ``kill-at SUBSTRING``: SIGKILL before the first rename whose target contains SUBSTRING;
-- ``slow SECONDS``: sleep before every rename (keeps a run's lock held for a while).
+- ``slow SECONDS``: sleep before every rename (keeps a run's lock held for a while);
+- ``powercut N``: as ``kill N``, but first do the worst a power cut can do to a store: of the
+  files whose data, or the folder entry naming it, was not flushed (``fsync``) since their last
+  write, keep the shard flags (``written/c/…``) and lose every other one: back to its last
+  flushed content, or away if it had none.
 """
 
 import os
@@ -21,8 +25,30 @@ import time
 def main() -> None:
     mode, arg, separator, *cli_args = sys.argv[1:]
     assert separator == "--", __doc__
-    real_replace = os.replace
+    real_replace, real_fsync = os.replace, os.fsync
     count = 0
+    volatile: dict[str, tuple[int, bool, bool]] = {}  # path → (inode, data flushed, entry flushed)
+    flushed_inodes: set[int] = set()
+    durable_content: dict[str, bytes] = {}  # what a volatile file held when last flushed
+
+    def durable(name):
+        return name not in volatile or all(volatile[name][1:])
+
+    def fsync(fd):
+        real_fsync(fd)
+        path, inode = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino
+        flushed_inodes.add(inode)
+        for name, (ino, data, entry) in list(volatile.items()):
+            if ino == inode or os.path.dirname(name) == path:
+                volatile[name] = (ino, data or ino == inode, entry or os.path.dirname(name) == path)
+
+    def power_cut():
+        for name in [n for n in volatile if not durable(n) and "/written/c/" not in n]:
+            if name in durable_content:
+                with open(name, "wb") as fh:
+                    fh.write(durable_content[name])
+            else:
+                os.unlink(name)
 
     def replace(src, dst, *args, **kwargs):
         nonlocal count
@@ -35,9 +61,22 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif mode == "slow":
             time.sleep(float(arg))
+        elif mode == "powercut":
+            if count == int(arg):
+                power_cut()
+                os.kill(os.getpid(), signal.SIGKILL)
+            target = os.path.realpath(target)
+            if os.path.exists(target) and durable(target):
+                with open(target, "rb") as fh:
+                    durable_content[target] = fh.read()
+            inode = os.stat(src).st_ino
+            real_replace(src, dst, *args, **kwargs)
+            volatile[target] = (inode, inode in flushed_inodes, False)
+            return None
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
+    os.fsync = fsync
     from stegoscope.cli import app
 
     app(cli_args, prog_name="stegoscope")

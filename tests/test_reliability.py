@@ -5,7 +5,6 @@ Crashes are real SIGKILLs of a CLI subprocess, injected at chosen durable writes
 """
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from typer.testing import CliRunner
 
 from stegoscope import cache_schema
 from stegoscope.cli import app
+from stegoscope.pipeline import lock_held
+from stegoscope.pipeline import stage_lock as pipeline_lock
 
 from conftest import write_directory_dataset, write_micro_preset
 
@@ -128,6 +129,31 @@ def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_stor
             assert f"{len(flagged)} reused" in rerun.output or "cached" in rerun.output, (label, rerun.output)
 
 
+def test_a_power_cut_during_extraction_loses_no_flagged_shard(tmp_path):
+    data = write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32))
+    args = ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", MICRO,
+            "--n-classes", 3, "--train-res", 32, "--batch-size", 2, "--shard-size", 2, "--workers", 0,
+            "--device", "cpu", "--no-progress"]
+    trace = tmp_path / "trace.txt"
+    assert crash("trace", trace, *args, "--cache", tmp_path / "reference").returncode == 0
+    root = store_of(tmp_path / "reference")
+    writes = trace.read_text().splitlines()
+    flags = [i for i, w in enumerate(writes, 1) if "/written/c/" in w]
+    # cut the power when a flag is written, just after it, mid-shard and before completion
+    points = sorted({flags[0], flags[0] + 1, flags[1] + 2, flags[-1] + 1, len(writes) - 1})
+    cut = {n: crash("powercut", n, *args, "--cache", tmp_path / f"p{n}", wait=False) for n in points}
+    for n, proc in cut.items():
+        proc.wait(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (n, proc.stdout.read())
+    reruns = {}
+    for n in points:
+        cache = tmp_path / f"p{n}"
+        reruns[n] = invoke(*args, "--cache", cache)
+        assert reruns[n].exit_code == 0, (n, reruns[n].output)
+        assert_same_store(store_of(cache), root)  # no flagged shard came back bad
+    assert "0 shards written, 4 reused" in reruns[points[-1]].output  # cut before completion: every shard kept
+
+
 def _micro_preset(tmp_path) -> Path:
     return write_micro_preset(tmp_path / "micro.yaml")
 
@@ -210,17 +236,6 @@ def test_killing_the_extractor_frees_its_lock_at_once_though_its_workers_linger(
     assert rerun.exit_code == 0 and "held by" not in rerun.output, rerun.output
 
 
-def _shared_lock_taken(lock: Path) -> bool:
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # also releases our probe of the lock
-    return False
-
-
 def test_a_forced_re_extraction_waits_for_the_stage_reading_the_store(tmp_path):
     preset, cache = _micro_preset(tmp_path), tmp_path / "c"
     common = ["--preset", preset, "--device", "cpu", "--no-progress"]
@@ -233,7 +248,7 @@ def test_a_forced_re_extraction_waits_for_the_stage_reading_the_store(tmp_path):
     train = store_of_split(cache, "train")
     train_lock = cache_schema.lock_path(cache, cache_schema.open_feature_store(train).key)
     deadline = time.monotonic() + 120
-    while not _shared_lock_taken(train_lock):  # the probe holds its read lock on the train store
+    while not lock_held(train_lock):  # the probe holds its read lock on the train store
         assert time.monotonic() < deadline and reader.poll() is None, reader.stdout.read()
         time.sleep(0.05)
     force = invoke("extract", "--force", "--split", "train", *common, "--cache", cache, "--workers", 0)
@@ -305,7 +320,7 @@ def test_a_truncated_chunk_is_named_and_the_rerun_rewrites_only_its_shard(extrac
     assert "partial" in state.output and "truncated" in state.output
 
     repaired = invoke("extract", "--preset", preset, "--cache", cache, "--device", "cpu", "--workers", 0, "--no-progress")
-    assert repaired.exit_code == 0 and f"{split}: " in repaired.output and "1 shards written" in repaired.output, repaired.output
+    assert repaired.exit_code == 0 and "1 shards written, 1 reused" in repaired.output, repaired.output
     store = cache_schema.open_feature_store(train)
     np.testing.assert_array_equal(store[cache_schema.TOKENS][:], tokens)
     assert {n: (train / n).stat().st_mtime_ns for n in others} == others
@@ -420,6 +435,31 @@ def test_a_same_size_edit_with_its_mtime_restored_makes_the_split_stale(tmp_path
     assert image.stat().st_size == before.st_size and image.stat().st_mtime_ns == before.st_mtime_ns
     status = invoke("status", *common)
     assert "stale" in status.output and "1 modified (imgs/train/img000.png)" in status.output, status.output
+
+
+def test_gc_deletes_only_what_no_study_reaches_and_lists_it_first(tmp_path):
+    preset, cache = _micro_preset(tmp_path), tmp_path / "c"
+    assert invoke("study", preset, "--cache", cache, "--device", "cpu", "--no-progress").exit_code == 0
+    (old_head,) = (cache / "artefacts" / "train_stego").iterdir()
+    preset.write_text(preset.read_text().replace("stego: {steps: 6,", "stego: {steps: 5,"))  # the study changes: a new head
+    assert invoke("study", preset, "--cache", cache, "--device", "cpu", "--no-progress").exit_code == 0
+    key = json.loads((old_head / "manifest.json").read_text())["key"]
+    with pipeline_lock(cache_schema.lock_path(cache, key), shared=True):  # a stage reads it: never collected
+        assert "0 stores and artefacts" in invoke("gc", "--dry-run", "--cache", cache).output
+    unfinished = cache / "artefacts" / "probe" / "pca4-000000000000"
+    unfinished.mkdir()
+    (unfinished / "metrics.json").write_text("{}")  # a run killed before its manifest
+
+    listed = invoke("gc", "--dry-run", "--cache", cache)
+    assert listed.exit_code == 0 and "2 stores and artefacts" in listed.output, listed.output
+    assert old_head.name in listed.output and unfinished.name in listed.output and old_head.exists()
+
+    assert "2 stores and artefacts deleted" in invoke("gc", "--cache", cache).output
+    assert not old_head.exists() and not unfinished.exists()
+    assert "0 stores and artefacts" in invoke("gc", "--dry-run", "--cache", cache).output
+    again = invoke("study", preset, "--cache", cache, "--device", "cpu", "--no-progress")
+    assert "0 stages run" in again.output  # everything the study needs was kept
+    assert invoke("figures", "--cache", cache).exit_code == 0
 
 
 # -- 5. disk full -------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ PARTIAL_SUFFIX = ".partial"  # zarr's LocalStore names its temporaries the same 
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    """Write to a temporary file beside ``path``, fsync, rename it over ``path``, then fsync the
+    folder, so that the new file survives a power cut once this returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
@@ -26,6 +27,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,12 +51,30 @@ def remove_partials(directory: Path) -> int:
     return len(leftovers)
 
 
+def fsync_paths(files: list[Path], root: Path) -> None:
+    """Flush ``files`` to disk, then every folder between them and ``root`` (inclusive), deepest
+    first, so that new files and the new folders holding them survive a power cut."""
+    folders: set[Path] = set()
+    for path in dict.fromkeys(files):
+        _fsync(path)
+        parent = path.parent
+        while parent != root.parent and parent not in folders:
+            folders.add(parent)
+            parent = parent.parent
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(directory: Path) -> None:
     """Flush every file and folder under ``directory`` to disk (before a completion marker)."""
     for root, _, files in os.walk(directory):
         for name in [*files, "."]:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(Path(root) / name)

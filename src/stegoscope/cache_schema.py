@@ -49,7 +49,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .atomic import PARTIAL_SUFFIX, atomic_write_text, fsync_tree, remove_partials
+from .atomic import PARTIAL_SUFFIX, atomic_write_text, fsync_paths, fsync_tree, remove_partials
 
 SCHEMA_VERSION = 1
 
@@ -231,7 +231,7 @@ class CheckedArray:
             return read()
         except (KeyboardInterrupt, MemoryError):
             raise
-        except Exception as exc:
+        except Exception:
             shards = self._shards_of(selection)
             damaged = {shard: error for shard in shards if (error := self.store.checked_read(self.name, shard)) is not None}
             if not damaged:
@@ -340,15 +340,29 @@ class FeatureStore:
         """Shards whose ``written`` flag is not set; a partly written shard is rewritten whole."""
         return [int(i) for i in np.flatnonzero(~self.group[WRITTEN][:])]
 
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write every array of one shard, then (and only then) its ``written`` flag."""
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], commit: bool = True) -> None:
+        """Write every array of one shard; then, with ``commit``, make it durable and flag it
+        (writers that batch several shards into one :meth:`commit` pass False)."""
         sl = self.layout.shard_slice(shard)
         for name, value in arrays.items():
             expected = sl.stop - sl.start
             if len(value) != expected:
                 raise ValueError(f"shard {shard} of {name}: {len(value)} rows, expected {expected}")
             self.group[name][sl] = value
-        self.group[WRITTEN][shard] = True
+        if commit:
+            self.commit([shard])
+
+    def commit(self, shards: list[int]) -> None:
+        """Flush the files of written ``shards`` and the folders that name them to disk, then set
+        and flush their ``written`` flags: after a power cut a flag is never found without its
+        shard. One call for several shards costs one round of flushes (group commit)."""
+        if not shards:
+            return
+        arrays = [name for name in self.group.array_keys() if name != WRITTEN]
+        fsync_paths([self.path / f for name in arrays for shard in shards for f in self.shard_files(name, shard)], self.path)
+        for shard in shards:
+            self.group[WRITTEN][shard] = True
+        fsync_paths([self.path / f for shard in shards for f in self.shard_files(WRITTEN, shard)], self.path)
 
     def mark_complete(self) -> None:
         """Flush everything to disk, then mark complete; the inventory is written last."""
@@ -503,6 +517,7 @@ def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any],
         WRITTEN, shape=(layout.n_shards,), dtype="bool", chunks=(1,), compressors=crc or None, fill_value=False,
         dimension_names=("shard",),
     )
+    fsync_tree(path)  # its metadata survives a power cut, so that flushed shards can be resumed
     return FeatureStore(group, path)
 
 

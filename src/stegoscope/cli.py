@@ -225,8 +225,10 @@ def extract(
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, workers=workers,
                    extract_options={"decode": decode, "compile": compile_model, "writers": writers, "skip_bad": skip_bad,
                                     "download_weights": True})
-    for name in split or list(ctx.preset.splits):
-        _run_extract(ctx.extract(name), force, no_wait)
+    stages = [ctx.extract(name) for name in split or list(ctx.preset.splits)]
+    for stage in stages:
+        _run_extract(stage, force, no_wait)
+    ctx.record(ctx.graph_of(stages))  # the preset's stores: what `gc` keeps
 
 
 def _run_extract(stage, force: bool, no_wait: bool) -> None:
@@ -534,6 +536,44 @@ def verify(
     console.print(f"{damaged} of {len(targets)} damaged", highlight=False)
     if damaged:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def gc(
+    keep_preset: Annotated[
+        Optional[list[str]],
+        typer.Option("--keep-preset", help="Also keep everything this preset's study needs now (repeat); needs its data."),
+    ] = None,
+    data_root: DataRootOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted, with sizes.")] = False,
+    cache: CacheOpt = cache_schema.default_cache_root(),
+) -> None:
+    """Delete the stores and artefacts that nothing keeps: kept is what any study recorded (every
+    run of a preset records what it made and read), what --keep-preset's study needs, and all
+    that those were made from. Lists what it deletes, with sizes, first; skips what is in use."""
+    from .pipeline import unreachable
+    from .study import recorded_keys
+
+    roots = recorded_keys(cache)
+    for name in keep_preset or ():
+        roots |= {node.stage.key for node in _context(name, cache, data_root, show_progress=False).graph()}
+    garbage = unreachable(cache, roots)
+    table = Table(title=f"{'would delete' if dry_run else 'deleting'} from {cache}")
+    table.add_column("path", overflow="fold")
+    table.add_column("size", justify="right")
+    for path, size in garbage:
+        table.add_row(str(path), f"{size / 1e6:,.1f} MB")
+    console.print(table, soft_wrap=True)
+    total = sum(size for _, size in garbage) / 1e9
+    if dry_run:
+        console.print(f"{len(garbage)} stores and artefacts, {total:,.2f} GB would be freed (run without --dry-run to delete)")
+        return
+    import shutil
+
+    for path, _ in garbage:
+        shutil.rmtree(path)
+    console.print(f"{len(garbage)} stores and artefacts deleted, {total:,.2f} GB freed")
 
 
 @app.command()

@@ -290,6 +290,63 @@ def begin_artefact(directory: Path) -> None:
     remove_partials(directory)
 
 
+# -- what the cache keeps -----------------------------------------------------------------------
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def unreachable(cache_root: Path, roots: set[str]) -> list[tuple[Path, int]]:
+    """(path, bytes) of every store and artefact of the cache that no key in ``roots`` reaches
+    through the inputs its manifest or its store attrs name. Outputs whose key lock is held
+    (a stage is writing or reading them) are never listed, nor unfinished ones while any stage
+    of this cache runs (their key is not known yet)."""
+    made: dict[str, tuple[Path, list[str]]] = {}
+    for path in cache_schema.list_feature_stores(cache_root) + cache_schema.list_derived_stores(cache_root):
+        try:
+            attrs = cache_schema.open_feature_store(path, verify=False).attrs
+        except cache_schema.StoreError:
+            made[f"unreadable:{path}"] = (path, [])  # unreadable: nothing can reach it
+            continue
+        made[attrs["key"]] = (path, list(attrs.get("inputs", [])))
+    for path in cache_schema.list_artefacts(cache_root):
+        try:
+            manifest = read_manifest(path)
+        except cache_schema.StoreError:
+            manifest = None
+        key = (manifest or {}).get("key") or f"unfinished:{path}"
+        made[key] = (path, list((manifest or {}).get("inputs", [])))
+    reached, todo = set(), [key for key in roots if key in made]
+    while todo:
+        key = todo.pop()
+        if key not in reached:
+            reached.add(key)
+            todo.extend(k for k in made[key][1] if k in made)
+    busy = any(lock_held(lock) for lock in (Path(cache_root) / "locks").glob("*.lock"))
+    garbage = []
+    for key, (path, _) in sorted(made.items(), key=lambda item: str(item[1][0])):
+        unfinished = key.startswith(("unfinished:", "unreadable:"))
+        if key in reached or (unfinished and busy) or (not unfinished and lock_held(cache_schema.lock_path(cache_root, key))):
+            continue
+        garbage.append((path, _tree_size(path)))
+    return garbage
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether a process holds ``lock`` (shared or exclusive)."""
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 # -- locks --------------------------------------------------------------------------------------
 
 

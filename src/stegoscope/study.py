@@ -361,7 +361,8 @@ class StudyContext:
         return hashlib.sha256(canonical_json(overrides).encode()).hexdigest()[:12] if overrides else "base"
 
     def record(self, graph: list[Node]) -> Path:
-        """Add ``graph``'s results and fits to this experiment's record. A record made from other
+        """Add ``graph``'s nodes to this experiment's record: its results (what the figures draw),
+        its fits (Fig. 3) and the inputs they read (what `gc` keeps). A record made from other
         preset content is started afresh (its artefacts stay in the cache)."""
         folder = cache_schema.study_experiments_dir(self.cache_root, self.preset.name)
         path = folder / f"{self.experiment}.json"
@@ -370,17 +371,26 @@ class StudyContext:
             old = json.loads(path.read_text()) if path.is_file() else {}
             nodes = old.get("nodes", {}) if old.get("preset_sha256") == content else {}
             for node in graph:
-                if node.result or isinstance(node.stage, ReduceStage):
-                    method = node.method
-                    nodes[node.label] = {"key": node.stage.key, "output": os.path.relpath(node.stage.output, self.cache_root),
-                                         "method": method, "dim": node.dim, "seed": node.seed, "result": node.result,
-                                         "label": node.stage.label, "headline": node.result and self.headline(method, node.dim)}
+                kind = "result" if node.result else "fit" if isinstance(node.stage, ReduceStage) else "input"
+                nodes[node.label] = {"key": node.stage.key, "output": os.path.relpath(node.stage.output, self.cache_root),
+                                     "kind": kind, "method": node.method, "dim": node.dim, "seed": node.seed,
+                                     "result": node.result, "label": node.stage.label,
+                                     "headline": node.result and self.headline(node.method, node.dim)}
             record = {"study": self.preset.name, "experiment": self.experiment, "label": self.preset.label(),
                       "overrides": self.preset.overrides, "preset": str(self.preset.path), "preset_sha256": content,
                       "updated": time.time(), "nodes": nodes}
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
         return path
+
+
+def recorded_keys(cache_root: Path) -> set[str]:
+    """The key of every stage that any experiment of any study recorded."""
+    keys = set()
+    for study in cache_schema.list_studies(cache_root):
+        for path in cache_schema.study_experiments_dir(cache_root, study).glob("*.json"):
+            keys.update(node["key"] for node in json.loads(path.read_text())["nodes"].values())
+    return keys
 
 
 def previous_change(stage: Stage) -> str | None:

@@ -411,14 +411,20 @@ class _ShardWriter:
     """Threads that write finished shards while the next batches compute.
 
     zarr writes each shard's arrays as separate files, so shards can be written side by side.
-    An error in a thread is re-raised in the caller at the next ``put`` or at ``close``; the
-    threads keep returning buffers so that the producer never blocks.
+    After writing a shard, a thread makes durable and flags every shard written since the last
+    such commit (``FeatureStore.commit``): its own, and those other threads finished meanwhile,
+    in one round of flushes (group commit). A shard is flagged before its thread takes the
+    next, so a later failure (a full disk) never costs a written shard. An error in a thread is
+    re-raised in the caller at the next ``put`` or at ``close``; the threads keep returning
+    buffers so that the producer never blocks.
     """
 
     def __init__(self, store: FeatureStore, buffers: _ShardBuffers, threads: int = 1):
         self.store, self.buffers = store, buffers
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.uncommitted: list[int] = []
+        self.lock, self.committing = threading.Lock(), threading.Lock()
         self.threads = [threading.Thread(target=self._run, name=f"shard-writer-{i}", daemon=True) for i in range(threads)]
         for thread in self.threads:
             thread.start()
@@ -430,11 +436,20 @@ class _ShardWriter:
                     if shard.ready is not None:
                         shard.ready.synchronize()
                     arrays = {name: value[: shard.rows].numpy() for name, value in shard.arrays.items()}
-                    self.store.write_shard(shard.index, {**arrays, IDS: shard.ids})
+                    self.store.write_shard(shard.index, {**arrays, IDS: shard.ids}, commit=False)
+                    with self.lock:
+                        self.uncommitted.append(shard.index)
+                    self._commit()
             except BaseException as exc:
                 self.error = exc
             finally:
                 self.buffers.release(shard.arrays)
+
+    def _commit(self) -> None:
+        with self.committing:  # one commit at a time: a thread waiting here finds its shard flagged
+            with self.lock:
+                shards, self.uncommitted = self.uncommitted, []
+            self.store.commit(shards)
 
     def put(self, shard: _Shard) -> None:
         self._raise()

@@ -61,7 +61,7 @@ def collect(cache_root: Path, studies: list[str]) -> tuple[list[dict[str, Any]],
     for study in studies:
         for record in study_records(cache_root, study):
             for node in record["nodes"].values():
-                if node["key"] in seen:
+                if node["key"] in seen or node.get("kind") == "input":
                     continue
                 seen.add(node["key"])
                 directory = Path(cache_root) / node["output"]
@@ -73,9 +73,10 @@ def collect(cache_root: Path, studies: list[str]) -> tuple[list[dict[str, Any]],
                 base = {"study": study, "dataset": manifest.get("dataset"), "method": node["method"], "label": node.get("label", ""),
                         "experiment": (manifest.get("experiment") or (experiment_id(config) if config else node["key"]))[:12],
                         "key": node["key"], "config": config, "headline": node.get("headline", False)}
-                if node["result"]:
+                kind = node.get("kind", "result" if node["result"] else "fit")
+                if kind == "result":
                     rows += _metric_rows(directory, base | {"dim": manifest["code_dim"], "seed": manifest.get("seed", 0)})
-                elif variance := load_npz(directory, keys=["explained_variance_ratio_"]):
+                elif kind == "fit" and (variance := load_npz(directory, keys=["explained_variance_ratio_"])):
                     fits.append(base | {"ratio": variance["explained_variance_ratio_"]})
     if len(studies) > 1:
         _relabel(rows + fits, studies[0])
