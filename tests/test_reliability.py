@@ -70,20 +70,28 @@ def assert_same_store(path, reference):
     assert len(set(a.ids)) == len(a.ids) == len(b.ids)
 
 
+def extract_args(data, shard_size: int = 3, workers: int = 0) -> list:
+    """`extract` of the train split of a directory dataset with the micro ViT, 2 images a batch."""
+    return ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", MICRO,
+            "--n-classes", 3, "--train-res", 32, "--batch-size", 2, "--shard-size", shard_size, "--workers", workers,
+            "--device", "cpu", "--no-progress"]
+
+
+def traced_reference(tmp_path, args) -> tuple[Path, list[str]]:
+    """An uninterrupted run's store and the targets of its durable writes, in order."""
+    trace = tmp_path / "trace.txt"
+    reference = crash("trace", trace, *args, "--cache", tmp_path / "reference")
+    assert reference.returncode == 0, reference.stdout.read()
+    return store_of(tmp_path / "reference"), trace.read_text().splitlines()
+
+
 # -- 1. crash anywhere --------------------------------------------------------------------------
 
 
 def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_store(tmp_path):
-    data = write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32))
-    args = ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", MICRO,
-            "--n-classes", 3, "--train-res", 32, "--batch-size", 2, "--shard-size", 3, "--workers", 0,
-            "--device", "cpu", "--no-progress"]
-    trace = tmp_path / "trace.txt"
-    reference = crash("trace", trace, *args, "--cache", tmp_path / "reference")
-    assert reference.returncode == 0, reference.stdout.read()
-    root = store_of(tmp_path / "reference")
-    writes = [Path(line).relative_to(root).as_posix() if line.startswith(str(root)) else Path(line).name
-              for line in trace.read_text().splitlines()]
+    args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)))
+    root, traced = traced_reference(tmp_path, args)
+    writes = [Path(line).relative_to(root).as_posix() if line.startswith(str(root)) else Path(line).name for line in traced]
 
     def nth(name, occurrence=0):
         return [i for i, w in enumerate(writes, 1) if w == name][occurrence]
@@ -130,14 +138,8 @@ def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_stor
 
 
 def test_a_power_cut_during_extraction_loses_no_flagged_shard(tmp_path):
-    data = write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32))
-    args = ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", MICRO,
-            "--n-classes", 3, "--train-res", 32, "--batch-size", 2, "--shard-size", 2, "--workers", 0,
-            "--device", "cpu", "--no-progress"]
-    trace = tmp_path / "trace.txt"
-    assert crash("trace", trace, *args, "--cache", tmp_path / "reference").returncode == 0
-    root = store_of(tmp_path / "reference")
-    writes = trace.read_text().splitlines()
+    args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)), shard_size=2)
+    root, writes = traced_reference(tmp_path, args)
     flags = [i for i, w in enumerate(writes, 1) if "/written/c/" in w]
     # cut the power when a flag is written, just after it, mid-shard and before completion
     points = sorted({flags[0], flags[0] + 1, flags[1] + 2, flags[-1] + 1, len(writes) - 1})
@@ -226,10 +228,8 @@ def test_same_key_waits_and_reuses_no_wait_names_the_holder_other_keys_run_along
 
 
 def test_killing_the_extractor_frees_its_lock_at_once_though_its_workers_linger(tmp_path):
-    data = write_directory_dataset(tmp_path / "data", n_train=16, n_val=1)
-    args = ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", MICRO,
-            "--n-classes", 3, "--train-res", 32, "--batch-size", 2, "--shard-size", 2, "--workers", 2, "--device", "cpu",
-            "--no-progress", "--cache", tmp_path / "c"]
+    args = [*extract_args(write_directory_dataset(tmp_path / "data", n_train=16, n_val=1), shard_size=2, workers=2),
+            "--cache", tmp_path / "c"]
     killed = crash("kill-at", "tokens/c/1/", *args)  # while forked DataLoader workers still prefetch
     assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
     rerun = invoke(*args, "--no-wait")  # at once: no worker of the dead run keeps the lock
@@ -389,15 +389,21 @@ def test_a_reader_names_a_flipped_byte_once_without_noise_and_the_damage_is_kept
 # -- 4. inputs that changed ---------------------------------------------------------------------
 
 
-def test_a_changed_dataset_makes_the_store_stale_and_the_study_re_extracts(tmp_path):
-    from PIL import Image
-
-    data = write_directory_dataset(tmp_path / "data", n_train=5, n_val=2)
+def directory_preset(tmp_path, data) -> Path:
+    """A preset of a directory dataset that only extracts (no method)."""
     preset = tmp_path / "mine.yaml"
     preset.write_text(
         f"name: mine\ndataset: directory\ndata_root: {data}\nbackbone: {MICRO}\nn_classes: 3\nmethods: []\n"
         "extract:\n  batch_size: 4\n  splits:\n    train: {res: 32}\n    val: {res: 32, store_images: true}\n"
     )
+    return preset
+
+
+def test_a_changed_dataset_makes_the_store_stale_and_the_study_re_extracts(tmp_path):
+    from PIL import Image
+
+    data = write_directory_dataset(tmp_path / "data", n_train=5, n_val=2)
+    preset = directory_preset(tmp_path, data)
     cache = tmp_path / "c"
     assert invoke("study", preset, "--cache", cache, "--device", "cpu").exit_code == 0
     assert invoke("status", "--preset", preset, "--cache", cache).output.count("complete") == 2
@@ -419,12 +425,7 @@ def test_a_changed_dataset_makes_the_store_stale_and_the_study_re_extracts(tmp_p
 
 def test_a_same_size_edit_with_its_mtime_restored_makes_the_split_stale(tmp_path):
     data = write_directory_dataset(tmp_path / "data", n_train=3, n_val=1)
-    preset = tmp_path / "mine.yaml"
-    preset.write_text(
-        f"name: mine\ndataset: directory\ndata_root: {data}\nbackbone: {MICRO}\nn_classes: 3\nmethods: []\n"
-        "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 32, store_images: true}\n"
-    )
-    common = ["--preset", preset, "--cache", tmp_path / "c"]
+    common = ["--preset", directory_preset(tmp_path, data), "--cache", tmp_path / "c"]
     assert invoke("extract", *common, "--workers", 0, "--device", "cpu", "--no-progress").exit_code == 0
     image = data / "imgs" / "train" / "img000.png"
     before = image.stat()
