@@ -66,7 +66,7 @@ CHUNK_BYTES = 16 << 20  # dask chunk of tokens for streamed analyses
 # fp16 tokens barely compress (zstd + shuffle <= 8 % smaller, 3-5x slower writes): store them raw.
 # Labels and pixels compress well and cheaply.
 _PIXEL_CODEC = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-# Every chunk carries a crc32c of its bytes, verified on every read (stores made before 0.2 have none).
+# Every chunk carries a crc32c of its bytes, verified on every read (stores made before checksums have none).
 CHECKSUM = "crc32c"
 
 
