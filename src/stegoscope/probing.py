@@ -209,7 +209,8 @@ class CRFPool:
         if self.workers == 0:
             return [crf_argmax(job) for job in jobs]
         done: list[np.ndarray] = []
-        for attempt in (1, 2):
+        failures = 0
+        while True:
             if self.pool is None:
                 self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
             try:
@@ -219,12 +220,12 @@ class CRFPool:
                 return done
             except (FutureTimeout, OSError, RuntimeError) as exc:  # BrokenProcessPool is a RuntimeError
                 self.close(kill=True)
+                failures += 1
                 what = f"a worker took over {self.timeout:g} s" if isinstance(exc, FutureTimeout) else f"{type(exc).__name__}: {exc}"
-                if attempt == 2:
+                if failures == 2:
                     raise CRFError(f"the dense CRF failed twice ({what}); rerun with --crf-workers 0 to run it in this "
                                    "process without a timeout, or with --no-crf") from exc
                 console.print(f"[yellow]CRF pool failed ({what}); a fresh pool retries the {len(jobs) - len(done)} images left[/]")
-        raise AssertionError("unreachable")
 
     def close(self, kill: bool = False) -> None:
         if self.pool is not None:
