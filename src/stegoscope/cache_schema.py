@@ -618,8 +618,9 @@ def list_artefacts(cache_root: Path) -> list[Path]:
     return sorted(p for p in (Path(cache_root) / "artefacts").glob("*/*") if p.is_dir())
 
 
-def list_derived_stores(cache_root: Path) -> list[Path]:
-    return sorted((Path(cache_root) / "derived").glob("*.zarr"))
+def list_stores(cache_root: Path) -> list[Path]:
+    """Every feature store of the cache: extracted, then derived (projected by a reducer)."""
+    return list_feature_stores(cache_root) + sorted((Path(cache_root) / "derived").glob("*.zarr"))
 
 
 def list_feature_stores(cache_root: Path) -> list[Path]:

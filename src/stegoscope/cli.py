@@ -507,7 +507,7 @@ def verify(
     elif preset:
         targets = [n.stage.output for n in _context(preset, cache, data_root, sets, show_progress=False).graph()]
     else:
-        targets = cache_schema.list_feature_stores(cache) + cache_schema.list_derived_stores(cache) + cache_schema.list_artefacts(cache)
+        targets = cache_schema.list_stores(cache) + cache_schema.list_artefacts(cache)
     targets = [Path(t) for t in targets if Path(t).exists()]
     table = Table(title=f"verify — {len(targets)} stores and artefacts")
     table.add_column("path", overflow="fold")

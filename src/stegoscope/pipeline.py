@@ -303,7 +303,7 @@ def unreachable(cache_root: Path, roots: set[str]) -> list[tuple[Path, int]]:
     (a stage is writing or reading them) are never listed, nor unfinished ones while any stage
     of this cache runs (their key is not known yet)."""
     made: dict[str, tuple[Path, list[str]]] = {}
-    for path in cache_schema.list_feature_stores(cache_root) + cache_schema.list_derived_stores(cache_root):
+    for path in cache_schema.list_stores(cache_root):
         try:
             attrs = cache_schema.open_feature_store(path, verify=False).attrs
         except cache_schema.StoreError:
