@@ -81,6 +81,15 @@ def test_extra_clusters_dropped_by_default_counted_as_errors_on_request():
     assert confusion(preds, target, 2, 3).sum() == 4 and confusion(preds, target, 2, 3, extra_as_errors=True).sum() == 6
 
 
+def test_confusion_of_tensors_is_counted_where_they_are():
+    target = torch.tensor([[0, 0, 1], [1, -1, 1]])
+    preds = torch.tensor([[0, 1, 1], [2, 0, 1]])  # cluster 2 is an extra cluster; -1 an unlabelled pixel
+    expected = np.array([[1, 0], [1, 2], [0, 0]])  # rows = prediction, columns = truth; the extra row dropped [QUIRK]
+    np.testing.assert_array_equal(confusion(preds, target, 2, 3), expected)
+    np.testing.assert_array_equal(confusion(preds, target, 2, 3, extra_as_errors=True), expected + [[0, 0], [0, 0], [0, 1]])
+    np.testing.assert_array_equal(confusion(preds.numpy(), target.numpy(), 2, 3), expected)
+
+
 def blobs(seed=0, k=4, n=300, d=8):
     rng = np.random.default_rng(seed)
     centres = np.linalg.qr(rng.normal(size=(d, d)))[0][:k]  # orthonormal directions

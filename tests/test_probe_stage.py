@@ -10,8 +10,9 @@ from stegoscope import cache_schema
 from stegoscope.cli import app
 from stegoscope.data.transforms import normalize
 from stegoscope.models.backbone import build_backbone
-from stegoscope.reducers import IdentityReducer
-from stegoscope.probing import CodeSource, StoreArrays
+from stegoscope import probing
+from stegoscope.reducers import PCA, IdentityReducer
+from stegoscope.probing import CodeSource, Probes, StoreArrays, evaluate
 
 
 def invoke(args):
@@ -20,7 +21,7 @@ def invoke(args):
     return result.output
 
 
-def test_probe_on_demo_stores_with_crf_and_flip(tmp_path):
+def test_probe_on_demo_stores_with_crf_and_flip(tmp_path, monkeypatch):
     cache = str(tmp_path / "c")
     invoke(["extract", "--preset", "demo", "--cache", cache, "--flip", "--workers", "0", "--no-progress"])
     out = invoke(["probe", "--preset", "demo", "--reducer", "identity", "--steps", "20", "--flip", "--cache", cache,
@@ -46,3 +47,22 @@ def test_probe_on_demo_stores_with_crf_and_flip(tmp_path):
     np.testing.assert_array_equal(val[cache_schema.TOKENS_FLIP][:2], mirrored)
     codes = CodeSource(StoreArrays(val), IdentityReducer(), flip=True)(np.array([0, 1]))
     np.testing.assert_allclose(codes, (val[cache_schema.TOKENS][:2].astype(np.float32) + mirrored.astype(np.float32)) / 2)
+
+    # The GPU path (arrays placed on the computing device, codes by transform_tensor, confusions
+    # counted there), forced onto the CPU here, gives the host path's codes and metrics.
+    cpu = torch.device("cpu")
+    pca = PCA(n_components=8).fit(val[cache_schema.TOKENS][:].reshape(-1, val.layout.channels))
+    host = {name: (StoreArrays(val), reducer) for name, reducer in (("identity", IdentityReducer()), ("pca", pca))}
+    monkeypatch.setattr(probing, "placement", lambda nbytes, device, limit: probing.DEVICE)
+    for name, (arrays, reducer) in host.items():
+        placed = StoreArrays(val, device=cpu)
+        assert placed.placement == probing.DEVICE and isinstance(placed.arrays[cache_schema.TOKENS], torch.Tensor)
+        rows = np.array([3, 0, 2])
+        np.testing.assert_array_equal(placed.rows(cache_schema.LABELS, rows), arrays.rows(cache_schema.LABELS, rows))
+        on_host, on_device = CodeSource(arrays, reducer, flip=True), CodeSource(placed, reducer, flip=True)
+        np.testing.assert_allclose(on_device.tensor(rows, cpu).numpy(), on_host(rows), rtol=1e-5, atol=1e-4)
+        torch.manual_seed(0)
+        probes = Probes(on_host(rows).shape[-1], 4)
+        expected, got = evaluate(on_host, probes, cpu), evaluate(on_device, probes, cpu)
+        for key in ("linear/mIoU", "linear/Accuracy", "cluster/mIoU", "cluster/Accuracy"):
+            assert abs(got[key] - expected[key]) < (1e-9 if name == "identity" else 0.05), (name, key)

@@ -3,6 +3,7 @@ reduce stage end to end (artefacts, h-NNE derived stores, a dask.distributed clu
 
 import numpy as np
 import pytest
+import torch
 from sklearn.decomposition import PCA as SkPCA
 from sklearn.preprocessing import StandardScaler
 from sklearn.random_projection import GaussianRandomProjection
@@ -87,6 +88,28 @@ def test_random_projection():
     assert not np.array_equal(RandomProjection(64, seed=4, standardize="none").fit(x).components_, a.components_)
 
 
+@pytest.mark.parametrize("standardize", ["train", "none", "batch"])
+def test_tensor_transforms_equal_the_reference_formulas(standardize):
+    """``transform_tensor`` (the GPU path, here on CPU tensors) against z @ components.T computed
+    in float64 from the fitted statistics."""
+    tokens = dino_like_tokens(n_images=6)
+    flat = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
+    batch = tokens[:2].astype(np.float64)
+    for reducer in (PCA(n_components=5, standardize=standardize).fit(flat), RandomProjection(7, seed=1, standardize=standardize).fit(flat)):
+        if standardize == "batch":
+            z = (batch - batch.reshape(-1, 24).mean(0)) / batch.reshape(-1, 24).std(0)
+        elif standardize == "train":
+            z = (batch - reducer.mean_) / reducer.scale_
+        else:
+            z = batch - reducer.mean_ if isinstance(reducer, PCA) else batch
+        expected = z @ reducer.components_[: reducer.n_components].T
+        codes = reducer.transform_tensor(torch.from_numpy(tokens[:2]))
+        assert codes.dtype == torch.float32 and codes.shape == expected.shape
+        np.testing.assert_allclose(codes.numpy(), expected, rtol=1e-4, atol=1e-3)
+    identity = IdentityReducer().transform_tensor(torch.from_numpy(tokens[:2]))
+    assert identity.dtype == torch.float32 and np.array_equal(identity.numpy(), tokens[:2].astype(np.float32))
+
+
 def test_identity_reducer():
     x = np.arange(12, dtype=np.float16).reshape(1, 2, 2, 3)
     reducer = IdentityReducer().fit(x.reshape(-1, 3))
@@ -139,3 +162,17 @@ def test_reduce_stage_artefacts_reuse_and_hnne_projection(tmp_path, directory_da
         assert np.isfinite(codes[cache_schema.TOKENS][:]).all() and codes.ids == source.ids
     again = run(["reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300"])
     assert again.count("cached") == 3  # the fit and both derived stores are reused
+
+
+def test_a_released_stego_head_as_a_reducer_equals_the_module_on_host_and_tensor_paths():
+    from stegoscope.models.stego_head import StegoHead
+    from stegoscope.reducers import StegoHeadReducer
+
+    torch.manual_seed(0)
+    head = StegoHead(24, 6).eval()
+    tokens = dino_like_tokens(n_images=2).astype(np.float32)
+    with torch.no_grad():
+        expected = head(torch.from_numpy(tokens).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    reducer = StegoHeadReducer.from_head(head)
+    np.testing.assert_allclose(reducer.transform(tokens), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(reducer.transform_tensor(torch.from_numpy(tokens)).numpy(), expected, rtol=1e-4, atol=1e-3)

@@ -19,8 +19,9 @@ instead of D-channel codes; the code norm is accumulated over channel chunks.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing import get_context
 from pathlib import Path
@@ -47,15 +48,42 @@ RESIDENT_BYTES = 2e9  # stores whose arrays fit are read into memory once
 
 
 class StoreArrays:
-    """Some arrays of a feature store, read into memory once when together they fit in
-    ``limit_bytes`` (a zarr read of a few rows costs far more than the rows), else read from disk
-    per access. Rows come back in the order asked for."""
+    """Some arrays of a feature store, placed once where they fit best: on the GPU that computes
+    (when they fit in ``DEVICE_SHARE`` of its free memory), else in host memory (when they fit in
+    ``limit_bytes``), else read from disk per access (a zarr read of a few rows costs far more than
+    the rows). Rows come back in the order asked for.
+    """
 
-    def __init__(self, store: FeatureStore, names=(TOKENS, TOKENS_FLIP, LABELS, IMAGES), limit_bytes: float = RESIDENT_BYTES):
+    def __init__(self, store: FeatureStore, names=(TOKENS, TOKENS_FLIP, LABELS, IMAGES), limit_bytes: float = RESIDENT_BYTES,
+                 device: torch.device | None = None):
         self.store = store
-        present = [name for name in names if name in store]
-        self.resident = sum(store[name].nbytes for name in present) <= limit_bytes
-        self.arrays = {name: store[name][:] if self.resident else store[name] for name in present}
+        present = tuple(name for name in names if name in store)
+        nbytes = sum(store[name].nbytes for name in present)
+        self.placement = placement(nbytes, device, limit_bytes)
+        self.device = device if self.placement == DEVICE else None
+        self.arrays = {name: store[name] if self.placement == DISK else self._read(name) for name in present}
+
+    @property
+    def resident(self) -> bool:
+        return self.placement != DISK
+
+    def _read(self, name: str):
+        """The whole array, shard by shard in threads (zarr decodes one shard per call; threads
+        overlap them), into host memory or straight to the device (no full copy on the host)."""
+        array, layout = self.store[name], self.store.layout
+        if self.device is None:
+            placed = np.empty(array.shape, array.dtype)
+        else:
+            placed = torch.empty(array.shape, dtype=_TORCH_DTYPES[str(array.dtype)], device=self.device)
+
+        def read(shard: int) -> None:
+            rows = layout.shard_slice(shard)
+            values = array[rows]
+            placed[rows] = values if self.device is None else torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            list(pool.map(read, range(layout.n_shards)))
+        return placed
 
     def __contains__(self, name: str) -> bool:
         return name in self.arrays
@@ -64,18 +92,45 @@ class StoreArrays:
         return len(self.store)
 
     def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The rows as a host array."""
         array, rows = self.arrays[name], np.asarray(rows)
-        if self.resident:
+        if self.placement == DEVICE:
+            return array[torch.as_tensor(rows, device=self.device)].cpu().numpy()
+        if self.placement == HOST:
             return array[rows]
         order = np.argsort(rows, kind="stable")  # zarr reads sorted rows; restore the order asked for after
         return array.get_orthogonal_selection((rows[order],))[np.argsort(order)]
+
+    def tensor(self, name: str, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The rows as a tensor on ``device`` (gathered there when the array lives there)."""
+        if self.placement == DEVICE and self.device == device:
+            return self.arrays[name][torch.as_tensor(np.asarray(rows), device=device)]
+        return torch.from_numpy(self.rows(name, rows)).to(device)
+
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+DEVICE_SHARE = 0.6  # arrays go to a GPU when they fit in this share of its free memory
+READ_THREADS = min(8, os.cpu_count() or 1)
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int16": torch.int16, "uint8": torch.uint8,
+                 "int32": torch.int32, "int64": torch.int64}
+
+
+def placement(nbytes: int, device: torch.device | None, host_limit: float) -> str:
+    """Where arrays of ``nbytes`` live: on a CUDA ``device`` with room, in host memory, or on disk."""
+    if device is not None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, reusable
+        if nbytes <= DEVICE_SHARE * free:
+            return DEVICE
+    return HOST if nbytes <= host_limit else DISK
 
 
 class CodeSource:
     """Codes of a store's images: ``reducer(tokens)``, or precomputed codes of a derived store.
 
     With ``flip`` and a ``tokens_flip`` array, the codes of an image and of its mirror image
-    (flipped back) are averaged, as STEGO's evaluation.
+    (flipped back) are averaged, as STEGO's evaluation. Codes are computed where the tokens are:
+    on the GPU that holds them (:meth:`Reducer.transform_tensor`), else on the host.
     """
 
     def __init__(self, arrays: StoreArrays, reducer: Reducer, derived: StoreArrays | None = None, flip: bool = False):
@@ -83,35 +138,35 @@ class CodeSource:
         self.flip = flip and derived is None and TOKENS_FLIP in arrays
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return self.tensor(rows, torch.device("cpu")).numpy()
+
+    def tensor(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """(B, h, w, D) float32 codes on ``device``."""
         if self.derived is not None:
-            return np.asarray(self.derived.rows(TOKENS, rows), dtype=np.float32)
-        codes = self.reducer.transform(self.arrays.rows(TOKENS, rows))
-        if self.flip:
-            codes = (codes + self.reducer.transform(self.arrays.rows(TOKENS_FLIP, rows))) / 2
-        return codes
+            return self.derived.tensor(TOKENS, rows, device).float()
+        names = (TOKENS, TOKENS_FLIP) if self.flip else (TOKENS,)
+        if self.arrays.placement == DEVICE:
+            codes = [self.reducer.transform_tensor(self.arrays.tensor(name, rows, self.arrays.device)) for name in names]
+        else:
+            codes = [torch.from_numpy(self.reducer.transform(self.arrays.rows(name, rows))) for name in names]
+        codes = codes[0] if len(codes) == 1 else (codes[0] + codes[1]) / 2
+        return codes.to(device)
 
 
 class TokenBatches:
-    """Rows of a store's tokens / labels as (B, C, h, w) float and (B, H, W) long tensors: from
-    device memory when the store fits in ``limit_bytes``, else read from disk per batch."""
+    """Rows of a store's tokens / labels as (B, C, h, w) float and (B, H, W) long tensors on
+    ``device``, from wherever :class:`StoreArrays` placed them."""
 
     def __init__(self, store: FeatureStore, device: torch.device, limit_bytes: float):
-        self.arrays, self.device = StoreArrays(store, (TOKENS, LABELS), limit_bytes), device
+        self.arrays, self.device = StoreArrays(store, (TOKENS, LABELS), limit_bytes, device), device
         self.resident = self.arrays.resident
-        if self.resident:
-            self.tokens = torch.from_numpy(self.arrays.arrays[TOKENS]).to(device)
-            self.labels = torch.from_numpy(self.arrays.arrays[LABELS]).to(device)
 
     def __len__(self) -> int:
         return len(self.arrays)
 
     def __call__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.resident:
-            index = torch.as_tensor(rows, device=self.device)
-            tokens, labels = self.tokens[index], self.labels[index]
-        else:
-            tokens = torch.from_numpy(self.arrays.rows(TOKENS, rows)).to(self.device)
-            labels = torch.from_numpy(self.arrays.rows(LABELS, rows)).to(self.device)
+        tokens = self.arrays.tensor(TOKENS, rows, self.device)
+        labels = self.arrays.tensor(LABELS, rows, self.device)
         return tokens.permute(0, 3, 1, 2).float(), labels.long()
 
 
@@ -247,13 +302,13 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
     n = len(store)
     for start in range(0, n, batch):
         rows = np.arange(start, min(start + batch, n))
-        labels = store.rows(LABELS, rows)
-        codes = torch.from_numpy(source(rows)).permute(0, 3, 1, 2).to(device)
+        labels = store.tensor(LABELS, rows, device)
+        codes = source.tensor(rows, device).permute(0, 3, 1, 2)
         logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
-        if crf is None:
-            lin_pred, clu_pred = logits.argmax(1).cpu().numpy(), cosines.argmax(1).cpu().numpy()
+        if crf is None:  # counted where the scores are (a GPU, without copying label maps back)
+            lin_pred, clu_pred = logits.argmax(1), cosines.argmax(1)
         else:
-            images = list(store.rows(IMAGES, rows))
+            images, labels = list(store.rows(IMAGES, rows)), labels.cpu().numpy()
             lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
             clu_pred = np.stack(crf.map(images, [softmax(CLUSTER_ALPHA * x) for x in cosines.cpu().numpy()]))
         lin.update(lin_pred, labels)

@@ -25,6 +25,7 @@ from importlib import metadata
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from .ops.streaming import batch_standardize, eigh_descending, moments_from_gram, safe_scale, shifted_gram
 
@@ -135,6 +136,19 @@ class Reducer(ABC):
     @abstractmethod
     def transform(self, tokens: np.ndarray) -> np.ndarray: ...
 
+    def transform_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`transform` of a tensor, on the tensor's device (float32). Reducers with a torch
+        form override this; the others go through the host."""
+        return torch.from_numpy(np.asarray(self.transform(tokens.cpu().numpy()), dtype=np.float32)).to(tokens.device)
+
+    def _tensors(self, device: torch.device, *names: str) -> list[torch.Tensor]:
+        """Fitted arrays as float64 tensors on ``device``, copied there once."""
+        cache = self.__dict__.setdefault("_on_device", {}).setdefault(device, {})
+        for name in names:
+            if name not in cache:
+                cache[name] = torch.as_tensor(np.asarray(getattr(self, name), dtype=np.float64), device=device)
+        return [cache[name] for name in names]
+
     def with_components(self, n_components: int) -> Reducer:
         """The same fit returning ``n_components`` codes (reducers that serve every D)."""
         raise NotImplementedError(f"{type(self).__name__} is fitted per D")
@@ -169,6 +183,18 @@ class _Standardized(Reducer):
             return ((x - self.mean_) / self.scale_).astype(np.float32)
         return (x - self.mean_).astype(np.float32) if center_when_none else x
 
+    def _project_tensor(self, tokens: torch.Tensor, components: torch.Tensor, center_when_none: bool) -> torch.Tensor:
+        """Standardised tokens (float64, then float32 as the host path) times ``components.T``."""
+        if self.standardize == "batch":  # [QUIRK] per-batch statistics: the host path computes them
+            return Reducer.transform_tensor(self, tokens)
+        mean, scale = self._tensors(tokens.device, "mean_", "scale_")
+        x = tokens.double()
+        if self.standardize == "train":
+            x = (x - mean) / scale
+        elif center_when_none:
+            x = x - mean
+        return x.float() @ components.T.float()
+
 
 class IdentityReducer(Reducer):
     """Raw DINO tokens: the codes are the tokens themselves."""
@@ -186,6 +212,9 @@ class IdentityReducer(Reducer):
 
     def transform(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(tokens, dtype=np.float32)
+
+    def transform_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.float()
 
 
 @dataclass(frozen=True)
@@ -245,6 +274,10 @@ class PCA(_Standardized):
         d = self.n_components or len(self.components_)
         z = self._standardized(tokens, center_when_none=True)
         return z @ self.components_[:d].T.astype(np.float32)
+
+    def transform_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        d = self.n_components or len(self.components_)
+        return self._project_tensor(tokens, self._tensors(tokens.device, "components_")[0][:d], center_when_none=True)
 
     def params(self) -> dict[str, Any]:
         return {"n_components": self.n_components, "standardize": self.standardize}
@@ -307,6 +340,9 @@ class RandomProjection(_Standardized):
     def transform(self, tokens: np.ndarray) -> np.ndarray:
         z = self._standardized(tokens, center_when_none=False)
         return z @ self.components_.T.astype(np.float32)
+
+    def transform_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._project_tensor(tokens, self._tensors(tokens.device, "components_")[0], center_when_none=False)
 
     def params(self) -> dict[str, Any]:
         return {"n_components": self.n_components, "kind": self.kind, "seed": self.seed, "standardize": self.standardize}
@@ -436,6 +472,16 @@ class StegoHeadReducer(Reducer):
         if hasattr(self, "w2a_"):
             hidden = np.maximum(x @ self.w2a_.T.astype(np.float32) + self.b2a_.astype(np.float32), 0)
             code += hidden @ self.w2b_.T.astype(np.float32) + self.b2b_.astype(np.float32)
+        return code
+
+    def transform_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens.float()
+        branch = lambda *names: [t.float() for t in self._tensors(x.device, *names)]  # noqa: E731
+        w1, b1 = branch("w1_", "b1_")
+        code = x @ w1.T + b1
+        if hasattr(self, "w2a_"):
+            w2a, b2a, w2b, b2b = branch("w2a_", "b2a_", "w2b_", "b2b_")
+            code += (x @ w2a.T + b2a).clamp_min(0) @ w2b.T + b2b
         return code
 
     def params(self) -> dict[str, Any]:

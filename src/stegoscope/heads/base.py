@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cache_schema import FeatureStore
+from ..cache_schema import IMAGES, LABELS, TOKENS, TOKENS_FLIP, FeatureStore
 from ..probing import (BatchOrder, CodeSource, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate, evaluate_with_crf,
                        train_validated)
 from ..reducers import Reducer
@@ -85,6 +86,7 @@ class HeadResult:
     final_probes: dict
     best_crf: dict | None
     resident: bool
+    seconds: dict[str, float]  # where the time went: load, train (with validations), crf
 
 
 class HeadTrainer(ABC):
@@ -125,14 +127,16 @@ class HeadTrainer(ABC):
         torch.manual_seed(run.seed)
         generator = torch.Generator().manual_seed(run.seed)
         rng = np.random.default_rng(run.seed)
+        loading = time.perf_counter()
         data = TokenBatches(train, device, resident_bytes)
         head = self.make_head().to(device)
         probes = Probes(run.dim, run.n_classes, run.extra_clusters).to(device)
         optimizers = [self.optimizer(head), *probes.optimizers(run.probe_lr, run.probe_lr)]
         batches = BatchOrder(len(data), p.batch_size, rng)
         neighbours = min(p.knn_neighbors, nns.shape[1] - 1) if nns is not None else 0
-        val_arrays = StoreArrays(val)
+        val_arrays = StoreArrays(val, (TOKENS, TOKENS_FLIP, LABELS, *((IMAGES,) if run.crf else ())), device=device)
         val_codes = lambda reducer: CodeSource(val_arrays, reducer, flip=True)  # noqa: E731  flip TTA when val has flips
+        seconds = {"load": time.perf_counter() - loading}
 
         def update(step: int) -> dict:
             rows = batches.next()
@@ -157,15 +161,19 @@ class HeadTrainer(ABC):
             current["head"] = self._exported(head, device)
             return evaluate(val_codes(current["head"]), probes, device, run.extra_as_errors)
 
+        training = time.perf_counter()
         history, best, (best_head, best_probes) = train_validated(
             p.steps, run.val_every, update, validate, lambda: (current["head"], probes.snapshot()), label, show_progress)
+        seconds["train"] = time.perf_counter() - training
         final_head, final_probes = self._exported(head, torch.device("cpu"), train_after=False), probes.snapshot()
         best_crf = None
         if run.crf:
             probes.restore(best_probes)
+            refining = time.perf_counter()
             best_crf = {"step": best["step"], **evaluate_with_crf(val_codes(best_head), probes, device, run.extra_as_errors,
                                                                   crf_workers, show_progress)}
-        return HeadResult(history, best, best_head, best_probes, final_head, final_probes, best_crf, data.resident)
+            seconds["crf"] = time.perf_counter() - refining
+        return HeadResult(history, best, best_head, best_probes, final_head, final_probes, best_crf, data.resident, seconds)
 
     def _exported(self, head: nn.Module, device: torch.device, train_after: bool = True) -> Reducer:
         head.eval()
@@ -198,13 +206,25 @@ class ModuleReducer(Reducer):
     def fit(self, tokens) -> ModuleReducer:
         raise NotImplementedError("a head is trained by `stegoscope train --method <head>`")
 
-    @torch.no_grad()
     def transform(self, tokens: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.asarray(tokens, dtype=np.float32))
+        return self.transform_tensor(torch.from_numpy(np.asarray(tokens, dtype=np.float32))).numpy()
+
+    @torch.no_grad()
+    def transform_tensor(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens.float()
         lead = x.shape[:-1]
         maps = x.reshape(-1, *x.shape[-3:]) if x.dim() >= 3 else x.reshape(-1, 1, 1, x.shape[-1])
-        codes = self.module_(maps.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return codes.reshape(*lead, codes.shape[-1]).numpy()
+        codes = self._module_on(x.device)(maps.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return codes.reshape(*lead, codes.shape[-1])
+
+    def _module_on(self, device: torch.device) -> nn.Module:
+        """The module on ``device`` (a copy, made once; the stored module stays on the CPU)."""
+        if device.type == "cpu":
+            return self.module_
+        copies = self.__dict__.setdefault("_on_device", {})
+        if device not in copies:
+            copies[device] = copy.deepcopy(self.module_).to(device)
+        return copies[device]
 
     def params(self) -> dict[str, Any]:
         return {"n_components": self.n_components}

@@ -10,18 +10,29 @@ dropped as well, so extra-cluster pixels are excluded rather than counted as err
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 
 def confusion(preds: np.ndarray, target: np.ndarray, n_classes: int, n_predicted: int | None = None,
               extra_as_errors: bool = False) -> np.ndarray:
-    """(n_predicted, n_classes) int64 counts, rows = prediction, columns = truth."""
+    """(n_predicted, n_classes) int64 counts, rows = prediction, columns = truth.
+
+    ``preds`` and ``target`` are numpy arrays or torch tensors; tensors are counted on their own
+    device (a GPU) and only the counts come back.
+    """
     n_predicted = n_predicted or n_classes
-    preds, target = np.asarray(preds).ravel().astype(np.int64), np.asarray(target).ravel().astype(np.int64)
+    tensors = isinstance(preds, torch.Tensor)
+    if tensors:  # the same arithmetic, without copying label maps to the host
+        preds, target = preds.reshape(-1).long(), target.reshape(-1).long()
+    else:
+        preds, target = np.asarray(preds).ravel().astype(np.int64), np.asarray(target).ravel().astype(np.int64)
     limit = n_predicted if extra_as_errors else n_classes
     keep = (target >= 0) & (target < n_classes) & (preds >= 0) & (preds < limit)
-    counts = np.bincount(preds[keep] * n_classes + target[keep], minlength=n_predicted * n_classes)
-    return counts.reshape(n_predicted, n_classes)
+    flat = preds[keep] * n_classes + target[keep]
+    if tensors:
+        return torch.bincount(flat, minlength=n_predicted * n_classes).cpu().numpy().reshape(n_predicted, n_classes)
+    return np.bincount(flat, minlength=n_predicted * n_classes).reshape(n_predicted, n_classes)
 
 
 def hungarian(stats: np.ndarray) -> np.ndarray:

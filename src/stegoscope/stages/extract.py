@@ -247,17 +247,20 @@ class ExtractStage(Stage):
         n_images = len(self.samples(skipped))
         if n_images == 0:
             raise DatasetError(self.dataset.root, f"no readable samples in split {self.p.split!r}")
-        spec, random = parse_backbone(self.p.backbone)
-        attrs = {
+        store = cache_schema.create_feature_store(self.output, self.layout(n_images), self.store_attrs(skipped))
+        cache_schema.write_sources(self.output, self.source_rows)
+        return store
+
+    def store_attrs(self, skipped: dict[str, str]) -> dict[str, Any]:
+        """The attributes of this stage's store: its key, parameters, inputs and provenance."""
+        _, random = parse_backbone(self.p.backbone)
+        return {
             "key": self.key, "stage": self.name, "stage_version": self.version, "spec": self.params(),
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
             "inputs": self.inputs(), "dataset_root": str(self.data_root), "class_names": list(self.dataset.class_names),
             "skipped": [{"id": sid, "reason": reason} for sid, reason in skipped.items()],
             "pretrained": not random, "versions": package_versions(), "started": time.time(),
         }
-        store = cache_schema.create_feature_store(self.output, self.layout(n_images), attrs)
-        cache_schema.write_sources(self.output, self.source_rows)
-        return store
 
     def execute(self, force: bool) -> ExtractSummary:
         start = time.perf_counter()

@@ -79,7 +79,7 @@ class ImportStegoStage(Stage):
         reducer = StegoHeadReducer.from_head(head)
         device = resolve_device(self.device)
         probes = probes.to(device)
-        source = CodeSource(StoreArrays(val), reducer, flip=self.flip)
+        source = CodeSource(StoreArrays(val, device=device), reducer, flip=self.flip)
         metrics: dict[str, Any] = {"no_crf": evaluate(source, probes, device)}
         if self.crf:
             metrics["crf"] = evaluate_with_crf(source, probes, device, workers=self.crf_workers, show_progress=self.show_progress)

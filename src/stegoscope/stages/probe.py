@@ -23,7 +23,7 @@ import torch
 
 from .. import cache_schema
 from ..atomic import atomic_write_bytes
-from ..cache_schema import LABELS, METRICS, PROBES, TOKENS, StoreError, open_complete_store
+from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import BatchOrder, CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf, load_reducer, train_validated
@@ -93,10 +93,15 @@ class ProbeStage(Stage):
             if LABELS not in store:
                 raise StoreError(f"{store.path}: no labels; probes need a labelled dataset")
         reducer = load_reducer(self.reducer.output, self.dim) if self.reducer is not None else IdentityReducer()
-        train_derived, val_derived = (StoreArrays(open_complete_store(s.output), (TOKENS,)) for s in self.derived) if self.derived else (None, None)
-        train_arrays = StoreArrays(train, (TOKENS, LABELS))
+        loading = time.perf_counter()
+        train_derived, val_derived = ((StoreArrays(open_complete_store(s.output), (TOKENS,), device=device) for s in self.derived)
+                                      if self.derived else (None, None))
+        tokens = () if self.derived else (TOKENS, TOKENS_FLIP)  # precomputed codes stand in for the tokens
+        images = (IMAGES,) if p.crf else ()
+        train_arrays = StoreArrays(train, (*tokens[:1], LABELS), device=device)
         train_codes = CodeSource(train_arrays, reducer, train_derived)
-        val_codes = CodeSource(StoreArrays(val), reducer, val_derived, flip=p.flip_tta)
+        val_codes = CodeSource(StoreArrays(val, (*tokens, LABELS, *images), device=device), reducer, val_derived, flip=p.flip_tta)
+        seconds = {"load": time.perf_counter() - loading}
         torch.manual_seed(p.seed)
         rng = np.random.default_rng(p.seed)
         dim = train_codes(np.array([0])).shape[-1]
@@ -106,8 +111,8 @@ class ProbeStage(Stage):
 
         def update(step: int) -> dict:
             rows = np.sort(batches.next())
-            codes = torch.from_numpy(train_codes(rows)).permute(0, 3, 1, 2).to(device)
-            labels = torch.from_numpy(train_arrays.rows(LABELS, rows).astype(np.int64)).to(device)
+            codes = train_codes.tensor(rows, device).permute(0, 3, 1, 2)
+            labels = train_arrays.tensor(LABELS, rows, device).long()
             loss_linear, loss_cluster = probes.losses(codes, labels)
             for opt in optimizers:
                 opt.zero_grad()
@@ -116,15 +121,20 @@ class ProbeStage(Stage):
                 opt.step()
             return {"loss_linear": loss_linear.item(), "loss_cluster": loss_cluster.item()}
 
+        training = time.perf_counter()
         history, best, best_state = train_validated(
             p.steps, p.val_every, update, lambda: evaluate(val_codes, probes, device, p.extra_as_errors),
             probes.snapshot, f"probe {self.method}{self.dim or ''}", self.show_progress)
+        seconds["train"] = time.perf_counter() - training
         metrics: dict[str, Any] = {"history": history, "best": best, "final": history[-1], "n_classes": p.n_classes}
         final_state = probes.snapshot()
         if p.crf:
             probes.restore(best_state)
+            refining = time.perf_counter()
             metrics["best_crf"] = {"step": best["step"], **evaluate_with_crf(val_codes, probes, device, p.extra_as_errors,
                                                                              self.crf_workers, self.show_progress)}
+            seconds["crf"] = time.perf_counter() - refining
+        metrics["seconds"] = seconds
         begin_artefact(self.output)
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
         buffer = io.BytesIO()

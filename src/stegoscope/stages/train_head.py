@@ -87,6 +87,7 @@ class TrainHeadStage(Stage):
         metrics = {"history": result.history, "best": result.best, "final": result.history[-1]}
         if result.best_crf is not None:
             metrics["best_crf"] = result.best_crf
+        metrics["seconds"] = result.seconds
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
         write_manifest(self.output, self.manifest(
             started, method=self.method, reducer_class=result.best_head.method, reducer=result.best_head.params(),
