@@ -1,28 +1,47 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 9 as one script for the workplace's device machine (about 6 minutes
-# on one H200): correctness of the GPU extraction path, then the two benchmarks, then the PCA
-# stream with ViT-B shapes. Results go to $OUT (default ./gpu-results).
+# The GPU figures of issue 18 as one script for the workplace's device machine (about 6 minutes
+# on one H100): correctness of the GPU extraction path, extraction against the model and the disk,
+# a STEGO step from the cache against one with the backbone, kNN of 250k descriptors, the PCA
+# stream with ViT-B shapes, and one Fig. 4 sweep of a Cityscapes-sized synthetic store (a measured
+# fraction, scaled: see gpu_sweep.py), then one probe of that sweep the way it ran before its data
+# was placed on the GPU (the profile behind the fix). Results go to $OUT (default ./gpu-results):
+# summary.txt, one log per benchmark and sweep.json — 8 files, the most the device tool brings back.
 #
-# That machine has torch, torchvision, timm and cupy but not zarr or dask: bring cp312 wheels
-# (zarr, numcodecs, dask, donfig, google-crc32c, partd, locket, ...) in a folder and pass it
-# as WHEELS; they are installed without an index.
+# That machine has torch, torchvision, timm and cupy but not zarr or dask and reaches no
+# registry: bring cp312 wheels in a folder and pass it as WHEELS (they are installed into
+# /tmp/site without an index). From the repository root, once:
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     zarr==3.1.6 numcodecs==0.16.6 dask==2026.8.0 donfig==0.8.1.post1 google-crc32c==1.9.0 partd==1.4.2 locket==1.0.0
+# then run it with `WHEELS=.whl bash benchmarks/gpu_session.sh`, carrying .whl.
+# pydensecrf2 has no wheel (it builds from source), so the sweep's dense CRF is not timed there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1
-if [ -n "${WHEELS:-}" ]; then pip install -q --no-deps --no-index "$WHEELS"/*.whl; fi
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+if [ -n "${WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
+echo "cpus $(nproc); $(free -g | awk '/Mem/ {print $2}') GB memory; python $(python3 -V 2>&1); torch $(python3 -c 'import torch; print(torch.__version__)')" | tee -a "$OUT/summary.txt"
 
 run() {  # name, seconds, command...
     local name=$1 limit=$2; shift 2
-    echo "== $name" | tee -a "$OUT/summary.txt"
-    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-    echo "exit $?" >> "$OUT/$name.txt"
-    grep -v -i "warn" "$OUT/$name.txt" | tail -8 | tee -a "$OUT/summary.txt"
+    echo "== $name ($(date +%T))" | tee -a "$OUT/summary.txt"
+    local start=$SECONDS
+    timeout "$limit" "$@" >> "$OUT/$name.txt" 2>&1
+    echo "exit $? after $((SECONDS - start)) s" | tee -a "$OUT/$name.txt" >> "$OUT/summary.txt"
+    grep -v -i -e "warn" -e "^  " "$OUT/$name.txt" | tail -14 >> "$OUT/summary.txt"
 }
 
-run gpu_check 90 python benchmarks/gpu_check.py
-run gpu_extract 240 python benchmarks/gpu_extract.py --images 5000 --batch 128 --workers 14
-run gpu_stego 90 python benchmarks/gpu_stego.py --arch vit_base_patch8 --batch 32 --steps 10
-run pca_stream_vitb 120 python benchmarks/pca_stream.py --gb 4 --channels 768 --device cuda
+run gpu_check 50 python3 benchmarks/gpu_check.py --images 96
+run gpu_extract 120 python3 benchmarks/gpu_extract.py --images 3000 --batch 128 --workers 14
+run gpu_stego 45 python3 benchmarks/gpu_stego.py --arch vit_base_patch8 --batch 32 --steps 10
+run gpu_knn 40 python3 benchmarks/gpu_knn.py --n 250000 --dim 768 --k 30
+run pca_stream 60 python3 benchmarks/pca_stream.py --gb 2 --channels 768 --device cuda
+run gpu_sweep 230 python3 benchmarks/gpu_sweep.py --fraction 14 --json "$OUT/sweep.json"
+run gpu_sweep 50 python3 benchmarks/gpu_sweep.py --fraction 14 --streamed
+cat "$OUT/summary.txt"
