@@ -13,7 +13,7 @@ model and starting the DataLoader workers). Backbones have random weights: speed
 depend on them.
 
     python benchmarks/gpu_extract.py [--images 5000] [--archs vit_small_patch8 vit_base_patch8] [--res 224]
-        [--batch 128] [--workers 12] [--decode auto] [--compile] [--workdir DIR] [--device auto]
+        [--batch 128] [--workers 12] [--decode auto] [--compile] [--writers N] [--workdir DIR] [--device auto]
 
 A CPU smoke run: `--images 48 --archs vit_micro_patch8 --res 64 --batch 16 --workers 2`.
 """
@@ -88,7 +88,7 @@ def end_to_end(arch: str, args, data: Path, cache: Path):
     params = ExtractParams(dataset="directory", split="train", res=args.res, backbone=f"random:{arch}")
     stage = ExtractStage(
         cache, data, params, batch_size=args.batch, workers=args.workers, device=args.device, show_progress=False,
-        decode=args.decode, compile=args.compile,
+        decode=args.decode, compile=args.compile, writers=args.writers,
     )
     stage.key  # fingerprint the folder before the clock starts
     summary = run_stage(stage, force=True).detail
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--writers", type=int, default=None, help="store writer threads (default: the stage's)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "stegoscope-gpu-extract")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()

@@ -2,10 +2,10 @@
 # The GPU figures of issue 18 as one script for the workplace's device machine (about 6 minutes
 # on one H100): correctness of the GPU extraction path, extraction against the model and the disk,
 # a STEGO step from the cache against one with the backbone, kNN of 250k descriptors, the PCA
-# stream with ViT-B shapes, and one Fig. 4 sweep of a Cityscapes-sized synthetic store (a measured
-# fraction, scaled: see gpu_sweep.py), then one probe of that sweep the way it ran before its data
-# was placed on the GPU (the profile behind the fix). Results go to $OUT (default ./gpu-results):
-# summary.txt, one log per benchmark and sweep.json — 8 files, the most the device tool brings back.
+# stream with ViT-B shapes, the store's write / read throughput against the raw disk by threads, and
+# one Fig. 4 sweep of a Cityscapes-sized synthetic store (a measured fraction, scaled: see
+# gpu_sweep.py). Results go to $OUT (default ./gpu-results): summary.txt and one log per benchmark
+# — 8 files, the most the device tool brings back.
 #
 # That machine has torch, torchvision, timm and cupy but not zarr or dask and reaches no
 # registry: bring cp312 wheels in a folder and pass it as WHEELS (they are installed into
@@ -37,11 +37,18 @@ run() {  # name, seconds, command...
     grep -v -i -e "warn" -e "^  " "$OUT/$name.txt" | tail -14 >> "$OUT/summary.txt"
 }
 
-run gpu_check 50 python3 benchmarks/gpu_check.py --images 96
-run gpu_extract 120 python3 benchmarks/gpu_extract.py --images 3000 --batch 128 --workers 14
-run gpu_stego 45 python3 benchmarks/gpu_stego.py --arch vit_base_patch8 --batch 32 --steps 10
-run gpu_knn 40 python3 benchmarks/gpu_knn.py --n 250000 --dim 768 --k 30
-run pca_stream 60 python3 benchmarks/pca_stream.py --gb 2 --channels 768 --device cuda
-run gpu_sweep 230 python3 benchmarks/gpu_sweep.py --fraction 14 --json "$OUT/sweep.json"
-run gpu_sweep 50 python3 benchmarks/gpu_sweep.py --fraction 14 --streamed
+# STEPS picks the benchmarks of a rerun (e.g. after a fix); EXTRACT_ARGS adds gpu_extract options.
+STEPS=${STEPS:-"gpu_check gpu_extract gpu_stego gpu_knn pca_stream store_throughput gpu_sweep"}
+for step in $STEPS; do
+    case $step in
+        gpu_check) run gpu_check 50 python3 benchmarks/gpu_check.py --images 96 ;;
+        gpu_extract) run gpu_extract 120 python3 benchmarks/gpu_extract.py --images 3000 --batch 128 --workers 14 ${EXTRACT_ARGS:-} ;;
+        gpu_stego) run gpu_stego 45 python3 benchmarks/gpu_stego.py --arch vit_base_patch8 --batch 32 --steps 10 --profile ;;
+        gpu_knn) run gpu_knn 40 python3 benchmarks/gpu_knn.py --n 250000 --dim 768 --k 30 ;;
+        pca_stream) run pca_stream 60 python3 benchmarks/pca_stream.py --gb 2 --channels 768 --device cuda ;;
+        store_throughput) run store_throughput 40 python3 benchmarks/store_throughput.py --shards 16 --threads 1 2 4 8 ;;
+        gpu_sweep) run gpu_sweep 200 python3 benchmarks/gpu_sweep.py --fraction 14 ;;
+        *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
 cat "$OUT/summary.txt"

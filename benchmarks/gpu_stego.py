@@ -8,7 +8,7 @@ cache step gathers the rows from a token store kept resident in device memory, a
 `train-stego` does for a train store that fits. Same batch, same device, one run. Prints
 s/step for each and the two ratios (backbone / cache).
 
-    python benchmarks/gpu_stego.py [--arch vit_base_patch8] [--batch 32] [--res 224] [--steps 10] [--device auto]
+    python benchmarks/gpu_stego.py [--arch vit_base_patch8] [--batch 32] [--res 224] [--steps 10] [--device auto] [--profile]
 
 The defaults are the GPU setting of the issue: ViT-B/8 shapes, batch 32. On a CPU, try
 `--arch vit_small_patch8 --batch 8 --steps 3`.
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cached-images", type=int, default=256, help="images in the resident token store")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true", help="print the profiler's table of 5 steps from the cache")
     args = parser.parse_args()
     device = resolve_device(args.device)
     backbone = build_backbone(f"random:{args.arch}").to(device)
@@ -86,6 +87,18 @@ def main() -> None:
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / args.steps
 
+    if args.profile:  # where a step from the cache spends its time on the device
+        from torch.profiler import ProfilerActivity, profile
+
+        from_cache(0)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for step in range(5):
+                from_cache(step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=50))
     cache_s = seconds_per_step(from_cache)
     fp32_s = seconds_per_step(with_backbone(False))
     bf16_s = seconds_per_step(with_backbone(True))

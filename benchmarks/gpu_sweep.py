@@ -167,7 +167,15 @@ def main() -> None:
                "probe pca/rp": [*(ctx.probe("pca", d) for d in args.probe_dims), *(ctx.probe("rp", d) for d in args.rp_dims)],
                "stego": [ctx.head("stego", d) for d in args.head_dims]}
     graph = ctx.graph_of([stage for group in targets.values() for stage in group])
-    results = {id(node.stage): result for node, result in ctx.run(graph)}
+    clock = {"node": None, "start": time.perf_counter()}
+
+    def progress(node) -> None:  # one line per finished stage, so that a run cut short still says where it got
+        if clock["node"] is not None:
+            print(f"  {clock['node'].label}: {time.perf_counter() - clock['start']:.1f} s", flush=True)
+        clock.update(node=node, start=time.perf_counter())
+
+    results = {id(node.stage): result for node, result in ctx.run(graph, progress=progress)}
+    progress(None)
     labels = {id(node.stage): node.label for node in graph}
 
     def measured(stage) -> dict[str, float]:

@@ -66,3 +66,23 @@ def test_probe_on_demo_stores_with_crf_and_flip(tmp_path, monkeypatch):
         expected, got = evaluate(on_host, probes, cpu), evaluate(on_device, probes, cpu)
         for key in ("linear/mIoU", "linear/Accuracy", "cluster/mIoU", "cluster/Accuracy"):
             assert abs(got[key] - expected[key]) < (1e-9 if name == "identity" else 0.05), (name, key)
+
+
+def test_placed_arrays_are_kept_for_the_next_reader_of_the_same_store(tmp_path):
+    from test_reducers import dino_like_tokens, make_store
+
+    store = make_store(tmp_path / "s.zarr", dino_like_tokens(n_images=10))
+    first = StoreArrays(store, (cache_schema.TOKENS,))
+    assert first.placement == probing.HOST
+    np.testing.assert_array_equal(first.arrays[cache_schema.TOKENS], store[cache_schema.TOKENS][:])
+    tokens = first.arrays[cache_schema.TOKENS]
+    del first
+    assert StoreArrays(store, (cache_schema.TOKENS,)).arrays[cache_schema.TOKENS] is tokens  # kept: not read again
+    held = StoreArrays(store, (cache_schema.TOKENS,))
+    other = make_store(tmp_path / "t.zarr", dino_like_tokens(n_images=4, seed=1))
+    StoreArrays(other, (cache_schema.TOKENS,))  # a new placement keeps what a live reader holds ...
+    assert StoreArrays(store, (cache_schema.TOKENS,)).arrays[cache_schema.TOKENS] is held.arrays[cache_schema.TOKENS]
+    del held
+    StoreArrays(other, (cache_schema.POOLED,))  # ... and drops the rest
+    assert StoreArrays(store, (cache_schema.TOKENS,)).arrays[cache_schema.TOKENS] is not tokens
+    probing.release_placed()

@@ -18,8 +18,10 @@ instead of D-channel codes; the code norm is accumulated over channel chunks.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache_schema import IMAGES, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError
+from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError
 from .ops.crf import crf_argmax, softmax
 from .ops.kmeans import ClusterLookup
 from .ops.metrics import SegmentationMetrics
@@ -52,34 +54,47 @@ class StoreArrays:
     (when they fit in ``DEVICE_SHARE`` of its free memory), else in host memory (when they fit in
     ``limit_bytes``), else read from disk per access (a zarr read of a few rows costs far more than
     the rows). Rows come back in the order asked for.
+
+    Placed arrays are kept for the next stage of the same process that asks for the same arrays
+    of the same store (a sweep's probes and heads all read one train and one val store), until a
+    placement that is not kept needs their room: see :func:`release_placed`.
     """
 
     def __init__(self, store: FeatureStore, names=(TOKENS, TOKENS_FLIP, LABELS, IMAGES), limit_bytes: float = RESIDENT_BYTES,
                  device: torch.device | None = None):
         self.store = store
         present = tuple(name for name in names if name in store)
-        nbytes = sum(store[name].nbytes for name in present)
-        self.placement = placement(nbytes, device, limit_bytes)
+        inventory = store.path / INVENTORY  # rewritten whenever the store is (re)completed
+        ident = (str(store.path), store.key, inventory.stat().st_mtime_ns if inventory.exists() else None, present, str(device))
+        if ident in _KEPT:
+            self.placement, self.arrays = _KEPT[ident]
+        else:
+            release_placed(keep_in_use=True)
+            self.placement = placement(sum(store[name].nbytes for name in present), device, limit_bytes)
+            self.arrays = {name: store[name] if self.placement == DISK else self._read(name, device) for name in present}
+            if self.placement != DISK:
+                _KEPT[ident] = (self.placement, self.arrays)
         self.device = device if self.placement == DEVICE else None
-        self.arrays = {name: store[name] if self.placement == DISK else self._read(name) for name in present}
+        _LIVE.add(self)
 
     @property
     def resident(self) -> bool:
         return self.placement != DISK
 
-    def _read(self, name: str):
+    def _read(self, name: str, device: torch.device | None):
         """The whole array, shard by shard in threads (zarr decodes one shard per call; threads
         overlap them), into host memory or straight to the device (no full copy on the host)."""
         array, layout = self.store[name], self.store.layout
-        if self.device is None:
-            placed = np.empty(array.shape, array.dtype)
+        on_device = self.placement == DEVICE
+        if on_device:
+            placed = torch.empty(array.shape, dtype=_TORCH_DTYPES[str(array.dtype)], device=device)
         else:
-            placed = torch.empty(array.shape, dtype=_TORCH_DTYPES[str(array.dtype)], device=self.device)
+            placed = np.empty(array.shape, array.dtype)
 
         def read(shard: int) -> None:
             rows = layout.shard_slice(shard)
             values = array[rows]
-            placed[rows] = values if self.device is None else torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+            placed[rows] = torch.from_numpy(np.ascontiguousarray(values)).to(device) if on_device else values
 
         with ThreadPoolExecutor(READ_THREADS) as pool:
             list(pool.map(read, range(layout.n_shards)))
@@ -113,6 +128,22 @@ DEVICE_SHARE = 0.6  # arrays go to a GPU when they fit in this share of its free
 READ_THREADS = min(8, os.cpu_count() or 1)
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int16": torch.int16, "uint8": torch.uint8,
                  "int32": torch.int32, "int64": torch.int64}
+
+
+_KEPT: dict[tuple, tuple[str, dict]] = {}  # placed arrays by (store, key, completion, names, device)
+_LIVE: weakref.WeakSet[StoreArrays] = weakref.WeakSet()
+
+
+def release_placed(keep_in_use: bool = False) -> None:
+    """Drop the placed arrays kept for later stages (with ``keep_in_use``: those no live
+    :class:`StoreArrays` holds), returning their GPU memory."""
+    if keep_in_use:
+        gc.collect()  # a finished stage's StoreArrays may sit in reference cycles
+    in_use = {id(live.arrays) for live in _LIVE} if keep_in_use else set()
+    for ident in [i for i, (_, arrays) in _KEPT.items() if id(arrays) not in in_use]:
+        del _KEPT[ident]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def placement(nbytes: int, device: torch.device | None, host_limit: float) -> str:

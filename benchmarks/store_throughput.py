@@ -1,0 +1,89 @@
+"""How fast a feature store takes and gives tokens, against the raw disk, with 1..N threads.
+
+The profile behind two GPU figures: extraction is written through `FeatureStore.write_shard` by
+writer threads, and probes / heads read whole stores shard by shard in threads. Writes the same
+fp16 tokens (ViT-B/8 train shape by default) as whole shards with T threads in parallel, then reads
+them back (from the page cache) with T threads; and writes the same bytes as plain files with
+T threads, each run ended by the flush that completing a store does. Prints GB/s for each T and
+the store / raw ratio, all in one run.
+
+    python benchmarks/store_throughput.py [--shards 16] [--shard 128] [--threads 1 2 4 8] [--dir /tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from stegoscope import cache_schema
+from stegoscope.atomic import fsync_tree
+from stegoscope.cache_schema import IDS, POOLED, TOKENS, StoreLayout
+
+
+def store_write(path: Path, tokens: np.ndarray, shards: int, threads: int) -> float:
+    shard = len(tokens)
+    layout = StoreLayout(shard * shards, tokens.shape[1:3], tokens.shape[3], (8, 8), False, False, shard)
+    arrays = {TOKENS: tokens, POOLED: tokens.mean((1, 2), dtype=np.float32), IDS: np.array([str(i) for i in range(shard)])}
+    start = time.perf_counter()
+    store = cache_schema.create_feature_store(path, layout, {"key": "k" * 64, "spec": {}})
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda s: store.write_shard(s, arrays, commit=False), range(shards)))
+    store.commit(list(range(shards)))
+    store.mark_complete()
+    return time.perf_counter() - start
+
+
+def store_read(path: Path, threads: int) -> float:
+    store = cache_schema.open_feature_store(path)
+    tokens = store[TOKENS]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda s: tokens[store.layout.shard_slice(s)], range(store.layout.n_shards)))
+    return time.perf_counter() - start
+
+
+def raw_write(path: Path, tokens: np.ndarray, shards: int, threads: int) -> float:
+    path.mkdir(parents=True)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda s: (path / f"{s}.bin").write_bytes(tokens.data), range(shards)))
+    fsync_tree(path)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--shard", type=int, default=128, help="images per shard")
+    parser.add_argument("--grid", type=int, default=28)
+    parser.add_argument("--channels", type=int, default=768)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+    tokens = np.random.default_rng(0).normal(size=(args.shard, args.grid, args.grid, args.channels)).astype(np.float16)
+    gb = tokens.nbytes * args.shards / 1e9
+    root = Path(tempfile.mkdtemp(dir=args.dir))
+    print(f"{args.shards} shards of {args.shard} images of {args.grid}×{args.grid}×{args.channels} fp16 ({gb:.2f} GB); "
+          f"{os.cpu_count()} CPUs")
+    try:
+        for threads in args.threads:
+            w = store_write(root / "s.zarr", tokens, args.shards, threads)
+            r = store_read(root / "s.zarr", threads)
+            d = raw_write(root / "raw", tokens, args.shards, threads)
+            shutil.rmtree(root / "s.zarr")
+            shutil.rmtree(root / "raw")
+            print(f"{threads:2d} threads: store write {gb / w:5.2f} GB/s, raw write {gb / d:5.2f} GB/s "
+                  f"(store/raw {d / w:4.2f}); store read {gb / r:5.2f} GB/s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
