@@ -4,10 +4,11 @@ The profile behind two GPU figures: extraction is written through `FeatureStore.
 writer threads, and probes / heads read whole stores shard by shard in threads. Writes the same
 fp16 tokens (ViT-B/8 train shape by default) as whole shards with T threads in parallel, then reads
 them back (from the page cache) with T threads; and writes the same bytes as plain files with
-T threads, each run ended by the flush that completing a store does. Prints GB/s for each T and
-the store / raw ratio, all in one run.
+T threads, each run ended by the flush that completing a store does. Whole shards go through
+stegoscope's numpy encoder (`raw_shards`, the default) and through zarr's codec pipeline (the
+same bytes). Prints GB/s for each T and the store / raw ratio, all in one run.
 
-    python benchmarks/store_throughput.py [--shards 16] [--shard 128] [--threads 1 2 4 8] [--dir /tmp]
+    python benchmarks/store_throughput.py [--shards 16] [--shard 128] [--threads 1 2 4 8] [--codecs numpy zarr] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ import numpy as np
 from stegoscope import cache_schema
 from stegoscope.atomic import fsync_tree
 from stegoscope.cache_schema import IDS, POOLED, TOKENS, StoreLayout
+
+
+def use_zarr_codec(on: bool) -> None:
+    """Route whole-shard writes and reads through zarr's codec pipeline (on) or stegoscope's numpy
+    encoder of the same bytes (off, the default: `raw_shards`)."""
+    cache_schema.FeatureStore._raw_layout = _ZARR_PATH if on else _NUMPY_PATH
+
+
+_NUMPY_PATH = cache_schema.FeatureStore._raw_layout
+_ZARR_PATH = lambda self, name: None  # noqa: E731
 
 
 def store_write(path: Path, tokens: np.ndarray, shards: int, threads: int) -> float:
@@ -66,6 +77,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=768)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--codecs", nargs="+", default=["numpy", "zarr"], choices=["numpy", "zarr"],
+                        help="whole shards through stegoscope's numpy encoder (raw_shards) and/or zarr's pipeline")
     args = parser.parse_args()
     tokens = np.random.default_rng(0).normal(size=(args.shard, args.grid, args.grid, args.channels)).astype(np.float16)
     gb = tokens.nbytes * args.shards / 1e9
@@ -74,13 +87,16 @@ def main() -> None:
           f"{os.cpu_count()} CPUs")
     try:
         for threads in args.threads:
-            w = store_write(root / "s.zarr", tokens, args.shards, threads)
-            r = store_read(root / "s.zarr", threads)
             d = raw_write(root / "raw", tokens, args.shards, threads)
-            shutil.rmtree(root / "s.zarr")
             shutil.rmtree(root / "raw")
-            print(f"{threads:2d} threads: store write {gb / w:5.2f} GB/s, raw write {gb / d:5.2f} GB/s "
-                  f"(store/raw {d / w:4.2f}); store read {gb / r:5.2f} GB/s")
+            line = f"{threads:2d} threads: raw write {gb / d:5.2f} GB/s"
+            for codec in args.codecs:
+                use_zarr_codec(codec == "zarr")
+                w = store_write(root / "s.zarr", tokens, args.shards, threads)
+                r = store_read(root / "s.zarr", threads)
+                shutil.rmtree(root / "s.zarr")
+                line += f" | {codec}: write {gb / w:5.2f} GB/s ({d / w:4.2f}× raw), read {gb / r:5.2f} GB/s"
+            print(line, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

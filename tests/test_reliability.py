@@ -480,15 +480,14 @@ def _full_disk_from(monkeypatch, target, attribute, first_failing=""):
 
 
 def test_disk_full_mid_extraction_stops_with_a_message_and_the_rerun_completes(tmp_path, monkeypatch):
-    import zarr.storage._local as local_store
-
     data = write_directory_dataset(tmp_path / "data", n_train=7, n_val=1)
     args = ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", MICRO,
             "--n-classes", 3, "--train-res", 32, "--batch-size", 2, "--shard-size", 3, "--workers", 0,
             "--device", "cpu", "--no-progress"]
     assert invoke(*args, "--cache", tmp_path / "reference").exit_code == 0
     with monkeypatch.context() as patch:
-        _full_disk_from(patch, local_store, "_put", "tokens/c/1/")  # shard 0 is written, then the disk is full
+        # shard 0 is written, then the disk is full (token shards are written by raw_shards' encoder)
+        _full_disk_from(patch, cache_schema, "atomic_write_bytes", "tokens/c/1/")
         full = invoke(*args, "--cache", tmp_path / "c")
     assert full.exit_code == 2
     assert "No space left on device" in full.output and "1 shards already written are kept" in full.output

@@ -12,22 +12,26 @@ from typing import Any
 PARTIAL_SUFFIX = ".partial"  # zarr's LocalStore names its temporaries the same way
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename it over ``path``, then fsync the
-    folder, so that the new file survives a power cut once this returns."""
+def atomic_write_bytes(path: Path, data: bytes | list, durable: bool = True) -> None:
+    """Write ``data`` (bytes, or buffers written one after the other) to a temporary file beside
+    ``path``, fsync, rename it over ``path``, then fsync the folder, so that the new file survives
+    a power cut once this returns. ``durable=False`` leaves out both flushes, for a caller that
+    flushes many files together later."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            fh.writelines([data] if isinstance(data, bytes) else data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    if durable:
+        _fsync(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -49,7 +49,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .atomic import PARTIAL_SUFFIX, atomic_write_text, fsync_paths, fsync_tree, remove_partials
+from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_text, fsync_paths, fsync_tree, remove_partials
+from .raw_shards import ShardLayout
 
 SCHEMA_VERSION = 1
 
@@ -221,6 +222,9 @@ class CheckedArray:
         return self.array.shape[0]
 
     def __getitem__(self, selection) -> np.ndarray:
+        shards = self.store.whole_shards(self.name, selection)
+        if shards is not None:  # numpy's decoder, zarr's bytes (raw_shards)
+            return self._read(lambda: self.store.read_shards(self.name, shards), selection)
         return self._read(lambda: self.array[selection], selection)
 
     def get_orthogonal_selection(self, selection) -> np.ndarray:
@@ -265,6 +269,7 @@ class FeatureStore:
     def __init__(self, group: zarr.Group, path: Path):
         self.group = group
         self.path = Path(path)
+        self._raw_layouts: dict[str, ShardLayout | None] = {}
 
     # -- attributes ----------------------------------------------------------------------------
     @property
@@ -348,9 +353,53 @@ class FeatureStore:
             expected = sl.stop - sl.start
             if len(value) != expected:
                 raise ValueError(f"shard {shard} of {name}: {len(value)} rows, expected {expected}")
-            self.group[name][sl] = value
+            raw = self._raw_layout(name)
+            if raw is None:
+                self.group[name][sl] = value
+                continue
+            data, path = raw.encode(value), self._shard_path(name, shard)
+            if data is None:
+                path.unlink(missing_ok=True)  # all fill: zarr keeps no file
+            else:
+                atomic_write_bytes(path, data, durable=False)  # commit() flushes it
         if commit:
             self.commit([shard])
+
+    # -- whole shards of the raw token arrays, without zarr's per-chunk pipeline (raw_shards) -----
+    def _raw_layout(self, name: str) -> ShardLayout | None:
+        if name not in self._raw_layouts:
+            self._raw_layouts[name] = ShardLayout.of(self.group[name])
+        return self._raw_layouts[name]
+
+    def _shard_path(self, name: str, shard: int) -> Path:
+        array = self.group[name]
+        return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+
+    def whole_shards(self, name: str, selection) -> range | None:
+        """The shards a selection of rows covers exactly (a step-1 slice of whole shards, all
+        columns) when ``name`` is a raw array; else None."""
+        rows = selection[0] if isinstance(selection, tuple) and len(selection) == 1 else selection
+        if not isinstance(rows, slice) or self._raw_layout(name) is None:
+            return None
+        start, stop, step = rows.indices(self.layout.n_images)
+        size = self.layout.shard_images
+        if step != 1 or start % size or (stop % size and stop != self.layout.n_images) or stop <= start:
+            return None
+        return range(start // size, -(-stop // size))
+
+    def read_shards(self, name: str, shards: range) -> np.ndarray:
+        raw, layout = self._raw_layout(name), self.layout
+        first, last = layout.shard_slice(shards[0]), layout.shard_slice(shards[-1])
+        out = np.empty((last.stop - first.start, *raw.chunk_shape), raw.dtype)
+        for shard in shards:
+            rows = layout.shard_slice(shard)
+            part = out[rows.start - first.start : rows.stop - first.start]
+            path = self._shard_path(name, shard)
+            if path.exists():
+                raw.decode(path.read_bytes(), len(part), part)
+            else:
+                part[...] = 0  # zarr reads a missing shard as the fill value
+        return out
 
     def commit(self, shards: list[int]) -> None:
         """Flush the files of written ``shards`` and the folders that name them to disk, then set
