@@ -12,7 +12,7 @@ DATA_ROOT ?=
 ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo docs-figures features status clean
+.PHONY: install test demo demo-future docs-figures features status clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test:
 
 demo:
 	$(BIN)/stegoscope demo --cache $(CACHE)
+
+# The paper's open questions on the demo (after `make demo`): clusterers, over-clustering, h-NNE's hierarchy, a loss grid.
+demo-future: demo
+	$(BIN)/stegoscope study demo --cache $(CACHE) --only future
+	$(BIN)/stegoscope figures --cache $(CACHE) --study demo
 
 # The README's figure, from a demo run in a cache of its own (only the demo preset's experiment).
 DOCS_CACHE ?= .stegoscope-cache/docs-demo

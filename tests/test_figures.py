@@ -100,7 +100,7 @@ def test_figures_draw_the_given_series(tmp_path):
     md = (folder / "table2.md").read_text()
     assert "| DINO (stegoscope) |" in md and "42.0 ± 1.0" in md
     csv_rows = (folder / "results.csv").read_text().splitlines()
-    assert csv_rows[0] == "study,dataset,method,label,experiment,dim,probe,crf,seed,step,mIoU,Accuracy,key"
+    assert csv_rows[0] == "study,dataset,method,label,experiment,family,dim,probe,crf,seed,step,mIoU,Accuracy,key"
     assert sum(",λ_rand=0.5," in r for r in csv_rows) == 2  # its linear and cluster rows
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stegoscope.ops.crf import dense_crf, softmax
-from stegoscope.ops.kmeans import ClusterLookup, spherical_kmeans
+from stegoscope.ops.kmeans import ClusterLookup, EuclideanLookup, FixedCentroids, lloyd_kmeans
 from stegoscope.ops.metrics import SegmentationMetrics, confusion
 
 
@@ -129,9 +129,43 @@ def test_learnable_cosine_kmeans_recovers_clusters():
 
 def test_spherical_lloyd_kmeans_recovers_clusters():
     x, labels = blobs(seed=2)
-    c = spherical_kmeans(x, 4, seed=0)
+    c = lloyd_kmeans(x, 4, seed=0, spherical=True)
     np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1, rtol=1e-6)
     assert agreement(np.argmax(x @ c.T, 1), labels, 4) > 99
+
+
+def gaussian_blobs(seed=3, k=4, n=400, d=8):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    return (rng.normal(size=(k, d))[labels] * 5 + 0.3 * rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+def test_euclidean_kmeans_lloyd_learnable_and_fixed_recover_planted_clusters():
+    x, labels = gaussian_blobs()
+    c = lloyd_kmeans(x, 4, seed=0)
+    nearest = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+    assert agreement(nearest, labels, 4) == 100
+    for k in range(4):  # a fixed point of Lloyd's step: each centroid is the mean of its points
+        np.testing.assert_allclose(c[k], x[nearest == k].mean(0), atol=1e-4)
+    codes = torch.from_numpy(x.T.reshape(1, 8, 20, 20))  # the points as a (1, D, h, w) code map
+    for metric in ("euclidean", "cosine"):  # a fixed probe's argmax is the nearest centroid by its metric
+        scores = FixedCentroids(torch.from_numpy(c), metric).scores(codes).reshape(4, -1).argmax(0).numpy()
+        unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+        expected = nearest if metric == "euclidean" else (unit(x) @ unit(c).T).argmax(1)
+        np.testing.assert_array_equal(scores, expected)
+    # the learnable probe, started at one point of each blob, descends to Lloyd's optimum
+    probe = EuclideanLookup(8, 4)
+    with torch.no_grad():
+        probe.clusters.copy_(torch.from_numpy(x[[np.flatnonzero(labels == k)[0] for k in range(4)]]))
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    for _ in range(400):
+        loss, probs = probe(codes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lloyd_loss = ((x - c[nearest]) ** 2).sum(1).mean()
+    np.testing.assert_allclose(loss.item(), lloyd_loss, rtol=0.02)
+    assert agreement(probe.scores(codes).argmax(1).ravel().numpy(), labels, 4) == 100 and torch.all(probs.sum(1) == 1)
 
 
 def test_crf_snaps_a_blurred_map_to_colour_edges():
@@ -167,3 +201,23 @@ def test_crf_pool_gives_the_in_process_labels_and_a_hung_pool_stops_with_a_messa
     with pytest.raises(CRFError, match="failed twice .*took over 0.0001 s.*--crf-workers 0"):
         hung.map(images, probs)
     assert hung.pool is None  # killed, not left behind
+
+
+def test_three_mappings_of_over_clustering_on_a_hand_made_confusion():
+    # 3 clusters for 2 classes; rows = cluster, columns = true class (pixel counts)
+    stats = {0: [5, 0], 1: [3, 1], 2: [0, 4]}
+    preds = np.concatenate([np.full(sum(c), k) for k, c in stats.items()])
+    target = np.concatenate([np.repeat([0, 1], c) for c in stats.values()])
+    metrics = SegmentationMetrics(2, extra_clusters=1, hungarian=True)
+    metrics.update(preds, target)
+    modes = metrics.compute_modes()
+    # drop [QUIRK]: cluster 2 (≥ K) dropped before matching; 0→0, 1→1 → 6 of 9 pixels right
+    np.testing.assert_allclose(modes["drop"]["Accuracy"], 100 * 6 / 9)
+    assert modes["drop"] == metrics.compute()  # the configured (parity) mode
+    # errors: Hungarian over all clusters picks 0→0, 2→1; cluster 1's 4 pixels are misses → 9 of 13
+    np.testing.assert_allclose(modes["errors"]["Accuracy"], 100 * 9 / 13)
+    np.testing.assert_allclose(modes["errors"]["per_class_iou"], [100 * 5 / 8, 100 * 4 / 5])
+    # many-to-one: 0→0, 1→0, 2→1 → 12 of 13; IoU 8/9 and 4/5 — here majority and Hungarian differ
+    assert modes["many_to_one"]["assignment"] == [0, 0, 1] and modes["errors"]["assignment"] == [0, -1, 1]
+    np.testing.assert_allclose(modes["many_to_one"]["Accuracy"], 100 * 12 / 13)
+    np.testing.assert_allclose(modes["many_to_one"]["mIoU"], 100 * (8 / 9 + 4 / 5) / 2)

@@ -630,6 +630,9 @@ def _list_stores(cache: Path) -> None:
     console.print(table)
 
 
+FUTURE = "future"  # `study --only future`: the preset's open-question experiments
+
+
 def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None, only=None, dims=None, seeds=None,
                device=None, scheduler=None, flip=None, dry_run=False, progress=True) -> list:
     """Run (or with ``dry_run`` plan) every experiment of a study; the contexts that ran."""
@@ -639,9 +642,17 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
                     extract_options={"download_weights": not dry_run})
     grid = dict(parse_sweep(text) for text in sweeps or ())
     contexts = [base.variant(p) for p in base.preset.experiments(grid)]
+    plans = []
     for ctx in contexts:
+        methods = [m for m in only or () if m != FUTURE]
+        if only and FUTURE in only:
+            if not ctx.preset.future.families:
+                raise ConfigError(f"{ctx.preset.path or preset}: no `future:` section to run (see configs/demo.yaml)")
+            plans += [(c, c.graph_of(targets)) for c, targets in ctx.future()]
+        if methods or not only:
+            plans.append((ctx, ctx.graph(methods or None, dims, seeds)))
+    for ctx, graph in plans:
         title = f"study {ctx.preset.name}" + (f" [{ctx.preset.label()}]" if ctx.preset.label() else "")
-        graph = ctx.graph(only, dims, seeds)
         if dry_run:
             _print_plan(title, ctx.plan(graph))
             continue
@@ -654,7 +665,7 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
 
             done = ctx.run(graph, advance)
         ran = sum(not result.skipped for _, result in done)
-        console.print(f"{title}: {ran} stages run, {len(done) - ran} cached", highlight=False)
+        console.print(f"{escape(title)}: {ran} stages run, {len(done) - ran} cached", highlight=False)
     if not dry_run:
         from .stages.figures import collect, results_csv
         from .atomic import atomic_write_text
@@ -667,14 +678,14 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
 
 
 def _print_plan(title: str, plan) -> None:
-    table = Table(title=f"{title}: plan")
+    table = Table(title=f"{escape(title)}: plan")
     for column in ("node", "action", "why"):
         table.add_column(column)
     for node, action, why in plan:
         table.add_row(node.label, f"[{'yellow' if action == 'run' else 'green'}]{action}[/]", escape(why))
     console.print(table, soft_wrap=True)
     runs = sum(action == "run" for _, action, _ in plan)
-    console.print(f"{title}: {runs} stages would run, {len(plan) - runs} are cached", highlight=False)
+    console.print(f"{escape(title)}: {runs} stages would run, {len(plan) - runs} are cached", highlight=False)
 
 
 @app.command()
@@ -688,7 +699,9 @@ def study(
         typer.Option("--sweep", help="Expand a grid of experiments: KEY=V1,V2,… (dotted preset key); repeat for more axes. "
                                      "Each experiment is keyed, cached, recorded and drawn as its own curve."),
     ] = None,
-    only: Annotated[Optional[list[str]], typer.Option("--only", help=f"Methods to run ({', '.join(registry.names())}); repeat.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help=f"Methods to run ({', '.join(registry.names())}); repeat. "
+                                                                     f"`{FUTURE}`: the experiments of the preset's `future:` section "
+                                                                     "(the paper's open questions).")] = None,
     dims: Annotated[Optional[list[int]], typer.Option("--dims", help="Dimensions D (default: the preset's); repeat.")] = None,
     seeds: Annotated[Optional[list[int]], typer.Option("--seeds", help="Seeds (default: the preset's seeds); repeat.")] = None,
     flip: FlipOpt = None,

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from . import methods as registry
+from .ops.kmeans import CLUSTERERS
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # wheel installs (force-included)
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # editable installs
@@ -68,7 +69,10 @@ class EvalConfig:
     TTA, as STEGO). ``crf``: where the dense CRF is added: ``table2`` (raw DINO and the heads at
     their headline D, as the paper's Table 2), ``all`` or ``none``. ``extra_clusters``: cluster
     probe with K + extra clusters; their pixels are dropped before matching [QUIRK, STEGO's], or
-    counted as errors with ``extra_as_errors``. ``val_every``: validation interval in steps.
+    counted as errors with ``extra_as_errors`` (every result also reports both other mappings:
+    ``cluster_extra_as_errors/…`` and ``cluster_many_to_one/…``). ``clusterer``: the probes'
+    cluster probe (``ops.kmeans.CLUSTERERS``; heads always train STEGO's cosine one). ``val_every``:
+    validation interval in steps.
     """
 
     flip: bool = False
@@ -76,12 +80,56 @@ class EvalConfig:
     extra_clusters: int = 0
     extra_as_errors: bool = False
     val_every: int = 100
+    clusterer: str = "cosine"
 
     def __post_init__(self):
         if self.crf not in CRF_WHERE:
             raise ValueError(f"crf must be one of {CRF_WHERE}, not {self.crf!r}")
+        if self.clusterer not in CLUSTERERS:
+            raise ValueError(f"clusterer must be one of {', '.join(CLUSTERERS)}, not {self.clusterer!r}")
         if self.extra_clusters < 0 or self.val_every < 1:
             raise ValueError(f"extra_clusters must be ≥ 0 and val_every ≥ 1: {self}")
+
+
+@dataclass(frozen=True)
+class FutureConfig:
+    """The paper's open questions (its §5 and supplementary §2) as experiments, run by
+    ``stegoscope study <preset> --only future`` and drawn by ``figures``.
+
+    ``clusterers``: cluster probes (``ops.kmeans.CLUSTERERS``) compared on the codes of
+    ``clusterer_methods`` at every D. ``extra_clusters``: over-clustering with K' = K + each, probed
+    on raw DINO; every result is evaluated three ways (Hungarian dropping the extra clusters, as
+    STEGO [QUIRK]; Hungarian counting them as errors; many-to-one). ``hierarchy``: every level of
+    h-NNE's partition hierarchy (its fit at the first D) as the clusterer, beside k-means on its
+    codes. ``loss_grid``: dotted keys of a head's section → values: one head per grid point at
+    every D (heatmaps over the first two keys).
+    """
+
+    clusterers: tuple[str, ...] = ()
+    clusterer_methods: tuple[str, ...] = ("pca", "rp")
+    extra_clusters: tuple[int, ...] = ()
+    hierarchy: bool = False
+    loss_grid: dict[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("clusterers", "clusterer_methods", "extra_clusters"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "loss_grid", {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in self.loss_grid.items()})
+        unknown = [c for c in self.clusterers if c not in CLUSTERERS]
+        if unknown:
+            raise ValueError(f"clusterers {unknown} unknown; known: {', '.join(CLUSTERERS)}")
+        if any(e < 0 for e in self.extra_clusters):
+            raise ValueError(f"extra_clusters must be ≥ 0: {self.extra_clusters}")
+        for method in self.clusterer_methods:
+            registry.get(method)
+        heads = {key.split(".")[0] for key in self.loss_grid}
+        if any(registry.get(h).kind != registry.HEAD for h in heads) or len(heads) > 1:
+            raise ValueError(f"loss_grid keys must be of one head's section (e.g. stego.lambda_rand), not {sorted(self.loss_grid)}")
+
+    @property
+    def families(self) -> list[str]:
+        return [name for name, on in (("clusterers", self.clusterers), ("over-clustering", self.extra_clusters),
+                                      ("hierarchy", self.hierarchy), ("loss-grid", self.loss_grid)) if on]
 
 
 @dataclass(frozen=True)
@@ -113,6 +161,7 @@ class Preset:
     scheduler: str = "threads"
     device: str = "auto"
     sweep: dict[str, tuple] = field(default_factory=dict)  # dotted path → values (a grid)
+    future: FutureConfig = field(default_factory=FutureConfig)  # the paper's open questions
     path: Path | None = None
     source: dict[str, Any] = field(default_factory=dict, repr=False)  # the file's content
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted path → value, applied to it
@@ -150,6 +199,7 @@ class Preset:
             kwargs["splits"] = {name: _section(SplitConfig, cfg, f"extract.splits.{name}", where) for name, cfg in splits.items()}
             kwargs["probe"] = _section(ProbeConfig, merged.get("probe"), "probe", where)
             kwargs["eval"] = _section(EvalConfig, merged.get("eval"), "eval", where)
+            kwargs["future"] = _section(FutureConfig, merged.get("future"), "future", where)
             kwargs["reduce"] = _reducer_sections(merged.get("reduce") or {}, where)
             kwargs["heads"], kwargs["head_dims"], kwargs["per_dim"] = _head_sections(merged, where)
             for key in ("dims", "methods", "seeds"):

@@ -36,7 +36,7 @@ from torch import nn
 
 from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError
 from .ops.crf import crf_argmax, softmax
-from .ops.kmeans import ClusterLookup
+from .ops.kmeans import CLUSTERERS, ClusterLookup, EuclideanLookup, FixedCentroids, lloyd_kmeans
 from .ops.metrics import SegmentationMetrics
 from .pipeline import load_npz, read_manifest
 from .progress import console, progress_bar
@@ -233,15 +233,37 @@ def load_reducer(artefact: Path, n_components: int | None = None) -> Reducer:
 # -- probes and their evaluation ---------------------------------------------------------------
 
 
+_LEARNT = {"cosine": ClusterLookup, "euclidean": EuclideanLookup}
+FIT_TOKENS = 200_000  # train tokens a fitted clusterer sees (a seeded sample)
+
+
 class Probes(nn.Module):
     """STEGO's two probes on detached codes: a linear 1×1 classifier (logits bilinearly upsampled
-    to the labels, cross-entropy over labelled pixels) and the cosine k-means cluster probe."""
+    to the labels, cross-entropy over labelled pixels) and a cluster probe with ``n_classes +
+    extra_clusters`` centroids: by default the learnt cosine k-means, else one of ``CLUSTERERS``
+    (a fitted one is fitted by :meth:`fit_clusters` before training and then stays fixed)."""
 
-    def __init__(self, dim: int, n_classes: int, extra_clusters: int = 0):
+    def __init__(self, dim: int, n_classes: int, extra_clusters: int = 0, clusterer: str = "cosine"):
         super().__init__()
-        self.n_classes, self.extra_clusters = n_classes, extra_clusters
+        if clusterer not in CLUSTERERS:
+            raise ValueError(f"clusterer must be one of {', '.join(CLUSTERERS)}, not {clusterer!r}")
+        self.n_classes, self.extra_clusters, self.clusterer = n_classes, extra_clusters, clusterer
         self.linear = nn.Conv2d(dim, n_classes, 1)
-        self.cluster = ClusterLookup(dim, n_classes + extra_clusters)
+        k = n_classes + extra_clusters
+        self.learnt = clusterer in _LEARNT
+        metric = "cosine" if clusterer == "spherical-kmeans" else "euclidean"
+        self.cluster = _LEARNT[clusterer](dim, k) if self.learnt else FixedCentroids(torch.zeros(k, dim), metric)
+
+    def fit_clusters(self, codes: torch.Tensor, seed: int) -> None:
+        """Fit a fixed clusterer's centroids on (N, D) codes."""
+        k, x = len(self.cluster.clusters), codes.float()
+        if self.clusterer == "minibatch-kmeans":
+            from sklearn.cluster import MiniBatchKMeans
+
+            centroids = MiniBatchKMeans(k, random_state=seed, n_init=3, batch_size=4096).fit(x.cpu().numpy()).cluster_centers_
+        else:
+            centroids = lloyd_kmeans(x, k, seed=seed, device=x.device, spherical=self.clusterer == "spherical-kmeans")
+        self.cluster.clusters.copy_(torch.as_tensor(centroids, dtype=torch.float32))
 
     def losses(self, code: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(linear, cluster) losses of codes (B, D, h, w) against labels (B, H, W)."""
@@ -252,7 +274,8 @@ class Probes(nn.Module):
         return linear, cluster
 
     def optimizers(self, linear_lr: float, cluster_lr: float) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.linear.parameters(), lr=linear_lr), torch.optim.Adam(self.cluster.parameters(), lr=cluster_lr)]
+        cluster = [torch.optim.Adam(self.cluster.parameters(), lr=cluster_lr)] if self.learnt else []
+        return [torch.optim.Adam(self.linear.parameters(), lr=linear_lr), *cluster]
 
     def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
         """CPU copies of both probes' weights (the ``probes.pt`` layout)."""
@@ -266,10 +289,14 @@ class Probes(nn.Module):
 
 def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],
                      channel_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear logits, cluster cosines) of the codes bilinearly upsampled to ``size``."""
+    """(linear logits, cluster scores) of the codes bilinearly upsampled to ``size``: cosines, or
+    for a Euclidean clusterer 2·x·c − ‖c‖² (:func:`ops.kmeans.euclidean_scores`)."""
     up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
     logits = up(probes.linear(codes))
-    dots = up(torch.einsum("bchw,kc->bkhw", codes, F.normalize(probes.cluster.clusters, dim=1)))
+    centroids = probes.cluster.clusters
+    if probes.cluster.metric == "euclidean":
+        return logits, 2 * up(torch.einsum("bchw,kc->bkhw", codes, centroids)) - centroids.square().sum(1)[None, :, None, None]
+    dots = up(torch.einsum("bchw,kc->bkhw", codes, F.normalize(centroids, dim=1)))
     norm2 = sum(up(codes[:, i : i + channel_chunk]).square().sum(1) for i in range(0, codes.shape[1], channel_chunk))
     return logits, dots / norm2.sqrt().clamp_min(1e-12)[:, None]
 
@@ -346,7 +373,19 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
         clu.update(clu_pred, labels)
         if progress is not None:
             progress(len(rows))
-    return flat({"linear": lin.compute(), "cluster": clu.compute()})
+    out = flat({"linear": lin.compute(), "cluster": clu.compute()})
+    modes = clu.compute_modes()  # the other mappings of clusters to classes, from the same confusion
+    for mode, prefix in (("errors", "cluster_extra_as_errors"), ("many_to_one", "cluster_many_to_one")):
+        out |= {f"{prefix}/{key}": modes[mode][key] for key in ("mIoU", "Accuracy")}
+    return out
+
+
+def sample_codes(source: CodeSource, n_tokens: int, rng: np.random.Generator, device: torch.device, batch: int = 32) -> torch.Tensor:
+    """(≤ n_tokens, D) codes of a seeded sample of the source's images, then of their tokens."""
+    per_image = int(np.prod(source.arrays.store.layout.grid))
+    rows = np.sort(rng.choice(len(source.arrays), size=min(len(source.arrays), -(-n_tokens // per_image)), replace=False))
+    codes = torch.cat([source.tensor(rows[i : i + batch], device).flatten(0, -2) for i in range(0, len(rows), batch)])
+    return codes[torch.as_tensor(np.sort(rng.choice(len(codes), size=min(len(codes), n_tokens), replace=False)), device=device)]
 
 
 def evaluate_with_crf(source: CodeSource, probes: Probes, device: torch.device, extra_as_errors: bool = False,
@@ -367,9 +406,10 @@ def evaluate_with_crf(source: CodeSource, probes: Probes, device: torch.device, 
 
 def train_validated(steps: int, val_every: int, update: Callable[[int], dict[str, float]],
                     validate: Callable[[], dict[str, Any]], snapshot: Callable[[], Any],
-                    label: str, show_progress: bool = True) -> tuple[list[dict], dict, Any]:
+                    label: str, show_progress: bool = True, select: str = "cluster/mIoU") -> tuple[list[dict], dict, Any]:
     """Run ``update(step)`` for steps 1..``steps``; every ``val_every`` steps and at the last,
-    ``validate()`` and keep ``snapshot()`` of the step with the best val cluster mIoU.
+    ``validate()`` and keep ``snapshot()`` of the step with the best val ``select`` (the cluster
+    mIoU: the paper's protocol; the linear one when the cluster probe does not train).
 
     Returns (history, best row, best snapshot); each history row is the step, what ``update``
     returned at it and the validation metrics.
@@ -382,7 +422,7 @@ def train_validated(steps: int, val_every: int, update: Callable[[int], dict[str
             if step % val_every == 0 or step == steps:
                 row = {"step": step, **logged, **validate()}
                 history.append(row)
-                if best is None or row["cluster/mIoU"] > best["cluster/mIoU"]:
+                if best is None or row[select] > best[select]:
                     best, best_snapshot = row, snapshot()
             bar.advance(task)
     return history, best, best_snapshot

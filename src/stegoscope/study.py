@@ -12,11 +12,12 @@ upstream keys. Every stage a context runs or finds cached is recorded under
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from .models.backbone import RANDOM_PREFIX, parse_backbone
 from .pipeline import (COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_stage, stage_lock,
                        without_seeds)
 from .stages.extract import ExtractParams, ExtractStage
+from .stages.hierarchy import HierarchyStage
 from .stages.import_stego import ImportStegoStage
 from .stages.knn import KnnStage
 from .stages.probe import ProbeParams, ProbeStage
@@ -98,6 +100,7 @@ class StudyContext:
         self._classes_of: StudyContext | None = None
         self.names: dict[int, str] = {}  # stage → its node's name
         self.coords: dict[int, tuple] = {}  # result stage → (method, dim, seed, True)
+        self.family: str | None = None  # the `future` experiment family this variant belongs to
 
     def variant(self, preset: Preset) -> StudyContext:
         """The same cache, data and options for another preset (a sweep point, the base)."""
@@ -202,7 +205,7 @@ class StudyContext:
         p, e = self.preset.probe, self.preset.eval
         return ProbeParams(n_classes=self.n_classes, steps=p.steps, batch_size=p.batch_size, linear_lr=p.linear_lr,
                            cluster_lr=p.cluster_lr, extra_clusters=e.extra_clusters, val_every=e.val_every, seed=seed, crf=crf,
-                           extra_as_errors=e.extra_as_errors, flip_tta=e.flip)
+                           extra_as_errors=e.extra_as_errors, flip_tta=e.flip, clusterer=e.clusterer)
 
     def probe(self, method: str, dim: int | None = None, seed: int = 0, crf: bool | None = None) -> ProbeStage:
         """Probes on the codes of ``method`` at ``dim``: a registered reducer (its preset fit) or
@@ -250,6 +253,43 @@ class StudyContext:
                                   show_progress=ctx.show_progress)
 
         return self._build(("head", method, dim, seed, crf), f"train-{method} D={dim} seed {seed}", make, (method, dim, seed))
+
+    def hierarchy(self, dim: int, seed: int = 0) -> HierarchyStage:
+        """Every level of the h-NNE hierarchy of the h-NNE fit at ``dim`` as the clusterer."""
+        return self._build(("hierarchy", dim, seed), f"hierarchy hnne D={dim} seed {seed}", lambda ctx: HierarchyStage(
+            ctx.cache_root, ctx.fit("hnne", dim, seed), ctx.extract("val"), ctx.n_classes, ctx.device, ctx.show_progress),
+            ("hnne", dim, seed))
+
+    def future(self) -> list[tuple[StudyContext, list[Stage]]]:
+        """The experiments of the preset's ``future`` section (the paper's open questions): for each
+        configuration, its context and result stages. A configuration that is the preset's own is
+        this context (its results are the study's); the others are variants marked with their family."""
+        f, dims = self.preset.future, list(self.preset.sweep_dims())
+        plan: list[tuple[StudyContext, list[Stage]]] = []
+
+        def variant(family: str, overrides: dict[str, Any]) -> StudyContext:
+            preset = self.preset.with_overrides(overrides)
+            if _resolved(preset) == _resolved(self.preset):
+                return self
+            ctx = self.variant(preset)
+            ctx.family = family  # differs from the preset: drawn by its family's figure, not Fig. 4
+            return ctx
+
+        for clusterer in f.clusterers:
+            ctx = variant("clusterers", {"eval.clusterer": clusterer})
+            plan.append((ctx, [ctx.probe(m, d) for m in f.clusterer_methods for d in dims]))
+        for extra in f.extra_clusters:
+            ctx = variant("over-clustering", {"eval.extra_clusters": extra})
+            plan.append((ctx, [ctx.probe("dino")]))
+        if f.hierarchy:
+            plan.append((self, [self.hierarchy(dims[0]), self.probe("hnne", dims[0])]))
+            ctx = variant("hierarchy", {"eval.clusterer": "kmeans"})
+            plan.append((ctx, [ctx.probe("hnne", dims[0])]))
+        keys = list(f.loss_grid)
+        for values in itertools.product(*f.loss_grid.values()):
+            ctx = variant("loss-grid", dict(zip(keys, values)))
+            plan.append((ctx, [ctx.head(keys[0].split(".")[0], d) for d in dims]))
+        return plan
 
     def import_stego(self, checkpoint: Path, crf: bool = True) -> ImportStegoStage:
         """A released STEGO checkpoint evaluated on the preset's val store (flip TTA as ``eval.flip``)."""
@@ -374,14 +414,19 @@ class StudyContext:
                 kind = "result" if node.result else "fit" if isinstance(node.stage, ReduceStage) else "input"
                 nodes[node.label] = {"key": node.stage.key, "output": os.path.relpath(node.stage.output, self.cache_root),
                                      "kind": kind, "method": node.method, "dim": node.dim, "seed": node.seed,
-                                     "result": node.result, "label": node.stage.label,
-                                     "headline": node.result and self.headline(node.method, node.dim)}
+                                     "result": node.result, "label": node.stage.label, "stage": node.stage.name,
+                                     "headline": node.result and self.headline(node.method, node.dim), "family": self.family}
             record = {"study": self.preset.name, "experiment": self.experiment, "label": self.preset.label(),
                       "overrides": self.preset.overrides, "preset": str(self.preset.path), "preset_sha256": content,
                       "updated": time.time(), "nodes": nodes}
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
         return path
+
+
+def _resolved(preset: Preset) -> Preset:
+    """The preset's parsed settings alone (not how they were given)."""
+    return replace(preset, path=None, source={}, overrides={})
 
 
 def recorded_keys(cache_root: Path) -> set[str]:

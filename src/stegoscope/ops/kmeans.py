@@ -1,5 +1,14 @@
-"""The cluster probe (reference §7.1): cosine k-means as a learnable module, and classic
-spherical Lloyd k-means with k-means++ initialisation as an option."""
+"""Cluster probes (reference §7.1) and the clusterers the paper leaves open (its §5).
+
+* :class:`ClusterLookup`: STEGO's cluster probe, cosine k-means as a learnable module (the default);
+* :class:`EuclideanLookup`: the same with Euclidean distance;
+* :func:`lloyd_kmeans`: Lloyd's algorithm with k-means++ seeding, Euclidean or spherical (cosine);
+* :class:`FixedCentroids`: centroids fitted outside training (Lloyd, scikit-learn) as a probe.
+
+Every probe scores codes against its centroids so that the argmax is the assignment: cosine
+similarity, or ``2·x·c − ‖c‖²`` for Euclidean distance (−‖x − c‖² without −‖x‖², the same for
+every centroid).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+CLUSTERERS = {
+    "cosine": "STEGO's cluster probe: cosine k-means learnt by gradient beside the linear probe (the default)",
+    "euclidean": "the same with Euclidean distance",
+    "kmeans": "Lloyd's Euclidean k-means, k-means++ seeding, fitted once on a sample of train codes",
+    "spherical-kmeans": "Lloyd's spherical (cosine) k-means, k-means++ seeding, fitted once on a sample of train codes",
+    "minibatch-kmeans": "scikit-learn's MiniBatchKMeans (Euclidean), fitted once on a sample of train codes",
+}
+
 
 class ClusterLookup(nn.Module):
     """K centroids (randn-initialised); hard assignment by cosine; loss = −mean max cosine.
@@ -15,6 +32,8 @@ class ClusterLookup(nn.Module):
     Trained by Adam (lr 5e-3 in STEGO): mini-batch spherical k-means by gradient descent, where
     only the winning centroid of each pixel gets gradient.
     """
+
+    metric = "cosine"
 
     def __init__(self, dim: int, n_clusters: int):
         super().__init__()
@@ -34,26 +53,87 @@ class ClusterLookup(nn.Module):
         return -(probs * s).sum(dim=1).mean(), probs
 
 
-def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 50, seed: int = 0, device: str = "cpu") -> np.ndarray:
-    """Lloyd's algorithm on unit vectors with k-means++ seeding (cosine distance); (k, D) centroids.
+class EuclideanLookup(nn.Module):
+    """K learnable centroids; hard assignment by Euclidean distance; loss = mean squared distance
+    to the nearest centroid (mini-batch k-means by gradient descent, like :class:`ClusterLookup`)."""
 
-    The similarities and centroid sums run with torch on ``device`` (``cuda`` when present); the
+    metric = "euclidean"
+
+    def __init__(self, dim: int, n_clusters: int):
+        super().__init__()
+        self.clusters = nn.Parameter(torch.randn(n_clusters, dim))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return euclidean_scores(x, self.clusters)
+
+    def forward(self, x: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scores(x)
+        loss = (x.square().sum(dim=1) - s.max(dim=1).values).mean()  # ‖x − c*‖² = ‖x‖² − (2·x·c* − ‖c*‖²)
+        probs = F.one_hot(s.argmax(dim=1), s.shape[1]).permute(0, 3, 1, 2).to(s.dtype) if alpha is None else torch.softmax(alpha * s, dim=1)
+        return loss, probs
+
+
+class FixedCentroids(nn.Module):
+    """Centroids fitted before training (Lloyd's k-means, scikit-learn), scored by ``metric``; its
+    loss is zero and it has nothing to train."""
+
+    def __init__(self, centroids: torch.Tensor, metric: str):
+        super().__init__()
+        self.metric = metric
+        self.register_buffer("clusters", torch.as_tensor(centroids, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        if self.metric == "euclidean":
+            return euclidean_scores(x, self.clusters)
+        return torch.einsum("bchw,kc->bkhw", F.normalize(x, dim=1), F.normalize(self.clusters, dim=1))
+
+    def forward(self, x: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scores(x)
+        probs = F.one_hot(s.argmax(dim=1), s.shape[1]).permute(0, 3, 1, 2).to(s.dtype) if alpha is None else torch.softmax(alpha * s, dim=1)
+        return s.sum() * 0, probs
+
+
+def euclidean_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """2·x·c − ‖c‖² (B, K, H, W) of codes x (B, D, H, W): −‖x − c‖² up to −‖x‖², which every
+    centroid shares, so the argmax is the nearest centroid."""
+    return 2 * torch.einsum("bchw,kc->bkhw", x, centroids) - centroids.square().sum(dim=1)[None, :, None, None]
+
+
+def lloyd_kmeans(x: np.ndarray, k: int, iterations: int = 100, seed: int = 0, device: str = "cpu",
+                 spherical: bool = False) -> np.ndarray:
+    """Lloyd's algorithm with k-means++ seeding; (k, D) centroids. Euclidean, or ``spherical``:
+    on unit vectors with cosine similarity (centroids renormalised).
+
+    The distances and centroid sums run with torch on ``device`` (``cuda`` when present); the
     seeded draws stay on the host, so a seed gives the same seeding on every device.
     """
     rng = np.random.default_rng(seed)
-    x = F.normalize(torch.as_tensor(x, dtype=torch.float32, device=device), dim=1)
+    x = torch.as_tensor(x, dtype=torch.float32, device=device)
+    if spherical:
+        x = F.normalize(x, dim=1)
+
+    def closeness(centroids: torch.Tensor) -> torch.Tensor:  # higher is closer: cosine, or −squared distance
+        return x @ centroids.T if spherical else 2 * x @ centroids.T - centroids.square().sum(dim=1) - x.square().sum(dim=1, keepdim=True)
+
     centroids = x[int(rng.integers(len(x)))][None]
-    for _ in range(1, k):
-        d = (1.0 - (x @ centroids.T).max(dim=1).values).clamp_(min=0).double().cpu().numpy()
+    for _ in range(1, k):  # k-means++: draw the next seed with probability ∝ its distance to the nearest seed
+        best = closeness(centroids).max(dim=1).values
+        d = ((1.0 - best) if spherical else -best).clamp_(min=0).double().cpu().numpy()
         total = d.sum()
         pick = rng.choice(len(x), p=d / total) if total > 0 else rng.integers(len(x))
         centroids = torch.cat([centroids, x[int(pick)][None]])
     for _ in range(iterations):
-        assign = (x @ centroids.T).argmax(dim=1)
+        assign = closeness(centroids).argmax(dim=1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        alive = torch.bincount(assign, minlength=k) > 0
-        new = torch.where(alive[:, None], F.normalize(sums, dim=1), centroids)  # an empty cluster keeps its centroid
+        counts = torch.bincount(assign, minlength=k)
+        means = F.normalize(sums, dim=1) if spherical else sums / counts.clamp_min(1)[:, None]
+        new = torch.where((counts > 0)[:, None], means, centroids)  # an empty cluster keeps its centroid
         if torch.allclose(new, centroids):
             break
         centroids = new
     return centroids.cpu().numpy()
+
+
+def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 50, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """Lloyd's algorithm on unit vectors with k-means++ seeding (cosine distance); (k, D) centroids."""
+    return lloyd_kmeans(x, k, iterations, seed, device, spherical=True)

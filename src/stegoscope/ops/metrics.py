@@ -82,27 +82,71 @@ def scores(hist: np.ndarray) -> dict:
     }
 
 
+def many_to_one(stats: np.ndarray) -> np.ndarray:
+    """cluster → the class most of its pixels have (−1 for empty clusters): the standard mapping for
+    over-clustering. It is fitted on the labels it is scored against, so it is reported apart."""
+    return np.where(stats.sum(axis=1) > 0, stats.argmax(axis=1), -1)
+
+
+def mapped_histogram(stats: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """(n_classes, n_classes) histogram with each cluster's row added to its mapped class."""
+    hist = np.zeros((stats.shape[1], stats.shape[1]), dtype=np.int64)
+    np.add.at(hist, mapping[mapping >= 0], stats[mapping >= 0])
+    return hist
+
+
 class SegmentationMetrics:
-    """Accumulates a confusion matrix over chunks; ``compute`` matches (cluster) or not (linear)."""
+    """Accumulates a confusion matrix over chunks; ``compute`` matches (cluster) or not (linear).
+
+    The confusion keeps every cluster's row, so one accumulation gives all three mappings of
+    :meth:`compute_modes`; ``compute`` reports the configured one (``extra_as_errors``).
+    """
 
     def __init__(self, n_classes: int, extra_clusters: int = 0, hungarian: bool = False, extra_as_errors: bool = False):
         self.n_classes, self.extra, self.use_hungarian, self.extra_as_errors = n_classes, extra_clusters, hungarian, extra_as_errors
-        self.stats = np.zeros((n_classes + extra_clusters, n_classes), dtype=np.int64)
+        self.all_stats = np.zeros((n_classes + extra_clusters, n_classes), dtype=np.int64)
+
+    @property
+    def stats(self) -> np.ndarray:
+        """The configured confusion: [QUIRK] rows of extra clusters zeroed (their pixels dropped)
+        unless ``extra_as_errors``."""
+        if self.extra_as_errors:
+            return self.all_stats
+        stats = self.all_stats.copy()
+        stats[self.n_classes :] = 0
+        return stats
 
     def update(self, preds: np.ndarray, target: np.ndarray) -> None:
-        self.stats += confusion(preds, target, self.n_classes, self.n_classes + self.extra, self.extra_as_errors)
+        self.all_stats += confusion(preds, target, self.n_classes, self.n_classes + self.extra, extra_as_errors=True)
 
     def merge(self, other: SegmentationMetrics) -> SegmentationMetrics:
-        self.stats += other.stats
+        self.all_stats += other.all_stats
         return self
 
     def compute(self) -> dict:
         if not self.use_hungarian:
             return scores(self.stats[: self.n_classes]) | {"assignment": list(range(self.n_classes))}
-        mapping = hungarian(self.stats)
-        hist = matched_histogram(self.stats, mapping, self.extra_as_errors)
+        return self._hungarian(self.stats, self.extra_as_errors)
+
+    def _hungarian(self, stats: np.ndarray, extra_as_errors: bool) -> dict:
+        mapping = hungarian(stats)
+        hist = matched_histogram(stats, mapping, extra_as_errors)
         out = scores(hist)
         if hist.shape[1] > self.n_classes:  # the reference's extra class: report the real classes only
             for key in ("per_class_iou", "per_class_precision", "per_class_recall"):
                 out[key] = out[key][: self.n_classes]
         return out | {"assignment": mapping.tolist()}
+
+    def compute_modes(self) -> dict[str, dict]:
+        """The cluster metrics under each mapping of clusters to classes:
+
+        * ``drop``: Hungarian, pixels of clusters ≥ n_classes dropped before matching (STEGO's
+          evaluation [QUIRK]);
+        * ``errors``: Hungarian over every cluster, pixels of unmatched clusters counted as misses;
+        * ``many_to_one``: each cluster to its majority class (:func:`many_to_one`).
+        """
+        drop = self.all_stats.copy()
+        drop[self.n_classes :] = 0
+        mapping = many_to_one(self.all_stats)
+        return {"drop": self._hungarian(drop, False), "errors": self._hungarian(self.all_stats, True),
+                "many_to_one": scores(mapped_histogram(self.all_stats, mapping)) | {"assignment": mapping.tolist()}}

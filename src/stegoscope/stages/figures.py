@@ -28,11 +28,14 @@ from .. import cache_schema, paper
 from .. import methods as registry
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..cache_schema import METRICS
-from ..config import config_changes, describe
+from ..config import config_changes, describe, readable_names, short_value
 from ..pipeline import begin_artefact, experiment_id, load_npz, read_json, read_manifest, without_seeds, write_manifest
 from ..progress import console
 
-RESULT_FIELDS = ("study", "dataset", "method", "label", "experiment", "dim", "probe", "crf", "seed", "step", "mIoU", "Accuracy", "key")
+RESULT_FIELDS = ("study", "dataset", "method", "label", "experiment", "family", "dim", "probe", "crf", "seed", "step", "mIoU",
+                 "Accuracy", "key")
+# the probes of a result: the linear and cluster probes, and the cluster probe's other mappings
+PROBES = ("linear", "cluster", "cluster_extra_as_errors", "cluster_many_to_one")
 LINESTYLES = ("-", "--", ":", "-.")
 
 
@@ -72,7 +75,8 @@ def collect(cache_root: Path, studies: list[str]) -> tuple[list[dict[str, Any]],
                 config = manifest.get("config") or {}
                 base = {"study": study, "dataset": manifest.get("dataset"), "method": node["method"], "label": node.get("label", ""),
                         "experiment": (manifest.get("experiment") or (experiment_id(config) if config else node["key"]))[:12],
-                        "key": node["key"], "config": config, "headline": node.get("headline", False)}
+                        "key": node["key"], "config": config, "headline": node.get("headline", False),
+                        "family": node.get("family"), "stage": node.get("stage")}
                 kind = node.get("kind", "result" if node["result"] else "fit")
                 if kind == "result":
                     rows += _metric_rows(directory, base | {"dim": manifest["code_dim"], "seed": manifest.get("seed", 0)})
@@ -85,12 +89,19 @@ def collect(cache_root: Path, studies: list[str]) -> tuple[list[dict[str, Any]],
 
 
 def _metric_rows(directory: Path, base: dict) -> list[dict[str, Any]]:
+    """One row per probe (and the other mappings of the cluster probe) and CRF setting;
+    a hierarchy artefact gives one ``hierarchy`` row per level and mapping."""
     metrics = read_json(directory, METRICS)
     out = []
+    for level in metrics.get("levels", ()):
+        for mode in ("errors", "many_to_one"):
+            out.append(base | {"probe": f"hierarchy_{mode}", "crf": "no", "step": level["level"], "clusters": level["clusters"],
+                               **level[mode]})
     for crf, row in (("no", metrics.get("best")), ("yes", metrics.get("best_crf"))):
-        for probe in ("linear", "cluster") if row else ():
-            out.append(base | {"probe": probe, "crf": crf, "step": row["step"],
-                               "mIoU": row[f"{probe}/mIoU"], "Accuracy": row[f"{probe}/Accuracy"]})
+        for probe in PROBES if row else ():
+            if f"{probe}/mIoU" in row:
+                out.append(base | {"probe": probe, "crf": crf, "step": row["step"],
+                                   "mIoU": row[f"{probe}/mIoU"], "Accuracy": row[f"{probe}/Accuracy"]})
     return out
 
 
@@ -113,7 +124,7 @@ def _disambiguate(rows: list[dict]) -> None:
     at the same D, add each one's experiment id."""
     experiments: dict[tuple, set] = {}
     for r in rows:
-        experiments.setdefault((r["dataset"], r["method"], r["label"], r["dim"]), set()).add(r["experiment"])
+        experiments.setdefault((r["dataset"], r["method"], r["label"], r["dim"], r["stage"]), set()).add(r["experiment"])
     clashing = {k[:3] for k, ids in experiments.items() if len(ids) > 1}
     for r in rows:
         if (r["dataset"], r["method"], r["label"]) in clashing:
@@ -254,14 +265,197 @@ def hnne_figure(rows: list[dict], dataset: str):
     return fig
 
 
-def _shared_legend(fig, axes) -> None:
+def _shared_legend(fig, axes, ncol: int | None = None) -> None:
     handles = {}
     for ax in axes.ravel():
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    ncol = min(4, max(1, len(handles)))
+    ncol = ncol or min(4, max(1, len(handles)))
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
     fig.tight_layout(rect=(0, 0.045 * (1 + (len(handles) - 1) // ncol), 1, 1))
+
+
+# -- the paper's open questions (the preset's `future:` section) ---------------------------------
+
+
+def _params(row: dict) -> dict[str, Any]:
+    return (row.get("config") or {}).get("params", {})
+
+
+def _mean_by(rows: list[dict], key, metric: str = "mIoU") -> tuple[np.ndarray, np.ndarray]:
+    """x = key(row) → mean of ``metric`` over seeds, sorted by x."""
+    points: dict[Any, list[float]] = {}
+    for r in rows:
+        points.setdefault(key(r), []).append(float(r[metric]))
+    xs = sorted(points)
+    return np.array(xs), np.array([np.mean(points[x]) for x in xs])
+
+
+def future_figures(rows: list[dict]) -> dict[str, Any]:
+    """The figures of the families that ran: clusterers, over-clustering, h-NNE's hierarchy and
+    the loss-parameter grid."""
+    figures = {}
+    for dataset in _datasets({r["dataset"] for r in rows}):
+        mine = [r for r in rows if r["dataset"] == dataset and r["crf"] == "no"]
+        suffix = f"_{dataset}" if len({r["dataset"] for r in rows}) > 1 else ""
+        if any(r["family"] == "clusterers" for r in mine):
+            figures[f"future_clusterers{suffix}"] = clusterer_figure(mine)
+        if any(r["family"] == "over-clustering" for r in mine):
+            figures[f"future_over_clustering{suffix}"] = over_clustering_figure(mine)
+        if any(r["probe"].startswith("hierarchy_") for r in mine):
+            figures[f"future_hnne_hierarchy{suffix}"] = hierarchy_figure(mine)
+        grid = [r for r in mine if r["family"] == "loss-grid"]
+        if grid:
+            figures[f"future_loss_grid{suffix}"] = loss_grid_figure(grid)
+    return figures
+
+
+def clusterer_figure(rows: list[dict]):
+    """Cluster mIoU vs D per clusterer, one panel per method (the paper's RP question: is cosine
+    k-means what fails RP?)."""
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in rows if r["probe"] == "cluster" and r["family"] in (None, "clusterers") and not _params(r).get("extra_clusters")]
+    clusterers = sorted({_params(r).get("clusterer", "cosine") for r in chosen if r["family"] == "clusterers"} | {"cosine"})
+    methods = [m for m in registry.METHODS if any(r["method"] == m and r["family"] == "clusterers" for r in chosen)]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 4.2), squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        for i, clusterer in enumerate(clusterers):
+            mine = [r for r in chosen if r["method"] == method and _params(r).get("clusterer", "cosine") == clusterer]
+            x, y = _mean_by(mine, lambda r: int(r["dim"]))
+            if len(x):
+                ax.plot(x, y, marker="o", color=f"C{i}", label=clusterer + (" (STEGO's)" if clusterer == "cosine" else ""))
+        _dim_axis(ax, [r["dim"] for r in chosen if r["method"] == method])
+        ax.set_title(f"{_title(method)}: cluster probe")
+        ax.set_ylabel("cluster mIoU (%)")
+    _shared_legend(fig, axes)
+    return fig
+
+
+def over_clustering_figure(rows: list[dict]):
+    """mIoU vs K' (clusters) on raw DINO, three mappings of clusters to classes."""
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in rows if r["method"] == "dino" and r["family"] in (None, "over-clustering")]
+    k_prime = lambda r: _params(r)["n_classes"] + _params(r).get("extra_clusters", 0)  # noqa: E731
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), squeeze=False)
+    mappings = (("cluster", "Hungarian, extra clusters dropped (STEGO's evaluation) [QUIRK]"),
+                ("cluster_extra_as_errors", "Hungarian, extra clusters as errors"),
+                ("cluster_many_to_one", "many-to-one (majority; fitted on the val labels)"))
+    for ax, metric in zip(axes[0], ("mIoU", "Accuracy")):
+        for i, (probe, title) in enumerate(mappings):
+            mine = [r for r in chosen if r["probe"] == probe and not (probe == "cluster" and _params(r).get("extra_as_errors"))]
+            x, y = _mean_by(mine, k_prime, metric)
+            if len(x):
+                ax.plot(x, y, marker="os^"[i], linestyle=LINESTYLES[i], color=f"C{i}", label=title)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({k_prime(r) for r in chosen})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("clusters K'")
+        ax.set_ylabel(f"cluster {metric} (%)")
+        ax.set_title(f"Over-clustering raw DINO: {metric}")
+    _shared_legend(fig, axes, ncol=1)
+    return fig
+
+
+def hierarchy_figure(rows: list[dict]):
+    """mIoU at every level of h-NNE's hierarchy against its number of clusters, beside k-means
+    (learnt cosine and Lloyd's) on the h-NNE codes at the same D."""
+    import matplotlib.pyplot as plt
+
+    levels = [r for r in rows if r["probe"].startswith("hierarchy_")]
+    dim = levels[0]["dim"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (probe, title) in enumerate((("hierarchy_errors", "levels, Hungarian (extra clusters as errors)"),
+                                        ("hierarchy_many_to_one", "levels, many-to-one (fitted on the val labels)"))):
+        x, y = _mean_by([r for r in levels if r["probe"] == probe], lambda r: int(r["clusters"]))
+        ax.plot(x, y, marker="os"[i], color=f"C{i}", label=title)
+    for i, clusterer in enumerate(("cosine", "kmeans")):
+        mine = [r for r in rows if r["method"] == "hnne" and r["dim"] == dim and r["probe"] == "cluster"
+                and _params(r).get("clusterer", "cosine") == clusterer and r["family"] in (None, "hierarchy")]
+        if mine:
+            ax.axhline(np.mean([r["mIoU"] for r in mine]), color=f"C{i + 2}", linestyle="--",
+                       label=f"{'learnt cosine k-means' if clusterer == 'cosine' else 'Lloyd k-means'} on h-NNE codes (K)")
+    ax.set_xscale("log")
+    ax.set_xlabel("clusters at the level")
+    ax.set_ylabel("cluster mIoU (%)")
+    ax.set_title(f"h-NNE's hierarchy as the clusterer (fit at D={dim})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_grid_figure(rows: list[dict]):
+    """Cluster and linear mIoU over the grid of the two loss parameters that vary, one heatmap
+    per D, the best cell outlined."""
+    import matplotlib.pyplot as plt
+
+    dims = sorted({int(r["dim"]) for r in rows})
+    # the grid's keys: what varies among the heads of one D (the CRF, say, varies only across D)
+    varying = [k for k in sorted({k for r in rows for k in _params(r)}) if k != "seed"
+               and all(len({repr(_params(r).get(k)) for r in rows if int(r["dim"]) == d}) > 1 for d in dims)]
+    keys = (varying + ["dim", "dim"])[:2]
+    fig, axes = plt.subplots(2, len(dims), figsize=(3.8 * len(dims), 6.6), squeeze=False)
+    names = {path[0]: name for path, name in readable_names([(k,) for k in keys]).items()}
+    for col, dim in enumerate(dims):
+        for row_i, probe in enumerate(("cluster", "linear")):
+            ax = axes[row_i, col]
+            mine = [r for r in rows if int(r["dim"]) == dim and r["probe"] == probe]
+            xs, ys = (sorted({_params(r)[k] for r in mine}) for k in keys)
+            grid = np.full((len(ys), len(xs)), np.nan)
+            for y_i, yv in enumerate(ys):
+                for x_i, xv in enumerate(xs):
+                    values = [r["mIoU"] for r in mine if _params(r)[keys[0]] == xv and _params(r)[keys[1]] == yv]
+                    grid[y_i, x_i] = np.mean(values) if values else np.nan
+            image = ax.imshow(grid, origin="lower", cmap="viridis")
+            best = np.unravel_index(np.nanargmax(grid), grid.shape)
+            ax.add_patch(plt.Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            for (y_i, x_i), value in np.ndenumerate(grid):
+                ax.text(x_i, y_i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=8)
+            ax.set_xticks(range(len(xs)), [short_value(v) for v in xs])
+            ax.set_yticks(range(len(ys)), [short_value(v) for v in ys])
+            ax.set_xlabel(names.get(keys[0], keys[0]))
+            ax.set_ylabel(names.get(keys[1], keys[1]))
+            ax.set_title(f"D={dim}: {probe} mIoU (%)")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+FAMILY_PROBES = {"clusterers": ("cluster",), "over-clustering": ("cluster", "cluster_extra_as_errors", "cluster_many_to_one"),
+                 "hierarchy": ("cluster", "hierarchy_errors", "hierarchy_many_to_one"), "loss-grid": ("linear", "cluster")}
+
+
+def future_tables(rows: list[dict]) -> dict[str, list[dict[str, Any]]]:
+    """One table per family that ran: each configuration (named by what it changes) at each D,
+    mean ± std over seeds, without the CRF. A family's table includes the preset's own
+    configuration (unlabelled) that it is compared with."""
+    tables = {}
+    for family, probes in FAMILY_PROBES.items():
+        if not any(r["family"] == family for r in rows):
+            continue
+        methods = {r["method"] for r in rows if r["family"] == family} | ({"hnne"} if family == "hierarchy" else set())
+        chosen = [r for r in rows if r["crf"] == "no" and r["probe"] in probes and r["method"] in methods
+                  and (r["family"] == family or (r["family"] is None and (r["probe"].startswith("hierarchy_") or family != "hierarchy"
+                                                                          or r["method"] == "hnne")))]
+        groups: dict[tuple, list[dict]] = {}
+        for r in chosen:
+            groups.setdefault((r["dataset"], r["method"], r["label"], int(r["dim"]), r.get("clusters"), r["probe"]), []).append(r)
+        table = []
+        order = lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3], kv[0][4] or 0, kv[0][5])  # noqa: E731  coarsest level first
+        for (dataset, method, label, dim, clusters, probe), members in sorted(groups.items(), key=order):
+            entry: dict[str, Any] = {"dataset": dataset, "method": _title(method), "configuration": label or "preset", "D": dim}
+            if family == "hierarchy":
+                entry["clusters"] = clusters if clusters is not None else "K"
+            entry["evaluation"] = probe
+            for metric in ("mIoU", "Accuracy"):
+                values = [float(m[metric]) for m in members]
+                entry[f"{metric} (%)"], entry[f"{metric} (%) std"] = float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None
+            entry["seeds"] = len(members)
+            table.append(entry)
+        tables[family] = table
+    return tables
 
 
 # -- Table 2 ------------------------------------------------------------------------------------
@@ -338,11 +532,13 @@ def render(cache_root: Path, out_dir: Path, studies: list[str]) -> dict[str, lis
     figures = {}
     if fits:
         figures["fig3_explained_variance"] = figure3(fits)
-    if rows:
-        figures["fig4_miou_vs_dim"] = metric_figure(rows, "mIoU")
-        figures["supp_fig1_accuracy_vs_dim"] = metric_figure(rows, "Accuracy")
-        for dataset in _datasets({r["dataset"] for r in rows if r["method"] == "hnne"}):
-            figures[f"supp_fig2_hnne_{dataset}"] = hnne_figure(rows, dataset)
+    paper_rows = [r for r in rows if not r["family"] and r["probe"] in ("linear", "cluster")]  # the paper's figures
+    if paper_rows:
+        figures["fig4_miou_vs_dim"] = metric_figure(paper_rows, "mIoU")
+        figures["supp_fig1_accuracy_vs_dim"] = metric_figure(paper_rows, "Accuracy")
+        for dataset in _datasets({r["dataset"] for r in paper_rows if r["method"] == "hnne"}):
+            figures[f"supp_fig2_hnne_{dataset}"] = hnne_figure(paper_rows, dataset)
+    figures |= future_figures(rows)
     written: dict[str, list[Path]] = {}
     for name, fig in figures.items():
         written[name] = [out_dir / f"{name}.{ext}" for ext in ("png", "pdf")]
@@ -352,8 +548,10 @@ def render(cache_root: Path, out_dir: Path, studies: list[str]) -> dict[str, lis
             atomic_write_bytes(path, buffer.getvalue())
         plt.close(fig)
     if rows:
-        texts = {f"table2.{ext}": text for ext, text in table_texts(table2(rows)).items()}
+        texts = {f"table2.{ext}": text for ext, text in table_texts(table2(paper_rows)).items()}
         texts["results.csv"] = results_csv(rows)
+        for family, table in future_tables(rows).items():
+            texts |= {f"future_{family.replace('-', '_')}.{ext}": text for ext, text in table_texts(table).items()}
         for name, text in texts.items():
             atomic_write_text(out_dir / name, text)
         written["table2"] = [out_dir / name for name in texts if name.startswith("table2")]

@@ -26,7 +26,8 @@ from ..atomic import atomic_write_bytes
 from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
-from ..probing import BatchOrder, CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf, load_reducer, train_validated
+from ..probing import (FIT_TOKENS, BatchOrder, CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf,
+                       load_reducer, sample_codes, train_validated)
 from ..reducers import IdentityReducer
 
 
@@ -44,6 +45,7 @@ class ProbeParams:
     crf: bool = True
     extra_as_errors: bool = False  # count pixels of unmatched clusters as errors (not parity)
     flip_tta: bool = True  # average the codes of the flipped val images when the store has them
+    clusterer: str = "cosine"  # the cluster probe: one of ops.kmeans.CLUSTERERS
 
 
 class ProbeStage(Stage):
@@ -63,7 +65,10 @@ class ProbeStage(Stage):
         self.crf_workers, self.show_progress = crf_workers, show_progress
 
     def params(self) -> dict[str, Any]:
-        return asdict(self.p) | {"dim": self.dim, "method": self.method}
+        params = asdict(self.p) | {"dim": self.dim, "method": self.method}
+        if params["clusterer"] == "cosine":  # the default keeps the keys made before clusterers were an option
+            del params["clusterer"]
+        return params
 
     def upstream(self) -> dict[str, Stage]:
         up = {"train": self.train, "val": self.val}
@@ -105,7 +110,9 @@ class ProbeStage(Stage):
         torch.manual_seed(p.seed)
         rng = np.random.default_rng(p.seed)
         dim = train_codes(np.array([0])).shape[-1]
-        probes = Probes(dim, p.n_classes, p.extra_clusters).to(device)
+        probes = Probes(dim, p.n_classes, p.extra_clusters, p.clusterer).to(device)
+        if not probes.learnt:
+            probes.fit_clusters(sample_codes(train_codes, FIT_TOKENS, np.random.default_rng(p.seed), device), p.seed)
         optimizers = probes.optimizers(p.linear_lr, p.cluster_lr)
         batches = BatchOrder(len(train), p.batch_size, rng)
 
@@ -124,7 +131,8 @@ class ProbeStage(Stage):
         training = time.perf_counter()
         history, best, best_state = train_validated(
             p.steps, p.val_every, update, lambda: evaluate(val_codes, probes, device, p.extra_as_errors),
-            probes.snapshot, f"probe {self.method}{self.dim or ''}", self.show_progress)
+            probes.snapshot, f"probe {self.method}{self.dim or ''}", self.show_progress,
+            select="cluster/mIoU" if probes.learnt else "linear/mIoU")
         seconds["train"] = time.perf_counter() - training
         metrics: dict[str, Any] = {"history": history, "best": best, "final": history[-1], "n_classes": p.n_classes}
         final_state = probes.snapshot()
