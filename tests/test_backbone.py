@@ -53,13 +53,12 @@ def test_token_layout_matches_hand_written_forward():
 def test_pos_embed_interpolation_is_dino_style():
     backbone = build_backbone("random:vit_micro_patch8", seed=0)
     pos = backbone.vit.pos_embed.detach()
-    assert backbone.interpolate_pos_encoding(28 * 28, 28, 28) is backbone.vit.pos_embed  # 224: untouched
-    out = backbone.interpolate_pos_encoding(40 * 40, 40, 40)
-    # DINO's code: bicubic by scale factor (w0 + 0.1) / sqrt(N), CLS position untouched.
+    torch.testing.assert_close(backbone.patch_pos_embed(28, 28), pos[:, 1:], atol=0, rtol=0)  # 224: untouched
+    out = backbone.patch_pos_embed(40, 40)
+    # DINO's code: bicubic by scale factor (w0 + 0.1) / sqrt(N); the CLS position stays as it is
     grid = pos[:, 1:].reshape(1, 28, 28, -1).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, scale_factor=(40.1 / 28, 40.1 / 28), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 1600, -1)
-    torch.testing.assert_close(out[:, 1:], expected)
-    torch.testing.assert_close(out[:, :1], pos[:, :1])
+    torch.testing.assert_close(out, expected)
     with torch.no_grad():
         assert backbone(torch.zeros(1, 3, 320, 240)).shape == (1, 40, 30, 96)
     with pytest.raises(ValueError, match="not divisible"):
@@ -121,3 +120,30 @@ def test_backbone_names():
         parse_backbone("resnet50")
     with pytest.raises(BackboneError, match="random:vit_micro_patch8"):
         parse_backbone("vit_micro_patch8")
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_dinov2_official_and_timm_files_load_strictly_and_give_timms_tokens(tmp_path, arch):
+    import timm
+
+    spec, _ = parse_backbone(arch)
+    torch.manual_seed(0)
+    reference = timm.create_model(spec.timm_name, pretrained=False, num_classes=0).eval()  # timm's own model and forward
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    # the official layout (facebookresearch/dinov2's .pth): a mask token, and with registers the CLS
+    # position inside pos_embed and the registers as register_tokens
+    official = {k: v for k, v in state.items() if k != "reg_token"} | {"mask_token": torch.zeros(1, spec.embed_dim)}
+    if spec.registers:
+        cls_position = torch.randn(1, 1, spec.embed_dim)
+        official |= {"pos_embed": torch.cat([cls_position, state["pos_embed"]], 1), "cls_token": state["cls_token"] - cls_position,
+                     "register_tokens": state["reg_token"]}
+    torch.save(official, tmp_path / spec.dino_file)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    x = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(1))  # DINOv2's own size: 37 × 37 patches
+    with torch.no_grad():
+        expected = reference.forward_features(x)[:, reference.num_prefix_tokens :].reshape(1, 37, 37, -1)
+        for path in (tmp_path / spec.dino_file, tmp_path / "model.safetensors"):
+            loaded = build_backbone(arch, weights=path)
+            torch.testing.assert_close(loaded(x), expected, msg=path.name)
+        assert loaded(x[:, :, :224, :322]).shape == (1, 16, 23, spec.embed_dim)  # patch 14: 224 → 16, 322 → 23
+    assert spec.dino_url == f"https://dl.fbaipublicfiles.com/dinov2/{spec.dino_file.removesuffix('_pretrain.pth')}/{spec.dino_file}"

@@ -185,3 +185,21 @@ def test_a_label_of_another_size_is_named(tmp_path, directory_dataset, decode):
     stage = ExtractStage(tmp_path / "c", directory_dataset, params, workers=0, show_progress=False, decode=decode)
     with pytest.raises(Exception, match="img001.png: label is 12x10 but its image is 40x32"):
         run_stage(stage)
+
+
+def test_extract_with_a_dinov2_backbone_writes_16x16_tokens(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import write_directory_dataset
+    from stegoscope.cli import app
+
+    data = write_directory_dataset(tmp_path / "data", n_train=2, n_val=1)
+    args = ["extract", "--preset", "directory", "--data-root", data, "--split", "train", "--backbone", "random:vit_small_patch14_dinov2",
+            "--n-classes", 3, "--train-res", 224, "--workers", 0, "--device", "cpu", "--no-progress", "--cache", tmp_path / "c"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    (path,) = cache_schema.list_feature_stores(tmp_path / "c")
+    ds = xarray.open_zarr(path)
+    assert ds.tokens.shape == (2, 16, 16, 384) and "random_vit_small_patch14_dinov2" in path.name
+    wrong = CliRunner().invoke(app, [str(a) for a in args[:-2] + ["--train-res", 320, "--cache", tmp_path / "d"]])
+    assert wrong.exit_code != 0 and "322" in wrong.output  # the nearest multiples of 14 are named

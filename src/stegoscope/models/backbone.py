@@ -1,15 +1,17 @@
-"""Frozen DINO ViT backbones (timm modules) and the feature STEGO uses.
+"""Frozen DINO and DINOv2 ViT backbones (timm modules) and the feature STEGO uses.
 
-Feature = output of the last block after the final LayerNorm, CLS token dropped, shaped
-(B, h, w, C) with h = H / patch, w = W / patch (reference §4.1). Positional embeddings are
-interpolated bicubically DINO-style (with its +0.1 trick) for inputs other than 224 px.
+Feature = output of the last block after the final LayerNorm, CLS (and register) tokens dropped,
+shaped (B, h, w, C) with h = H / patch, w = W / patch (reference §4.1). Positional embeddings are
+interpolated bicubically DINO-style (with its +0.1 trick, which DINOv2 keeps) for inputs other than
+the pretraining size (224 px for DINO, 518 px for DINOv2). DINOv2 has patch 14: resolutions must be
+multiples of 14 (224 → 16×16 tokens, 322 → 23×23); its ``reg4`` variants carry 4 register tokens.
 
 Weights come from one of three places, and their identity is part of the extraction key:
 
-* ``--weights PATH``: an official DINO ``.pth`` (plain state dict, or a training checkpoint whose
-  ``teacher`` entry carries ``module.`` / ``backbone.`` prefixes), or a timm state dict
-  (``.pth``, ``.bin`` or ``.safetensors``); identity = sha256 of the file.
-* nothing: timm's hub copy of the DINO weights (``timm/vit_small_patch8_224.dino`` …), downloaded
+* ``--weights PATH``: an official DINO or DINOv2 ``.pth`` (plain state dict, or a training
+  checkpoint whose ``teacher`` entry carries ``module.`` / ``backbone.`` prefixes), or a timm state
+  dict (``.pth``, ``.bin`` or ``.safetensors``); identity = sha256 of the file.
+* nothing: timm's hub copy of the weights (``timm/vit_small_patch8_224.dino`` …), downloaded
   by ``huggingface_hub`` where the machine is online; identity = sha256 of the file.
 * ``random:<arch>``: seeded random initialisation, NOT pretrained; identity = arch + seed.
 """
@@ -36,7 +38,7 @@ class BackboneError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One DINO architecture: its timm pretrained tag and the official DINO file name."""
+    """One architecture: its timm pretrained tag and the official file name."""
 
     name: str
     embed_dim: int
@@ -44,12 +46,15 @@ class BackboneSpec:
     num_heads: int
     patch_size: int
     timm_name: str | None = None  # None: no pretrained weights exist (random only)
-    dino_file: str | None = None  # the file STEGO loads (dl.fbaipublicfiles.com/dino/<stem>/<file>)
+    dino_file: str | None = None  # the official file (dl.fbaipublicfiles.com/dino[v2]/<stem>/<file>)
+    registers: int = 0  # DINOv2's register tokens
 
     @property
     def dino_url(self) -> str | None:
         if self.dino_file is None:
             return None
+        if self.dino_file.startswith("dinov2_"):
+            return f"https://dl.fbaipublicfiles.com/dinov2/{self.dino_file.removesuffix('_pretrain.pth')}/{self.dino_file}"
         stem = self.dino_file.removesuffix(".pth")
         return f"https://dl.fbaipublicfiles.com/dino/{stem}/{self.dino_file}"
 
@@ -63,6 +68,13 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("vit_small_patch16", 384, 12, 6, 16, "vit_small_patch16_224.dino", "dino_deitsmall16_pretrain.pth"),
         BackboneSpec("vit_base_patch8", 768, 12, 12, 8, "vit_base_patch8_224.dino", "dino_vitbase8_pretrain.pth"),
         BackboneSpec("vit_base_patch16", 768, 12, 12, 16, "vit_base_patch16_224.dino", "dino_vitbase16_pretrain.pth"),
+        # DINOv2 (LVD-142M): patch 14, layer scale; the reg4 variants add 4 register tokens.
+        BackboneSpec("vit_small_patch14_dinov2", 384, 12, 6, 14, "vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
+        BackboneSpec("vit_base_patch14_dinov2", 768, 12, 12, 14, "vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth"),
+        BackboneSpec("vit_small_patch14_reg4_dinov2", 384, 12, 6, 14, "vit_small_patch14_reg4_dinov2.lvd142m",
+                     "dinov2_vits14_reg4_pretrain.pth", registers=4),
+        BackboneSpec("vit_base_patch14_reg4_dinov2", 768, 12, 12, 14, "vit_base_patch14_reg4_dinov2.lvd142m",
+                     "dinov2_vitb14_reg4_pretrain.pth", registers=4),
         # A small ViT with patch 8 for CPU demos and tests: random weights only.
         BackboneSpec("vit_micro_patch8", 96, 4, 3, 8),
     )
@@ -71,6 +83,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 ALIASES = {
     "dino_vits8": "vit_small_patch8", "dino_vits16": "vit_small_patch16",
     "dino_vitb8": "vit_base_patch8", "dino_vitb16": "vit_base_patch16",
+    "dinov2_vits14": "vit_small_patch14_dinov2", "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2", "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
     **{spec.timm_name: name for name, spec in BACKBONES.items() if spec.timm_name},
     **{spec.timm_name.removesuffix(".dino"): name for name, spec in BACKBONES.items() if spec.timm_name},
 }
@@ -126,22 +140,22 @@ class DinoBackbone(nn.Module):
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
-    def interpolate_pos_encoding(self, n_patches: int, rows: int, cols: int) -> torch.Tensor:
-        """DINO's interpolation: bicubic with ``scale_factor=(rows + 0.1) / sqrt(N)``."""
-        pos_embed = self.vit.pos_embed
-        n = pos_embed.shape[1] - 1
-        if n_patches == n and rows == cols:
-            return pos_embed
-        dim = pos_embed.shape[-1]
+    def patch_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
+        """The patches' positional embedding for a rows × cols grid: DINO's (and DINOv2's)
+        interpolation, bicubic with ``scale_factor=(rows + 0.1) / sqrt(N)``."""
+        pos_embed = self.vit.pos_embed[:, 0 if self.vit.no_embed_class else 1 :]  # without the CLS position
+        n, dim = pos_embed.shape[1:]
         side = math.sqrt(n)
-        grid = pos_embed[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+        if n == rows * cols and rows == cols:
+            return pos_embed
+        grid = pos_embed.reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
         # The +0.1 avoids floating-point truncation to one patch too few (DINO issue #8).
         grid = nn.functional.interpolate(
             grid.float(), scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic"
         ).to(pos_embed.dtype)
         if grid.shape[-2:] != (rows, cols):
             raise RuntimeError(f"positional embedding interpolated to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
-        return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+        return grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, height, width = x.shape
@@ -150,13 +164,14 @@ class DinoBackbone(nn.Module):
             raise ValueError(f"input {height}x{width} is not divisible by the patch size {p}")
         rows, cols = height // p, width // p
         vit = self.vit
-        tokens = vit.patch_embed(x)  # (B, N, C)
-        tokens = torch.cat([vit.cls_token.expand(b, -1, -1), tokens], dim=1)
-        tokens = tokens + self.interpolate_pos_encoding(rows * cols, rows, cols)
+        cls = vit.cls_token if vit.no_embed_class else vit.cls_token + vit.pos_embed[:, :1]
+        prefix = [cls.expand(b, -1, -1)] + ([vit.reg_token.expand(b, -1, -1)] if vit.reg_token is not None else [])
+        tokens = vit.patch_embed(x) + self.patch_pos_embed(rows, cols)  # (B, N, C)
+        tokens = torch.cat([*prefix, tokens], dim=1)
         for block in vit.blocks:
             tokens = block(tokens)
         tokens = vit.norm(tokens)
-        return tokens[:, 1:].reshape(b, rows, cols, -1)
+        return tokens[:, vit.num_prefix_tokens :].reshape(b, rows, cols, -1)
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -191,6 +206,20 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         for prefix in ("module.", "backbone."):
             key = key.removeprefix(prefix)
         state[key] = value
+    return _from_official_dinov2(state)
+
+
+def _from_official_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official DINOv2 state dict in timm's layout (others are returned as they are): the
+    mask token dropped; with registers, ``register_tokens`` → ``reg_token`` and the CLS position
+    folded into the CLS token (timm's register models keep no position for prefix tokens)."""
+    if "mask_token" not in state and "register_tokens" not in state:
+        return state
+    state = {k: v for k, v in state.items() if k != "mask_token"}
+    if "register_tokens" in state:
+        state["reg_token"] = state.pop("register_tokens")
+        state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+        state["pos_embed"] = state["pos_embed"][:, 1:]
     return state
 
 

@@ -65,7 +65,10 @@ class ExtractParams:
             raise ValueError(f"interpolation must be nearest or bilinear, not {self.interpolation!r}")
         spec, _ = parse_backbone(self.backbone)
         if self.res % spec.patch_size:
-            raise ValueError(f"res {self.res} is not divisible by the patch size {spec.patch_size} of {spec.name}")
+            p = spec.patch_size
+            below, above = self.res // p * p, -(-self.res // p) * p
+            raise ValueError(f"res {self.res} is not divisible by the patch size {p} of {spec.name}; "
+                             f"use {above} ({above // p}×{above // p} tokens) or {below} ({below // p}×{below // p})")
 
 
 @dataclass
