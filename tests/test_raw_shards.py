@@ -32,11 +32,11 @@ def test_shard_files_are_the_bytes_zarr_writes_and_read_back(tmp_path, checksums
         assert ours._shard_path(TOKENS, s).read_bytes() == theirs._shard_path(TOKENS, s).read_bytes()
     back = zarr.open_array(str(tmp_path / "ours.zarr" / TOKENS))[:]  # zarr reads ours ...
     np.testing.assert_array_equal(back.view(np.uint16)[np.arange(11) != 7], x.view(np.uint16)[np.arange(11) != 7])
-    for store in (ours, theirs):  # ... and ours reads zarr's: whole shards, several, the partial last one
-        for selection in (slice(None), slice(4, 8), slice(8, 11), slice(0, 8)):
-            assert store.whole_shards(TOKENS, selection) is not None
+    for store in (ours, theirs):  # ... and ours reads zarr's: whole shards, several, parts, across shards, the last one
+        for selection in (slice(None), slice(4, 8), slice(8, 11), slice(0, 8), slice(1, 3), slice(2, 10), slice(7, 8)):
+            assert store.raw_rows(TOKENS, selection) is not None
             np.testing.assert_array_equal(store[TOKENS][selection].view(np.uint16), x[selection].view(np.uint16))
-    assert ours.whole_shards(TOKENS, slice(1, 4)) is None and ours.whole_shards(TOKENS, slice(0, 8, 2)) is None
+    assert ours.raw_rows(TOKENS, slice(0, 8, 2)) is None and ours.raw_rows(TOKENS, [1, 2]) is None
 
 
 def test_a_flipped_bit_in_a_raw_shard_is_found_and_named(tmp_path):

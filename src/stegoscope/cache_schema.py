@@ -222,9 +222,9 @@ class CheckedArray:
         return self.array.shape[0]
 
     def __getitem__(self, selection) -> np.ndarray:
-        shards = self.store.whole_shards(self.name, selection)
-        if shards is not None:  # numpy's decoder, zarr's bytes (raw_shards)
-            return self._read(lambda: self.store.read_shards(self.name, shards), selection)
+        rows = self.store.raw_rows(self.name, selection)
+        if rows is not None:  # numpy's decoder, zarr's bytes (raw_shards)
+            return self._read(lambda: self.store.read_rows(self.name, rows), selection)
         return self._read(lambda: self.array[selection], selection)
 
     def get_orthogonal_selection(self, selection) -> np.ndarray:
@@ -375,28 +375,24 @@ class FeatureStore:
         array = self.group[name]
         return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
 
-    def whole_shards(self, name: str, selection) -> range | None:
-        """The shards a selection of rows covers exactly (a step-1 slice of whole shards, all
-        columns) when ``name`` is a raw array; else None."""
+    def raw_rows(self, name: str, selection) -> slice | None:
+        """The rows of a selection (a step-1 slice of rows, all columns) of a raw array, which
+        :meth:`read_rows` reads; None for other selections and arrays (zarr reads those)."""
         rows = selection[0] if isinstance(selection, tuple) and len(selection) == 1 else selection
         if not isinstance(rows, slice) or self._raw_layout(name) is None:
             return None
         start, stop, step = rows.indices(self.layout.n_images)
-        size = self.layout.shard_images
-        if step != 1 or start % size or (stop % size and stop != self.layout.n_images) or stop <= start:
-            return None
-        return range(start // size, -(-stop // size))
+        return slice(start, stop) if step == 1 and stop > start else None
 
-    def read_shards(self, name: str, shards: range) -> np.ndarray:
-        raw, layout = self._raw_layout(name), self.layout
-        first, last = layout.shard_slice(shards[0]), layout.shard_slice(shards[-1])
-        out = np.empty((last.stop - first.start, *raw.chunk_shape), raw.dtype)
-        for shard in shards:
-            rows = layout.shard_slice(shard)
-            part = out[rows.start - first.start : rows.stop - first.start]
-            path = self._shard_path(name, shard)
+    def read_rows(self, name: str, rows: slice) -> np.ndarray:
+        """Rows of a raw array, each shard's index and the rows' bytes read and checked with numpy."""
+        raw, size = self._raw_layout(name), self.layout.shard_images
+        out = np.empty((rows.stop - rows.start, *raw.chunk_shape), raw.dtype)
+        for shard in range(rows.start // size, -(-rows.stop // size)):
+            lo, hi = max(rows.start, shard * size), min(rows.stop, (shard + 1) * size)
+            part, path = out[lo - rows.start : hi - rows.start], self._shard_path(name, shard)
             if path.exists():
-                raw.decode(path.read_bytes(), len(part), part)
+                raw.read(path, lo - shard * size, hi - shard * size, part)
             else:
                 part[...] = 0  # zarr reads a missing shard as the fill value
         return out

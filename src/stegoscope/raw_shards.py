@@ -73,26 +73,51 @@ class ShardLayout:
         return [*parts, index, _crc(index)]
 
     def decode(self, data: bytes, rows: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The first ``rows`` rows of a shard file (zeros for absent chunks), checking every
-        crc32c; raises ValueError naming the first one that fails."""
+        """The first ``rows`` rows of a whole shard file's bytes (zeros for absent chunks),
+        checking every crc32c; raises ValueError naming the first one that fails."""
         buf = np.frombuffer(data, dtype=np.uint8)  # numpy views: google_crc32c reads them in place
-        index_size = self.slots * 16
-        if len(buf) < index_size + 4 or _crc(buf[-index_size - 4 : -4]) != buf[-4:].tobytes():
+        index = self._index(buf[-self.slots * 16 - 4 :])
+        return self._rows(buf, 0, index, 0, rows, len(buf) - self.slots * 16 - 4, out)
+
+    def read(self, path, first: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``first``..``stop``-1 of a shard file, reading only its index and those rows'
+        bytes (they lie together: chunks are written in row order)."""
+        with open(path, "rb") as fh:
+            end = fh.seek(0, 2) - self.slots * 16 - 4
+            fh.seek(end)
+            index = self._index(np.frombuffer(fh.read(), dtype=np.uint8))
+            wanted = index[first:stop]
+            present = wanted[:, 0] != ABSENT
+            lo = int(wanted[present, 0].min()) if present.any() else 0
+            hi = int((wanted[present, 0] + wanted[present, 1]).max()) if present.any() else 0
+            if hi > end:
+                raise ValueError(f"the shard index points past the chunks ({hi} > {end} bytes)")
+            fh.seek(lo)
+            buf = np.frombuffer(fh.read(hi - lo), dtype=np.uint8)
+        return self._rows(buf, lo, index, first, stop, hi, out)
+
+    def _index(self, tail: np.ndarray) -> np.ndarray:
+        """The (slots, 2) index from the file's last bytes, its crc32c checked."""
+        if len(tail) != self.slots * 16 + 4 or _crc(tail[:-4]) != tail[-4:].tobytes():
             raise ValueError("the shard index fails its crc32c")
-        index = buf[-index_size - 4 : -4].view("<u8").reshape(self.slots, 2)
-        out = np.zeros((rows, *self.chunk_shape), self.dtype) if out is None else out
+        return tail[:-4].view("<u8").reshape(self.slots, 2)
+
+    def _rows(self, buf: np.ndarray, base: int, index: np.ndarray, first: int, stop: int, end: int,
+              out: np.ndarray | None) -> np.ndarray:
+        """Rows first..stop-1 from ``buf``, the file's bytes from offset ``base`` (chunks end by ``end``)."""
+        out = np.empty((stop - first, *self.chunk_shape), self.dtype) if out is None else out
         payload = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
-        for i in range(rows):
+        for i in range(first, stop):
             offset, size = (int(v) for v in index[i])
             if offset == ABSENT:
-                out[i] = 0
+                out[i - first] = 0
                 continue
-            if size != payload + 4 * self.chunk_crc or offset + size > len(buf) - index_size - 4:
+            if size != payload + 4 * self.chunk_crc or offset + size > end:
                 raise ValueError(f"inner chunk {i} has {size} bytes at {offset}, not a chunk of this array")
-            chunk = buf[offset : offset + payload]
-            if self.chunk_crc and _crc(chunk) != buf[offset + payload : offset + size].tobytes():
+            chunk = buf[offset - base : offset - base + payload]
+            if self.chunk_crc and _crc(chunk) != buf[offset - base + payload : offset - base + size].tobytes():
                 raise ValueError(f"inner chunk {i} fails its crc32c")
-            out[i] = chunk.view(self.dtype.newbyteorder("<")).reshape(self.chunk_shape)
+            out[i - first] = chunk.view(self.dtype.newbyteorder("<")).reshape(self.chunk_shape)
         return out
 
 
