@@ -176,3 +176,22 @@ def test_a_released_stego_head_as_a_reducer_equals_the_module_on_host_and_tensor
     reducer = StegoHeadReducer.from_head(head)
     np.testing.assert_allclose(reducer.transform(tokens), expected, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(reducer.transform_tensor(torch.from_numpy(tokens)).numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_one_scan_of_a_store_serves_the_fits_of_every_dim(tmp_path, monkeypatch):
+    from stegoscope import reducers
+
+    store = make_store(tmp_path / "s.zarr", dino_like_tokens())
+    scans = []
+    real = reducers.shifted_gram
+    monkeypatch.setattr(reducers, "shifted_gram", lambda *a: scans.append(1) or real(*a))
+    first = RandomProjection(4, seed=0).fit(store.token_matrix())
+    n_chunks = len(scans)
+    second = RandomProjection(8, seed=0).fit(store.token_matrix())
+    pca = PCA().fit(store.token_matrix())
+    assert len(scans) == n_chunks > 0  # the store's tokens were scanned once
+    np.testing.assert_array_equal(first.mean_, second.mean_)
+    flat = dino_like_tokens().reshape(-1, 24).astype(np.float64)
+    np.testing.assert_allclose(pca.mean_, flat.mean(0), rtol=1e-6, atol=1e-4)
+    RandomProjection(4, seed=0).fit(store.token_matrix(np.array([0, 2, 5])))  # other images: scanned afresh
+    assert len(scans) > n_chunks

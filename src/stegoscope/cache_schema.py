@@ -38,6 +38,7 @@ Tokens live at patch resolution (``y, x``) and labels / images at pixel resoluti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -334,7 +335,12 @@ class FeatureStore:
         n, h, w, c = tokens.shape
         if images_per_chunk is None:
             images_per_chunk = max(1, CHUNK_BYTES // (h * w * c * tokens.dtype.itemsize))
-        x = da.from_array(self[TOKENS], chunks=(images_per_chunk, h, w, c), asarray=True, lock=False, fancy=False)
+        inventory = self.path / INVENTORY
+        # named by this store (its path, key and completion), so that one scan's results can be reused
+        completed = inventory.stat().st_mtime_ns if inventory.exists() else "writing"
+        where = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        name = f"tokens-{where}-{self.key}-{completed}-{images_per_chunk}"
+        x = da.from_array(self[TOKENS], chunks=(images_per_chunk, h, w, c), name=name, asarray=True, lock=False, fancy=False)
         if images is not None:
             x = x[np.sort(np.asarray(images))]
             x = x.rechunk((images_per_chunk, h, w, c))

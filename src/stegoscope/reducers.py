@@ -73,21 +73,32 @@ def _as_dask(tokens):
     return da.from_array(np.asarray(tokens), chunks=(65536, -1))
 
 
+_MOMENTS: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # by the dask name (a hash of the content) of the tokens
+
+
 def streamed_moments(tokens, device: str = "cpu") -> tuple[int, np.ndarray, np.ndarray]:
     """Exact (n, mean, population covariance) of a (n, C) token array, chunk → combine → aggregate.
 
     Each chunk becomes an augmented Gram matrix (``ops.streaming.shifted_gram``), dask sums them
     as a tree (so the same graph runs on a dask.distributed cluster), and the sum is turned into
-    moments. Memory holds a few chunks at a time.
+    moments. Memory holds a few chunks at a time. The moments are kept for the process by the
+    dask name of the tokens, a hash of what they are (:meth:`FeatureStore.token_matrix` names a
+    store's by its path, key and completion): the RP fits of every D and PCA scan a store once.
     """
     x = _as_dask(tokens)
+    if x.name in _MOMENTS:
+        return _MOMENTS[x.name]
     c = x.shape[1]
     shift = np.asarray(x[: min(4096, x.shape[0])].astype(np.float64).mean(axis=0).compute())
     partial = x.map_blocks(
         lambda block: shifted_gram(block, shift, device)[None], new_axis=2, chunks=(1, c + 1, c + 1), dtype=np.float64
     )
     gram = partial.sum(axis=0).compute()
-    return moments_from_gram(gram, shift)
+    moments = moments_from_gram(gram, shift)
+    if len(_MOMENTS) >= 16:  # a few (C+1)² matrices: drop the oldest
+        del _MOMENTS[next(iter(_MOMENTS))]
+    _MOMENTS[x.name] = moments
+    return moments
 
 
 class Reducer(ABC):

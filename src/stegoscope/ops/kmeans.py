@@ -133,7 +133,3 @@ def lloyd_kmeans(x: np.ndarray, k: int, iterations: int = 100, seed: int = 0, de
         centroids = new
     return centroids.cpu().numpy()
 
-
-def spherical_kmeans(x: np.ndarray, k: int, iterations: int = 50, seed: int = 0, device: str = "cpu") -> np.ndarray:
-    """Lloyd's algorithm on unit vectors with k-means++ seeding (cosine distance); (k, D) centroids."""
-    return lloyd_kmeans(x, k, iterations, seed, device, spherical=True)
