@@ -102,3 +102,20 @@ def test_a_damaged_artefact_names_the_command_of_its_stage_even_without_a_manife
     (directory / "manifest.json").write_text("{not json")
     with pytest.raises(cache_schema.StoreError, match=r"does not parse \(.*\); rerun the `stegoscope train --method stego`"):
         read_manifest(directory)
+
+
+def test_a_url_cache_never_becomes_a_local_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stegoscope.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3://bucket/prefix", "gs://bucket/c"):
+        result = CliRunner().invoke(app, ["status", "--preset", "demo", "--cache", url])
+        assert result.exit_code != 0 and "object storage" in result.output and url in result.output.replace("\n", "")
+        via_env = CliRunner().invoke(app, ["status", "--preset", "demo"], env={"STEGOSCOPE_CACHE": url})
+        assert via_env.exit_code != 0 and "object storage" in via_env.output
+    assert list(tmp_path.iterdir()) == []  # nothing written, no folder named after a URL
+    local = CliRunner().invoke(app, ["status", "--preset", "demo", "--cache", f"file://{tmp_path / 'c'}"])
+    assert local.exit_code == 0, local.output
+    assert not (tmp_path / "file:").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -76,8 +77,25 @@ def _run(stage, force: bool, no_wait: bool, label: str | None = None):
                      on_wait=lambda holder: console.print(f"{label}: waiting for {holder} (same key)"))
 
 
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/")  # a scheme of two letters or more (not a drive letter)
+
+
+def _local_cache(value: Path) -> Path:
+    """The cache root as a local folder: ``file://`` URLs are that folder; object stores are
+    refused before anything is written (never a local folder named after the URL)."""
+    match = _URL.match(str(value))
+    if match is None:
+        return value
+    if match.group(1) == "file":
+        return Path(str(value)[len("file:") :])
+    raise typer.BadParameter(
+        f"{str(value).replace(':/', '://', 1)}: caches on object storage are not supported yet; use a local folder, "
+        "or mount the bucket as one (e.g. with s3fs or rclone mount) and pass its path")
+
+
 CacheOpt = Annotated[
-    Path, typer.Option("--cache", envvar="STEGOSCOPE_CACHE", help="Cache root holding feature stores and artefacts.")
+    Path, typer.Option("--cache", envvar="STEGOSCOPE_CACHE", callback=_local_cache,
+                       help="Cache root holding feature stores and artefacts: a folder (or a file:// URL).")
 ]
 PresetOpt = Annotated[
     str, typer.Option("--preset", "-p", help="Preset name (demo, directory, potsdam, …) or path to a preset YAML.")
