@@ -378,21 +378,22 @@ class FeatureStore:
         return self._raw_layouts[name]
 
     def _shard_path(self, name: str, shard: int) -> Path:
-        array = self.group[name]
-        return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        return self.path / name / self._raw_layout(name).shard_key(shard)
 
     def raw_rows(self, name: str, selection) -> slice | None:
         """The rows of a selection (a step-1 slice of rows, all columns) of a raw array, which
         :meth:`read_rows` reads; None for other selections and arrays (zarr reads those)."""
         rows = selection[0] if isinstance(selection, tuple) and len(selection) == 1 else selection
-        if not isinstance(rows, slice) or self._raw_layout(name) is None:
+        raw = self._raw_layout(name) if isinstance(rows, slice) else None
+        if raw is None:
             return None
-        start, stop, step = rows.indices(self.layout.n_images)
+        start, stop, step = rows.indices(raw.rows)
         return slice(start, stop) if step == 1 and stop > start else None
 
     def read_rows(self, name: str, rows: slice) -> np.ndarray:
         """Rows of a raw array, each shard's index and the rows' bytes read and checked with numpy."""
-        raw, size = self._raw_layout(name), self.layout.shard_images
+        raw = self._raw_layout(name)
+        size = raw.slots
         out = np.empty((rows.stop - rows.start, *raw.chunk_shape), raw.dtype)
         for shard in range(rows.start // size, -(-rows.stop // size)):
             lo, hi = max(rows.start, shard * size), min(rows.stop, (shard + 1) * size)

@@ -28,8 +28,10 @@ ABSENT = 2**64 - 1
 class ShardLayout:
     """What the fast path needs to know of a sharded array, or None (:meth:`of`) when it does not apply."""
 
-    def __init__(self, slots: int, chunk_shape: tuple[int, ...], dtype: np.dtype, chunk_crc: bool):
+    def __init__(self, slots: int, chunk_shape: tuple[int, ...], dtype: np.dtype, chunk_crc: bool, rows: int, shard_key):
         self.slots, self.chunk_shape, self.dtype, self.chunk_crc = slots, chunk_shape, np.dtype(dtype), chunk_crc
+        self.rows = rows  # of the whole array
+        self.shard_key = shard_key  # shard index → the shard file's key in the array's folder
 
     @classmethod
     def of(cls, array) -> ShardLayout | None:
@@ -51,7 +53,8 @@ class ShardLayout:
         chunk, shard = tuple(sharding.chunk_shape), tuple(array.metadata.chunk_grid.chunk_shape)
         if chunk[0] != 1 or chunk[1:] != shard[1:] or array.metadata.fill_value != 0 or array.dtype.kind not in "fiu":
             return None
-        return cls(shard[0], chunk[1:], array.dtype, crc)
+        tail = (0,) * (array.ndim - 1)
+        return cls(shard[0], chunk[1:], array.dtype, crc, array.shape[0], lambda i: array.metadata.encode_chunk_key((i, *tail)))
 
     def encode(self, rows: np.ndarray) -> list | None:
         """The shard file of ``rows`` (at most ``slots`` of them) as buffers to write in order
