@@ -57,6 +57,7 @@ SCHEMA_VERSION = 1
 
 TOKENS, POOLED, LABELS, IMAGES, IDS, WRITTEN = "tokens", "pooled", "labels", "images", "ids", "written"
 TOKENS_FLIP = "tokens_flip"  # tokens of the horizontally mirrored image, mirrored back (flip TTA)
+ATTENTION = "attention_neighbours"  # HP's local-positive weights: (image, y, x, 9) from the last block's attention
 IGNORE_LABEL = -1
 
 STATUS_WRITING = "writing"
@@ -196,6 +197,7 @@ class StoreLayout:
     shard_images: int = DEFAULT_SHARD_IMAGES
     token_dtype: str = "float16"
     flip: bool = False
+    attention: bool = False
 
     @property
     def n_shards(self) -> int:
@@ -306,7 +308,8 @@ class FeatureStore:
         n, h, w, c = tokens.shape
         shard = tokens.shards[0] if tokens.shards else tokens.chunks[0]
         pixels = tuple(self.group[LABELS].shape[1:]) if LABELS in self.group else tuple(self.attrs["pixels"])
-        return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype), TOKENS_FLIP in self.group)
+        return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype),
+                           TOKENS_FLIP in self.group, ATTENTION in self.group)
 
     # -- arrays --------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> CheckedArray:
@@ -550,6 +553,9 @@ def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any],
     group.create_array(TOKENS, **tokens)
     if layout.flip:
         group.create_array(TOKENS_FLIP, **tokens)
+    if layout.attention:
+        group.create_array(ATTENTION, **{**tokens, "shape": (n, h, w, 9), "chunks": (1, h, w, 9), "shards": (s, h, w, 9),
+                                         "dimension_names": ("image", "y", "x", "neighbour")})
     group.create_array(
         POOLED, shape=(n, c), dtype="float32", chunks=(s, c), compressors=crc or None, fill_value=0,
         dimension_names=("image", "channel"),
@@ -615,7 +621,7 @@ def _disagreement(store: FeatureStore) -> str | None:
         return "its attrs have no stage key"
     tokens = group[TOKENS]
     n, h, w, c = tokens.shape
-    for name in (POOLED, IDS, LABELS, IMAGES, TOKENS_FLIP):
+    for name in (POOLED, IDS, LABELS, IMAGES, TOKENS_FLIP, ATTENTION):
         if name in group and group[name].shape[0] != n:
             return f"{name} has {group[name].shape[0]} rows but tokens has {n}"
     if TOKENS_FLIP in group and group[TOKENS_FLIP].shape != tokens.shape:
@@ -639,6 +645,8 @@ def _disagreement(store: FeatureStore) -> str | None:
             return f"the attrs say store_images={spec.get('store_images')} but images is {'' if IMAGES in group else 'not '}there"
         if bool(spec.get("flip")) != (TOKENS_FLIP in group):
             return f"the attrs say flip={spec.get('flip')} but tokens_flip is {'' if TOKENS_FLIP in group else 'not '}there"
+        if bool(spec.get("attention")) != (ATTENTION in group):
+            return f"the attrs say attention={spec.get('attention')} but {ATTENTION} is {'' if ATTENTION in group else 'not '}there"
     return None
 
 

@@ -41,6 +41,8 @@ class SplitConfig:
     res: int
     store_images: bool = False
     crop: str = "none"  # "five": five-crop 0.5 of the full-resolution image (STEGO's train splits)
+    attention: bool = False  # HP's local-positive weights from the last block's attention (train)
+    split: str | None = None  # the dataset split it reads (default: its name), e.g. a second train split for PriMaPs-EM
 
     def __post_init__(self):
         if self.res < 1 or self.crop not in ("none", "five"):

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass
 
 from .heads.base import HeadTrainer
+from .heads.hp import HPParams, HPTrainer
+from .heads.smooseg import SmooSegParams, SmooSegTrainer
 from .heads.stego import StegoParams, StegoTrainer
 from .reducers import HNNE, PCA, HNNEParams, IdentityParams, IdentityReducer, PCAParams, RandomProjection, Reducer, RPParams
 
@@ -35,6 +37,8 @@ class Method:
     marker : its matplotlib marker.
     table2 : a row of Table 2, evaluated with the dense CRF at its headline D.
     help : one line for the commands' help.
+    paper : one of the paper's methods (drawn in its Fig. 4); the successors of STEGO are drawn
+        beside them in the "beyond STEGO" figure.
     """
 
     name: str
@@ -45,6 +49,7 @@ class Method:
     marker: str = "o"
     table2: bool = False
     help: str = ""
+    paper: bool = True
 
     def __post_init__(self):
         base = {REDUCER: Reducer, HEAD: HeadTrainer}.get(self.kind)
@@ -92,3 +97,7 @@ register(Method("pca", REDUCER, PCAParams, PCA, "PCA", "s", help="exact streamed
 register(Method("rp", REDUCER, RPParams, RandomProjection, "RP", "^", help="seeded random projection"))
 register(Method("hnne", REDUCER, HNNEParams, HNNE, "h-NNE", "D", help="h-NNE (v1), stores projected once"))
 register(Method("stego", HEAD, StegoParams, StegoTrainer, "STEGO", "o", table2=True, help="STEGO head trained from the cache"))
+register(Method("smooseg", HEAD, SmooSegParams, SmooSegTrainer, "SmooSeg", "P", table2=True, paper=False,
+                help="SmooSeg (projector, EMA teacher prototypes, smoothness loss) from the cache"))
+register(Method("hp", HEAD, HPParams, HPTrainer, "HP", "h", table2=True, paper=False,
+                help="HP (hidden positives, attention-weighted local positives) from the cache"))

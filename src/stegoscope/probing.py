@@ -188,9 +188,17 @@ class TokenBatches:
     """Rows of a store's tokens / labels as (B, C, h, w) float and (B, H, W) long tensors on
     ``device``, from wherever :class:`StoreArrays` placed them."""
 
-    def __init__(self, store: FeatureStore, device: torch.device, limit_bytes: float):
-        self.arrays, self.device = StoreArrays(store, (TOKENS, LABELS), limit_bytes, device), device
+    def __init__(self, store: FeatureStore, device: torch.device, limit_bytes: float, extra: tuple[str, ...] = ()):
+        missing = [name for name in extra if name not in store]
+        if missing:
+            raise StoreError(f"{store.path}: no {', '.join(missing)} array; it is made by an extraction that declares it "
+                             f"(see the head's preset section in the README)")
+        self.arrays, self.device = StoreArrays(store, (TOKENS, LABELS, *extra), limit_bytes, device), device
         self.resident = self.arrays.resident
+
+    def extra(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """The rows of a further array, as they are stored."""
+        return self.arrays.tensor(name, rows, self.device)
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -281,6 +289,12 @@ class Probes(nn.Module):
         """CPU copies of both probes' weights (the ``probes.pt`` layout)."""
         return {"linear": _copy(self.linear), "cluster": _copy(self.cluster)}
 
+    def with_cluster(self, cluster: nn.Module) -> Probes:
+        """These probes' linear probe with another cluster assignment (a head's own prototypes)."""
+        view = Probes(1, self.n_classes, self.extra_clusters, self.clusterer)
+        view.linear, view.cluster, view.learnt = self.linear, cluster, False
+        return view
+
     def restore(self, snapshot: dict[str, dict[str, torch.Tensor]]) -> Probes:
         self.linear.load_state_dict(snapshot["linear"])
         self.cluster.load_state_dict(snapshot["cluster"])
@@ -290,10 +304,13 @@ class Probes(nn.Module):
 def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],
                      channel_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear logits, cluster scores) of the codes bilinearly upsampled to ``size``: cosines, or
-    for a Euclidean clusterer 2·x·c − ‖c‖² (:func:`ops.kmeans.euclidean_scores`)."""
+    for a Euclidean clusterer 2·x·c − ‖c‖² (:func:`ops.kmeans.euclidean_scores`), or raw dot
+    products for a ``dot`` one."""
     up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
     logits = up(probes.linear(codes))
     centroids = probes.cluster.clusters
+    if probes.cluster.metric == "dot":
+        return logits, up(torch.einsum("bchw,kc->bkhw", codes, centroids))
     if probes.cluster.metric == "euclidean":
         return logits, 2 * up(torch.einsum("bchw,kc->bkhw", codes, centroids)) - centroids.square().sum(1)[None, :, None, None]
     dots = up(torch.einsum("bchw,kc->bkhw", codes, F.normalize(centroids, dim=1)))
@@ -368,7 +385,8 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
         else:
             images, labels = list(store.rows(IMAGES, rows)), labels.cpu().numpy()
             lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
-            clu_pred = np.stack(crf.map(images, [softmax(CLUSTER_ALPHA * x) for x in cosines.cpu().numpy()]))
+            alpha = 1.0 if probes.cluster.metric == "dot" else CLUSTER_ALPHA  # PriMaPs-EM: log_softmax of raw logits
+            clu_pred = np.stack(crf.map(images, [softmax(alpha * x) for x in cosines.cpu().numpy()]))
         lin.update(lin_pred, labels)
         clu.update(clu_pred, labels)
         if progress is not None:

@@ -159,9 +159,9 @@ class StudyContext:
         def make(ctx: StudyContext) -> ExtractStage:
             p, cfg = ctx.preset, ctx.preset.splits[split]
             params = ExtractParams(
-                dataset=p.dataset, split=split, res=cfg.res, backbone=p.backbone, weights=p.weights or official_weights(p.backbone),
+                dataset=p.dataset, split=cfg.split or split, res=cfg.res, backbone=p.backbone, weights=p.weights or official_weights(p.backbone),
                 seed=p.seed, interpolation=p.interpolation, n_classes=p.n_classes, store_images=cfg.store_images, crop=cfg.crop,
-                flip=p.eval.flip and split != "train")
+                flip=p.eval.flip and split != "train", attention=cfg.attention)
             options = {"batch_size": p.batch_size, "shard_images": p.shard_images, "workers": ctx.workers, "device": ctx.device,
                        "show_progress": ctx.show_progress, **ctx.extract_options}
             return ExtractStage(ctx.cache_root, ctx.data_root, params, **options)
@@ -318,9 +318,9 @@ class StudyContext:
         return out
 
     def graph(self, only: list[str] | None = None, dims: list[int] | None = None, seeds: list[int] | None = None) -> list[Node]:
-        """Every node of the study in dependency order: the extraction of each split of the
-        preset, the :meth:`results` and all they read."""
-        return self.graph_of([self.extract(split) for split in self.preset.splits] + self.results(only, dims, seeds))
+        """Every node of the study in dependency order: the extraction of the train and val
+        splits, the :meth:`results` and all they read (further splits only where a result does)."""
+        return self.graph_of([self.extract("train"), self.extract("val")] + self.results(only, dims, seeds))
 
     def graph_of(self, targets: list[Stage]) -> list[Node]:
         """``targets`` and every stage upstream of them, as nodes in dependency order."""

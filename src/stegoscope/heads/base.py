@@ -10,7 +10,12 @@ A head is a small subclass of :class:`HeadTrainer` that supplies ``make_head()``
 * validation every ``val_every`` steps keeping the head with the best val cluster mIoU (the
   paper's protocol) besides the final one, then the dense CRF evaluation of the best;
 * ``log.jsonl`` / TensorBoard logging of whatever the loss reports;
-* export of the trained head as a reducer, so ``probe`` can train fresh probes on its codes.
+* export of the trained head as a reducer, so ``probe`` can train fresh probes on its codes;
+* hooks for what the successors of STEGO add: further per-row inputs (``row_arrays`` of the
+  train store, ``extras`` from other artefacts), :meth:`~HeadTrainer.begin` before the first
+  step, :meth:`~HeadTrainer.after_backward` and :meth:`~HeadTrainer.after_step` around the
+  optimiser step (gradient clipping, EMA teachers), and :meth:`~HeadTrainer.clusters`, a head's
+  own cluster assignment that replaces the cluster probe in every evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import copy
 import pickle
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from ..cache_schema import IMAGES, LABELS, TOKENS, TOKENS_FLIP, FeatureStore
+from ..ops.kmeans import FixedCentroids
 from ..probing import (BatchOrder, CodeSource, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate, evaluate_with_crf,
                        train_validated)
 from ..reducers import Reducer
@@ -67,13 +73,14 @@ class HeadRun:
 
 @dataclass
 class TokenBatch:
-    """One step's inputs: (B, C, h, w) tokens and (B, H, W) labels of the batch rows and the
-    tokens of each row's kNN partner (None for heads that use no partners)."""
+    """One step's inputs: (B, C, h, w) tokens and (B, H, W) labels of the batch rows, the tokens
+    of each row's kNN partner (None for heads that use no partners) and the head's further inputs."""
 
     rows: np.ndarray
     feats: torch.Tensor
     labels: torch.Tensor
     partner_feats: torch.Tensor | None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the rows of ``row_arrays`` and of ``extras``
 
 
 @dataclass
@@ -94,12 +101,13 @@ class HeadTrainer(ABC):
 
     Subclasses set ``params_class`` (their preset section, a :class:`HeadParams` subclass) and
     implement :meth:`make_head` and :meth:`loss`; ``uses_knn = False`` for heads without kNN
-    partners, ``version`` is part of their stage key.
+    partners, ``version`` is part of their stage key; the other methods are hooks with defaults.
     """
 
     params_class: ClassVar[type[HeadParams]] = HeadParams
     uses_knn: ClassVar[bool] = True
     version: ClassVar[int] = 1
+    row_arrays: ClassVar[tuple[str, ...]] = ()  # further train-store arrays each batch carries
 
     def __init__(self, params: HeadParams, run: HeadRun, channels: int):
         self.params, self.run, self.channels = params, run, channels
@@ -120,16 +128,37 @@ class HeadTrainer(ABC):
         """The head in eval mode as a reducer (tokens → code)."""
         return ModuleReducer.from_module(head, self.run.dim)
 
+    def begin(self, head: nn.Module, data: TokenBatches, generator: torch.Generator) -> None:
+        """Before the first step, with the train batches at hand (reference pools, initialisations)."""
+
+    def after_backward(self, head: nn.Module) -> None:
+        """Between the backward pass and the optimiser step (gradient clipping)."""
+
+    def after_step(self, head: nn.Module, step: int) -> None:
+        """After the optimiser step ``step`` (EMA teachers)."""
+
+    def clusters(self, head: nn.Module) -> FixedCentroids | None:
+        """The head's own cluster assignment, which evaluation uses instead of the cluster probe
+        trained alongside (None: the probe's)."""
+        return None
+
     def fit(self, train: FeatureStore, val: FeatureStore, nns: np.ndarray | None, device: torch.device, log: TrainingLog,
-            resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True, label: str = "train") -> HeadResult:
-        """Train on ``train`` (kNN rows ``nns``), validate on ``val``; seeded by ``run.seed``."""
+            resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True, label: str = "train",
+            extras: dict[str, np.ndarray] | None = None) -> HeadResult:
+        """Train on ``train`` (kNN rows ``nns``; ``extras``: further arrays with a row per train
+        image, from other artefacts), validate on ``val``; seeded by ``run.seed``."""
         p, run = self.params, self.run
         torch.manual_seed(run.seed)
         generator = torch.Generator().manual_seed(run.seed)
         rng = np.random.default_rng(run.seed)
         loading = time.perf_counter()
-        data = TokenBatches(train, device, resident_bytes)
+        data = TokenBatches(train, device, resident_bytes, self.row_arrays)
+        extras = extras or {}
+        for name, array in extras.items():
+            if len(array) != len(data):
+                raise ValueError(f"{name}: {len(array)} rows for a train store of {len(data)} images")
         head = self.make_head().to(device)
+        self.begin(head, data, generator)
         probes = Probes(run.dim, run.n_classes, run.extra_clusters).to(device)
         optimizers = [self.optimizer(head), *probes.optimizers(run.probe_lr, run.probe_lr)]
         batches = BatchOrder(len(data), p.batch_size, rng)
@@ -142,35 +171,47 @@ class HeadTrainer(ABC):
             rows = batches.next()
             partners = nns[rows, rng.integers(1, neighbours + 1, size=len(rows))] if nns is not None else None
             feats, labels = data(rows)
-            batch = TokenBatch(rows, feats, labels, data(partners)[0] if partners is not None else None)
+            further = {name: data.extra(name, rows) for name in self.row_arrays}
+            further |= {name: torch.from_numpy(np.asarray(array[rows])).to(device) for name, array in extras.items()}
+            batch = TokenBatch(rows, feats, labels, data(partners)[0] if partners is not None else None, further)
             code, loss, logged = self.loss(head, batch, generator)
             loss_linear, loss_cluster = probes.losses(code.detach(), labels)
             total = loss + loss_linear + loss_cluster
             for opt in optimizers:
                 opt.zero_grad()
             total.backward()
+            self.after_backward(head)
             for opt in optimizers:
                 opt.step()
+            self.after_step(head, step)
             if log.due(step):
                 log.write(step, {**logged, "loss/linear": loss_linear, "loss/cluster": loss_cluster, "loss/total": total})
             return {}
 
         current: dict[str, Any] = {}
 
+        def evaluated() -> Probes:  # the probes, with the head's own cluster assignment when it has one
+            own = self.clusters(head)
+            return probes if own is None else probes.with_cluster(own)
+
         def validate() -> dict:
-            current["head"] = self._exported(head, device)
-            return evaluate(val_codes(current["head"]), probes, device, run.extra_as_errors)
+            current["head"], current["probes"] = self._exported(head, device), evaluated()
+            return evaluate(val_codes(current["head"]), current["probes"], device, run.extra_as_errors)
+
+        def snapshot() -> tuple:
+            return current["head"], current["probes"].snapshot(), current["probes"].cluster
 
         training = time.perf_counter()
-        history, best, (best_head, best_probes) = train_validated(
-            p.steps, run.val_every, update, validate, lambda: (current["head"], probes.snapshot()), label, show_progress)
+        history, best, (best_head, best_probes, best_cluster) = train_validated(
+            p.steps, run.val_every, update, validate, snapshot, label, show_progress)
         seconds["train"] = time.perf_counter() - training
-        final_head, final_probes = self._exported(head, torch.device("cpu"), train_after=False), probes.snapshot()
+        final_head, final_probes = self._exported(head, torch.device("cpu"), train_after=False), evaluated().snapshot()
         best_crf = None
         if run.crf:
-            probes.restore(best_probes)
+            probes.linear.load_state_dict(best_probes["linear"])
+            best_probes_on = probes.with_cluster(best_cluster) if best_cluster is not probes.cluster else probes.restore(best_probes)
             refining = time.perf_counter()
-            best_crf = {"step": best["step"], **evaluate_with_crf(val_codes(best_head), probes, device, run.extra_as_errors,
+            best_crf = {"step": best["step"], **evaluate_with_crf(val_codes(best_head), best_probes_on, device, run.extra_as_errors,
                                                                   crf_workers, show_progress)}
             seconds["crf"] = time.perf_counter() - refining
         return HeadResult(history, best, best_head, best_probes, final_head, final_probes, best_crf, data.resident, seconds)

@@ -157,7 +157,10 @@ class DinoBackbone(nn.Module):
             raise RuntimeError(f"positional embedding interpolated to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
         return grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w, C) tokens of images (B, 3, H, W); with ``attention`` also the last block's
+        pre-softmax attention logits q·kᵀ·scale (B, heads, T, T), float32, T = prefix + h·w
+        (HP's local positives are made from them)."""
         b, _, height, width = x.shape
         p = self.patch_size
         if height % p or width % p:
@@ -168,10 +171,25 @@ class DinoBackbone(nn.Module):
         prefix = [cls.expand(b, -1, -1)] + ([vit.reg_token.expand(b, -1, -1)] if vit.reg_token is not None else [])
         tokens = vit.patch_embed(x) + self.patch_pos_embed(rows, cols)  # (B, N, C)
         tokens = torch.cat([*prefix, tokens], dim=1)
-        for block in vit.blocks:
+        logits = None
+        for i, block in enumerate(vit.blocks):
+            if attention and i == len(vit.blocks) - 1:
+                logits = attention_logits(block, tokens)
             tokens = block(tokens)
         tokens = vit.norm(tokens)
-        return tokens[:, vit.num_prefix_tokens :].reshape(b, rows, cols, -1)
+        patches = tokens[:, vit.num_prefix_tokens :].reshape(b, rows, cols, -1)
+        return (patches, logits) if attention else patches
+
+
+def attention_logits(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A timm ViT block's pre-softmax attention logits (B, heads, T, T) for its input tokens,
+    computed as its attention does (fused attention never materialises them), in float32."""
+    attn = block.attn
+    b, n, _ = tokens.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(block.norm1(tokens)).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return (q.float() * attn.scale) @ k.float().transpose(-2, -1)
 
 
 # -- weights ------------------------------------------------------------------------------------

@@ -14,14 +14,15 @@ class StegoHead(nn.Module):
     """Channel dropout, then a linear 1×1 branch plus a 1×1–ReLU–1×1 branch, summed, to ``dim``.
 
     The two branches see independent dropout draws, as STEGO. Parameter names follow STEGO's
-    ``net.cluster1`` / ``net.cluster2`` so released weights load as they are.
+    ``net.cluster1`` / ``net.cluster2`` so released weights load as they are. SmooSeg's and HP's
+    heads are the same shape (SmooSeg: SiLU and dropout 0.2).
     """
 
-    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1, nonlinear: bool = True):
+    def __init__(self, in_dim: int, dim: int, dropout: float = 0.1, nonlinear: bool = True, activation: type[nn.Module] = nn.ReLU):
         super().__init__()
         self.dropout = nn.Dropout2d(dropout)
         self.cluster1 = nn.Sequential(nn.Conv2d(in_dim, dim, 1))
-        self.cluster2 = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, dim, 1)) if nonlinear else None
+        self.cluster2 = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), activation(), nn.Conv2d(in_dim, dim, 1)) if nonlinear else None
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) backbone features → (B, dim, h, w) code (not normalised)."""

@@ -74,8 +74,10 @@ class EuclideanLookup(nn.Module):
 
 
 class FixedCentroids(nn.Module):
-    """Centroids fitted before training (Lloyd's k-means, scikit-learn), scored by ``metric``; its
-    loss is zero and it has nothing to train."""
+    """Centroids fitted before training (Lloyd's k-means, scikit-learn) or taken from a trained
+    head (SmooSeg's teacher prototypes, PriMaPs-EM's θ_M), scored by ``metric``: ``cosine``,
+    ``euclidean`` or ``dot`` (raw dot products, PriMaPs-EM's prototypes); its loss is zero and it
+    has nothing to train."""
 
     def __init__(self, centroids: torch.Tensor, metric: str):
         super().__init__()
@@ -85,6 +87,8 @@ class FixedCentroids(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         if self.metric == "euclidean":
             return euclidean_scores(x, self.clusters)
+        if self.metric == "dot":
+            return torch.einsum("bchw,kc->bkhw", x, self.clusters)
         return torch.einsum("bchw,kc->bkhw", F.normalize(x, dim=1), F.normalize(self.clusters, dim=1))
 
     def forward(self, x: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

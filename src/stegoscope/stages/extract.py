@@ -24,17 +24,21 @@ import numpy as np
 import torch
 
 from .. import cache_schema
-from ..cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, StoreLayout
+from ..cache_schema import ATTENTION, IDS, IMAGES, LABELS, POOLED, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, StoreLayout
 from ..data import DatasetError, ExtractionDataset, SegmentationDataset, find_bad_samples, open_dataset
 from ..data.decode import device_pixels
 from ..data.crops import CROP_FIVE, CROP_NONE, crops_per_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..models import resolve_device
 from ..models.backbone import build_backbone, parse_backbone, weights_identity
+from ..ops.hidden_positives import attention_neighbour_weights
 from ..pipeline import FileHashMemo, Stage, canonical_json, diff_rows, file_rows, fingerprint_rows, package_versions, store_state
 from ..progress import console, progress_bar
 
 LAYER = "last_block_final_norm_no_cls"
+# HP's reduction of the last block's attention logits to 3×3 neighbour weights (successors/hp.md §2):
+# head mean, per-row clamp to the 10–90 % quantiles, softmax, × σ = 28, below-row-mean entries zeroed.
+ATTENTION_SPEC = {"sigma": 28.0, "clip": (0.1, 0.9)}
 # Where JPEGs are decoded and resized: DataLoader workers with PIL, or the compute device
 # (nvJPEG on CUDA). Not part of the key: both give the same geometry, and decoders agree to
 # within JPEG rounding, like bf16 on CUDA and fp32 on CPU agree to within their precision.
@@ -58,6 +62,7 @@ class ExtractParams:
     crop: str = CROP_NONE  # "five": five-crop of the full-resolution image first (train splits)
     crop_ratio: float = 0.5
     flip: bool = False  # also store the tokens of the horizontally flipped images (flip TTA)
+    attention: bool = False  # also store HP's local-positive weights from the last block's attention
 
     def __post_init__(self):
         crops_per_image(self.crop)
@@ -167,7 +172,7 @@ class ExtractStage(Stage):
             "skip_bad": False,
             "flip": self.p.flip,
             "schema_version": cache_schema.SCHEMA_VERSION,
-        }
+        } | ({"attention": ATTENTION_SPEC} if self.p.attention else {})  # added later: absent when off, so keys made before stay valid
 
     def inputs(self) -> list[str]:
         return [f"dataset:{self.fingerprint}"]
@@ -236,7 +241,7 @@ class ExtractStage(Stage):
         return StoreLayout(
             n_images=n_images, grid=(grid, grid), channels=spec.embed_dim, pixels=(self.p.res, self.p.res),
             labelled=self.dataset.labelled, with_images=self.p.store_images, shard_images=self.shard_images,
-            flip=self.p.flip,
+            flip=self.p.flip, attention=self.p.attention,
         )
 
     def _open_or_create(self, force: bool) -> FeatureStore:
@@ -316,7 +321,7 @@ class ExtractStage(Stage):
                         pixels = device_pixels(batch, self.dataset, self.p.res, self.p.interpolation, self.p.crop_ratio, device)
                     else:
                         pixels = batch["pixels"].to(device, non_blocking=True)
-                    arrays = _forward(backbone, pixels, device, layout.flip)
+                    arrays = _forward(backbone, pixels, device, layout.flip, layout.attention)
                     if layout.labelled:
                         arrays[LABELS] = batch["label"]
                     if layout.with_images:
@@ -332,13 +337,23 @@ class ExtractStage(Stage):
 
 
 @torch.inference_mode()
-def _forward(backbone: torch.nn.Module, pixels: torch.Tensor, device: torch.device, flip: bool) -> dict[str, torch.Tensor]:
+def _forward(backbone: torch.nn.Module, pixels: torch.Tensor, device: torch.device, flip: bool,
+             attention: bool = False) -> dict[str, torch.Tensor]:
     """uint8 pixels (B, H, W, 3) on ``device`` → float16 tokens (B, h, w, C) and float32 pooled
-    (B, C), still on ``device``; with ``flip`` also the mirrored image's tokens, mirrored back."""
+    (B, C), still on ``device``; with ``flip`` also the mirrored image's tokens, mirrored back;
+    with ``attention`` HP's local-positive weights (B, h, w, 9) from the last block's attention."""
     x = normalize(pixels)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        feats = backbone(x).float()
+        if attention:
+            feats, logits = backbone(x, attention=True)
+            prefix = logits.shape[-1] - feats.shape[1] * feats.shape[2]
+            weights = attention_neighbour_weights(logits, tuple(feats.shape[1:3]), prefix, **ATTENTION_SPEC)
+            feats = feats.float()
+        else:
+            feats = backbone(x).float()
         out = {TOKENS: feats.half(), POOLED: feats.mean(dim=(1, 2))}
+        if attention:
+            out[ATTENTION] = weights.half()
         if flip:
             out[TOKENS_FLIP] = backbone(x.flip(3)).flip(2).half()
     return out

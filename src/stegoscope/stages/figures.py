@@ -4,7 +4,9 @@
 Draws Fig. 3 (cumulative explained variance of each declared PCA fit, x relative to D), Fig. 4
 (linear and cluster mIoU vs D per dataset, log x, ticks at the dims run), supplementary Fig. 1
 (the same for accuracy), supplementary Fig. 2 (h-NNE vs PCA, for every dataset with h-NNE
-results) and Table 2 (markdown, CSV, LaTeX), plus ``results.csv`` with one row per result.
+results), "beyond STEGO" (Fig. 4 with the successors of STEGO: SmooSeg, HP, PriMaPs-EM, beside
+DINO, PCA, RP and STEGO) and Table 2 (markdown, CSV, LaTeX; a row per head at its headline D),
+plus ``results.csv`` with one row per result.
 
 Reported values follow the study: the validation step with the best cluster mIoU, all metrics
 from it. Results are grouped by experiment id (the hash of their configuration without the
@@ -209,7 +211,8 @@ def metric_figure(rows: list[dict], metric: str, methods: list[str] | None = Non
     curve per method and configuration (± std over seeds), CRF results as separate markers."""
     import matplotlib.pyplot as plt
 
-    methods = methods or [m for m in registry.METHODS if m != "hnne"] + sorted({r["method"] for r in rows} - set(registry.METHODS))
+    methods = methods or [m for m, spec in registry.METHODS.items() if m != "hnne" and spec.paper] + sorted(
+        {r["method"] for r in rows} - set(registry.METHODS))
     datasets = _datasets({r["dataset"] for r in rows})
     labels_of: dict[str, list[str]] = {}
     for r in sorted(rows, key=lambda r: (r["label"] != "", r["label"])):
@@ -538,6 +541,9 @@ def render(cache_root: Path, out_dir: Path, studies: list[str]) -> dict[str, lis
         figures["supp_fig1_accuracy_vs_dim"] = metric_figure(paper_rows, "Accuracy")
         for dataset in _datasets({r["dataset"] for r in paper_rows if r["method"] == "hnne"}):
             figures[f"supp_fig2_hnne_{dataset}"] = hnne_figure(paper_rows, dataset)
+        successors = [m for m, spec in registry.METHODS.items() if not spec.paper]
+        if any(r["method"] in successors for r in paper_rows):  # does the paper's dimensionality story hold for them?
+            figures["beyond_stego_miou_vs_dim"] = metric_figure(paper_rows, "mIoU", ["dino", "pca", "rp", "stego", *successors])
     figures |= future_figures(rows)
     written: dict[str, list[Path]] = {}
     for name, fig in figures.items():
