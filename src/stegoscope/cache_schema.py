@@ -139,6 +139,20 @@ NNS = "nns"  # the kNN artefact's array: (image, rank) neighbour rows
 INVENTORY = "inventory.json"  # a feature store's completion marker: relative path → bytes
 DAMAGE = "damage.json"  # shards of a complete store found damaged (by a reader or `verify`): rewritten by `extract`
 SOURCES = "sources.json"  # the dataset files an extraction read: [relative path, size, hash]
+MASK_IDS = "mask_ids"  # PriMaPs' proposals: (image, pixel_y, pixel_x) uint8 ids, 255 = none, in .npy chunks
+
+
+def mask_ids_path(directory: Path, chunk: int) -> Path:
+    """One chunk file of a ``primaps-masks`` artefact."""
+    return Path(directory) / f"{MASK_IDS}-{chunk:05d}.npy"
+
+
+def load_mask_ids(directory: Path) -> np.ndarray:
+    """The (N, H, W) uint8 mask ids of a ``primaps-masks`` artefact, its chunks concatenated."""
+    chunks = sorted(Path(directory).glob(f"{MASK_IDS}-*.npy"))
+    if not chunks:
+        raise StoreError(f"{directory}: no mask proposals; rerun the study (stage primaps-masks)")
+    return np.concatenate([np.load(p, mmap_mode="r") for p in chunks])
 
 
 def study_dir(cache_root: Path, name: str) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, is_dataclass
 
 from .heads.base import HeadTrainer
 from .heads.hp import HPParams, HPTrainer
+from .heads.primaps import PrimapsParams, PrimapsTrainer, StegoPrimapsParams
 from .heads.smooseg import SmooSegParams, SmooSegTrainer
 from .heads.stego import StegoParams, StegoTrainer
 from .reducers import HNNE, PCA, HNNEParams, IdentityParams, IdentityReducer, PCAParams, RandomProjection, Reducer, RPParams
@@ -101,3 +102,7 @@ register(Method("smooseg", HEAD, SmooSegParams, SmooSegTrainer, "SmooSeg", "P", 
                 help="SmooSeg (projector, EMA teacher prototypes, smoothness loss) from the cache"))
 register(Method("hp", HEAD, HPParams, HPTrainer, "HP", "h", table2=True, paper=False,
                 help="HP (hidden positives, attention-weighted local positives) from the cache"))
+register(Method("primaps", HEAD, PrimapsParams, PrimapsTrainer, "PriMaPs-EM", "X", table2=True, paper=False,
+                help="PriMaPs-EM (mask proposals, EM with an EMA teacher) on raw DINO tokens, from the cache"))
+register(Method("stego-primaps", HEAD, StegoPrimapsParams, PrimapsTrainer, "STEGO+PriMaPs-EM", "x", table2=True, paper=False,
+                help="PriMaPs-EM on a trained STEGO head's codes"))

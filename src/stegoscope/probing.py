@@ -327,7 +327,8 @@ class CRFPool:
 
     Every image has a timeout. A pool that breaks or hangs is killed and a fresh one retries the
     images left; a second failure stops the run with what happened. ``workers=0`` runs the CRF
-    in this process instead, without a timeout.
+    in this process instead, without a timeout. :meth:`run` gives any other per-image job (a
+    picklable function) the same guard.
     """
 
     def __init__(self, workers: int = 2, timeout: float = 120.0):
@@ -335,16 +336,19 @@ class CRFPool:
         self.pool: ProcessPoolExecutor | None = None
 
     def map(self, images: list[np.ndarray], probs: list[np.ndarray]) -> list[np.ndarray]:
-        jobs = list(zip(images, probs))
+        return self.run(crf_argmax, list(zip(images, probs)))
+
+    def run(self, function: Callable[[Any], np.ndarray], jobs: list) -> list[np.ndarray]:
+        """``function(job)`` for every job, in order."""
         if self.workers == 0:
-            return [crf_argmax(job) for job in jobs]
+            return [function(job) for job in jobs]
         done: list[np.ndarray] = []
         failures = 0
         while True:
             if self.pool is None:
                 self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
             try:
-                futures = [self.pool.submit(crf_argmax, job) for job in jobs[len(done):]]
+                futures = [self.pool.submit(function, job) for job in jobs[len(done):]]
                 for future in futures:
                     done.append(future.result(timeout=self.timeout))
                 return done

@@ -38,6 +38,7 @@ from .stages.import_stego import ImportStegoStage
 from .stages.knn import KnnStage
 from .stages.probe import ProbeParams, ProbeStage
 from .stages.reduce import ProjectStage, ReduceStage
+from .stages.primaps_masks import PrimapsMasksStage
 from .stages.train_head import TrainHeadStage
 
 def official_weights(backbone: str) -> str | None:
@@ -194,7 +195,7 @@ class StudyContext:
         """Whether this result is a row of Table 2: a Table 2 method (raw DINO; a head at its
         headline D)."""
         spec = registry.get(method)
-        return spec.table2 and (spec.kind == registry.REDUCER or dim == self.preset.head_dim(method))
+        return spec.table2 and (spec.kind == registry.REDUCER or spec.cls.fixed_dim or dim == self.preset.head_dim(method))
 
     def crf_at(self, method: str, dim: int | None) -> bool:
         """Whether ``eval.crf`` evaluates this result with the dense CRF too."""
@@ -236,23 +237,40 @@ class StudyContext:
         return self._build(("probe", method, dim, seed, crf), name, make, (method, dim, seed))
 
     def head(self, method: str, dim: int | None = None, seed: int = 0, crf: bool | None = None) -> TrainHeadStage:
-        """Head ``method`` trained at ``dim`` (default: its headline D) with its per-D parameters."""
+        """Head ``method`` trained at ``dim`` (default: its headline D) with its per-D parameters;
+        a head whose D follows from its inputs (PriMaPs-EM) trains at that D only."""
         spec = registry.get(method)
         if spec.kind != registry.HEAD:
             raise ConfigError(f"{method} is a {spec.kind}, not a head; heads: {', '.join(registry.names(registry.HEAD))}")
+        if spec.cls.fixed_dim:
+            channels = parse_backbone(self.preset.backbone)[0].embed_dim
+            dim = spec.cls.code_dim(self.preset.method_params(method), channels, self.preset.head_dim)
         dim = dim or self.preset.head_dim(method)
         crf = self.crf_at(method, dim) if crf is None else crf
 
         def make(ctx: StudyContext) -> TrainHeadStage:
-            e = ctx.preset.eval
+            e, params = ctx.preset.eval, ctx.preset.method_params(method, dim)
             run = HeadRun(n_classes=ctx.n_classes, dim=dim, probe_lr=ctx.preset.probe.linear_lr, extra_clusters=e.extra_clusters,
                           val_every=e.val_every, seed=seed, crf=crf, extra_as_errors=e.extra_as_errors)
             knn = ctx.knn() if spec.cls.uses_knn else None
-            return TrainHeadStage(ctx.cache_root, method, ctx.preset.method_params(method, dim), run, ctx.extract("train"),
-                                  ctx.extract("val"), knn, device=ctx.device, crf_workers=ctx.crf_workers,
-                                  show_progress=ctx.show_progress)
+            train = ctx.extract(getattr(params, "train_split", "train"))
+            inputs = {name: ctx.head_input(name, params, train, seed) for name in spec.cls.inputs_of(params)}
+            return TrainHeadStage(ctx.cache_root, method, params, run, train, ctx.extract("val"), knn, device=ctx.device,
+                                  crf_workers=ctx.crf_workers, show_progress=ctx.show_progress, inputs=inputs)
 
         return self._build(("head", method, dim, seed, crf), f"train-{method} D={dim} seed {seed}", make, (method, dim, seed))
+
+    def head_input(self, name: str, params: Any, train: Stage, seed: int) -> Stage:
+        """A further artefact a head reads: PriMaPs' mask proposals of its train split, or the
+        trained head its features come from (``base``, at that head's headline D)."""
+        if name == "masks":
+            return self._build(("primaps-masks", train.key, params.threshold, params.coverage, params.gain),
+                               f"primaps-masks {train.p.split}", lambda ctx: PrimapsMasksStage(
+                                   ctx.cache_root, train, params.threshold, params.coverage, params.gain, ctx.crf_workers,
+                                   ctx.show_progress))
+        if name == "base":
+            return self.head(params.base, None, seed)
+        raise ConfigError(f"no study stage provides a head's input {name!r}")
 
     def hierarchy(self, dim: int, seed: int = 0) -> HierarchyStage:
         """Every level of the h-NNE hierarchy of the h-NNE fit at ``dim`` as the clusterer."""
@@ -309,7 +327,9 @@ class StudyContext:
         for seed in seeds:
             for method in methods:
                 spec = registry.get(method)
-                if spec.kind == registry.HEAD:
+                if spec.kind == registry.HEAD and spec.cls.fixed_dim:
+                    out.append(self.head(method, None, seed))
+                elif spec.kind == registry.HEAD:
                     out += [self.head(method, dim, seed) for dim in dims]
                 elif not spec.cls.needs_fit:
                     out.append(self.probe(method, None, seed))

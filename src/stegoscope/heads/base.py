@@ -24,7 +24,9 @@ import copy
 import pickle
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -108,6 +110,7 @@ class HeadTrainer(ABC):
     uses_knn: ClassVar[bool] = True
     version: ClassVar[int] = 1
     row_arrays: ClassVar[tuple[str, ...]] = ()  # further train-store arrays each batch carries
+    fixed_dim: ClassVar[bool] = False  # its code dimension follows from its inputs (:meth:`code_dim`), not the sweep
 
     def __init__(self, params: HeadParams, run: HeadRun, channels: int):
         self.params, self.run, self.channels = params, run, channels
@@ -127,6 +130,20 @@ class HeadTrainer(ABC):
     def export(self, head: nn.Module) -> Reducer:
         """The head in eval mode as a reducer (tokens → code)."""
         return ModuleReducer.from_module(head, self.run.dim)
+
+    @classmethod
+    def inputs_of(cls, params: HeadParams) -> tuple[str, ...]:
+        """The further artefacts it reads, by the names the study knows (``masks``, ``base``)."""
+        return ()
+
+    @classmethod
+    def code_dim(cls, params: HeadParams, channels: int, head_dim: Callable[[str], int]) -> int | None:
+        """A ``fixed_dim`` head's code dimension: from the tokens' ``channels`` or another head's D."""
+        return None
+
+    def load_inputs(self, inputs: dict[str, Path]) -> dict[str, np.ndarray]:
+        """Read the :meth:`inputs_of` artefacts (folder by name); returns arrays with a row per train image."""
+        return {}
 
     def begin(self, head: nn.Module, data: TokenBatches, generator: torch.Generator) -> None:
         """Before the first step, with the train batches at hand (reference pools, initialisations)."""

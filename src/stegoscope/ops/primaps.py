@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stegoscope.ops.crf import dense_crf
+from .crf import dense_crf
 
 NO_MASK = 255  # id of "no mask / background" in proposal maps; also the ignore label of §3
 

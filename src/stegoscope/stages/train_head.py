@@ -34,13 +34,18 @@ class TrainHeadStage(Stage):
     version = 1
 
     def __init__(self, cache_root: Path, method: str, params: Any, run: HeadRun, train: Stage, val: Stage, knn: Stage | None,
-                 device: str = "auto", resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True):
+                 device: str = "auto", resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True,
+                 inputs: dict[str, Stage] | None = None):
         super().__init__(cache_root)
+        self.inputs_ = dict(inputs or {})
         self.method, self.p, self.run = method, params, run
         self.trainer_cls = registry.get(method).cls
         self.name, self.version = f"train-{method}", self.trainer_cls.version
         if self.trainer_cls.uses_knn and knn is None:
             raise ValueError(f"{method} trains with kNN partners: give it the kNN stage")
+        missing = set(self.trainer_cls.inputs_of(params)) - set(self.inputs_)
+        if missing:
+            raise ValueError(f"{method} reads {', '.join(sorted(missing))}: give it those stages")
         self.train, self.val, self.knn = train, val, knn if self.trainer_cls.uses_knn else None
         self.device, self.resident_bytes, self.crf_workers, self.show_progress = device, resident_bytes, crf_workers, show_progress
 
@@ -54,7 +59,7 @@ class TrainHeadStage(Stage):
         up = {"train": self.train, "val": self.val}
         if self.knn is not None:
             up["knn"] = self.knn
-        return up
+        return up | self.inputs_
 
     @property
     def output(self) -> Path:
@@ -72,11 +77,12 @@ class TrainHeadStage(Stage):
             if len(nns) != len(train):
                 raise cache_schema.StoreError(f"{self.knn.output}: kNN rows ({len(nns)}) do not match the train store ({len(train)})")
         trainer = self.trainer_cls(self.p, self.run, train.layout.channels)
+        extras = trainer.load_inputs({name: stage.output for name, stage in self.inputs_.items()})
         begin_artefact(self.output)
         log = TrainingLog(self.output)
         try:
             result = trainer.fit(train, val, nns, resolve_device(self.device), log, self.resident_bytes, self.crf_workers,
-                                 self.show_progress, f"{self.name} D={self.run.dim}")
+                                 self.show_progress, f"{self.name} D={self.run.dim}", extras)
         finally:
             log.close()
         atomic_write_npz(self.output / FINAL, result.final_head.state_dict())
