@@ -1,0 +1,189 @@
+"""The successors of STEGO trained from the cache: every head runs from the cache alone (the
+backbone is never built), HP's attention weights at extraction, and the heads' quirks (HP's EMA,
+pools and clipping; PriMaPs-EM's initialisation, EMA schedule and EM step)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from stegoscope import cache_schema
+from stegoscope.cli import app
+from stegoscope.heads.base import HeadRun, TokenBatch
+from stegoscope.heads.hp import HPParams, HPTrainer
+from stegoscope.heads.primaps import PrimapsParams, PrimapsTrainer
+from stegoscope.models import backbone as backbone_module
+from stegoscope.models.backbone import attention_logits, build_backbone
+from stegoscope.ops.hidden_positives import attention_neighbour_weights
+
+PRESET = """name: succ
+dataset: synthetic
+backbone: random:vit_micro_patch8
+seed: 0
+extract:
+  batch_size: 8
+  shard_images: 8
+  splits:
+    train: {res: 32, attention: true, store_images: true}
+    val: {res: 32, store_images: true}
+synthetic: {seed: 0, n_train: 16, n_val: 6, size: [48, 40]}
+methods: [stego]
+dims: [4]
+stego: {steps: 6, batch_size: 4, dim: 4}
+smooseg: {steps: 6, batch_size: 4, dim: 4}
+hp: {steps: 6, batch_size: 4, dim: 4, pool_size: 8, renew_every: 3, warmup: 2}
+primaps: {steps: 6, batch_size: 4, init_images: 8}
+stego-primaps: {steps: 6, batch_size: 4}
+probe: {steps: 6, batch_size: 4}
+eval: {val_every: 3, crf: none}
+"""
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A cache with the preset's train (with attention weights and images) and val stores."""
+    root = tmp_path_factory.mktemp("succ")
+    preset = root / "succ.yaml"
+    preset.write_text(PRESET)
+    result = CliRunner().invoke(app, ["extract", "--preset", str(preset), "--cache", str(root / "c"), "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return preset, root / "c"
+
+
+@pytest.mark.parametrize("head", ["smooseg", "hp", "primaps", "stego-primaps"])
+def test_each_successor_trains_from_the_cache_without_building_the_backbone(extracted, monkeypatch, head):
+    preset, cache = extracted
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was built during head training")
+
+    monkeypatch.setattr(backbone_module.DinoBackbone, "__init__", refuse)
+    monkeypatch.setattr(backbone_module, "build_backbone", refuse)
+    result = CliRunner().invoke(app, ["study", str(preset), "--cache", str(cache), "--only", head, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    folder = "train_" + head.replace("-", "_")
+    (artefact,) = (cache / "artefacts" / folder).iterdir()
+    metrics = json.loads((artefact / cache_schema.METRICS).read_text())
+    assert [row["step"] for row in metrics["history"]] == [3, 6]
+    assert 0 <= metrics["best"]["cluster/mIoU"] <= 100 and 0 <= metrics["best"]["linear/mIoU"] <= 100
+    manifest = json.loads((artefact / cache_schema.MANIFEST).read_text())
+    expected_dim = {"primaps": 96, "stego-primaps": 4}.get(head, 4)  # PriMaPs-EM: the tokens' width, or STEGO's D
+    assert manifest["code_dim"] == expected_dim
+
+
+def test_attention_logits_reproduce_the_blocks_attention():
+    """softmax(logits) · v, projected, is what the block's own attention computes."""
+    backbone = build_backbone("random:vit_micro_patch8")
+    block = backbone.vit.blocks[-1]
+    x = torch.randn(2, 1 + 16, backbone.embed_dim)
+    logits = attention_logits(block, x)
+    attn = block.attn
+    v = attn.qkv(block.norm1(x)).reshape(2, 17, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[2]
+    out = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 17, -1))
+    assert torch.allclose(out, attn(block.norm1(x)), atol=1e-5)
+
+
+def test_extraction_stores_hps_neighbour_weights_of_the_last_attention(extracted):
+    _, cache = extracted
+    train = next(p for p in cache_schema.list_feature_stores(cache) if "train" in p.name)
+    store = cache_schema.open_complete_store(train)
+    weights = store[cache_schema.ATTENTION][:]
+    assert weights.shape == (16, 4, 4, 9) and weights.dtype == np.float16
+    backbone = build_backbone("random:vit_micro_patch8")
+    images = torch.from_numpy(store[cache_schema.IMAGES][:2]).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    _, logits = backbone((images - mean) / std, attention=True)
+    expected = attention_neighbour_weights(logits, (4, 4), prefix=1)
+    assert np.allclose(weights[:2], expected.numpy(), atol=2e-3)
+    assert (weights[:, 0, 0, [0, 1, 2, 3, 6]] == 0).all()  # a corner patch has no neighbours up or left
+
+
+class _Batches:
+    """Train batches of fixed tokens, as TokenBatches gives them (rows → (tokens, labels))."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.device = tokens, torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __call__(self, rows):
+        return self.tokens[torch.as_tensor(np.asarray(rows))], torch.zeros(len(rows), 8, 8, dtype=torch.long)
+
+
+def test_hp_updates_its_ema_before_the_step_keeps_the_token_pool_and_renews_the_code_pool():
+    torch.manual_seed(0)
+    trainer = HPTrainer(HPParams(steps=10, batch_size=2, pool_size=4, renew_every=2, warmup=0, ema=0.5, local_positives=False),
+                        HeadRun(n_classes=2, dim=3), channels=5)
+    head = trainer.make_head()
+    data = _Batches(torch.randn(6, 5, 2, 2))
+    trainer.begin(head, data, torch.Generator().manual_seed(0))
+    assert trainer.pool_feats.shape == (4, 5) and trainer.pool_codes.shape == (4, 3)
+    assert torch.allclose(trainer.pool_feats.norm(dim=1), torch.ones(4))
+    with torch.no_grad():
+        for p in head.head.parameters():
+            p.add_(1.0)  # the live head moves away from its EMA copy
+    live = [p.detach().clone() for p in head.head.parameters()]
+    before = [p.detach().clone() for p in head.ema_head.parameters()]
+    batch = TokenBatch(np.arange(2), data.tokens[:2], torch.zeros(2, 8, 8, dtype=torch.long), None)
+    _, loss, logged = trainer.loss(head, batch, torch.Generator().manual_seed(0))
+    for ema, old, new in zip(head.ema_head.parameters(), before, live):
+        assert torch.allclose(ema, 0.5 * old + 0.5 * new)  # in the step, before the optimiser
+    loss.backward()
+    assert all(p.grad is None for p in head.ema_head.parameters())
+    for p in head.head.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    trainer.after_backward(head)
+    assert torch.sqrt(sum(p.grad.square().sum() for p in head.head.parameters())) <= 10.0 + 1e-4  # clipped to grad_clip
+    tokens_pool, codes_pool = trainer.pool_feats, trainer.pool_codes
+    trainer.after_step(head, 1)
+    assert trainer.pool_codes is codes_pool  # not renewed at step 1
+    trainer.after_step(head, 2)
+    assert trainer.pool_feats is tokens_pool and trainer.pool_codes is not codes_pool  # renewed every 2 steps, tokens never
+
+
+def test_primaps_initialises_from_the_principal_directions_then_cosine_kmeans():
+    torch.manual_seed(0)
+    tokens = torch.randn(8, 4, 3, 3) * torch.tensor([5.0, 2.0, 1.0, 0.5])[None, :, None, None] + 1.0
+    trainer = PrimapsTrainer(PrimapsParams(batch_size=4, init_images=8, init_epochs=0), HeadRun(n_classes=2, dim=4), channels=4)
+    head = trainer.make_head()
+    trainer.begin(head, _Batches(tokens), torch.Generator().manual_seed(0))
+    x = tokens.permute(0, 2, 3, 1).reshape(-1, 4).double().numpy()
+    values, vectors = np.linalg.eigh(np.cov(x.T, bias=True))
+    top = vectors[:, ::-1][:, :2].T
+    top *= np.sign(top[np.arange(2), np.abs(top).argmax(1)])[:, None]  # largest component positive
+    assert np.allclose(head.v.detach().numpy(), top, atol=1e-5)
+    assert torch.equal(head.g.detach(), torch.ones(2)) and torch.equal(head.teacher_v, head.v.detach())
+
+
+def test_primaps_em_step_and_ema_schedule():
+    trainer = PrimapsTrainer(PrimapsParams(ema_every=2, init_epochs=0), HeadRun(n_classes=2, dim=2), channels=2)
+    head = trainer.make_head()
+    with torch.no_grad():
+        head.v.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        head.teacher_v.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    # one image, 2×2 tokens = 2×2 pixels: the teacher says class 0 at three pixels, 1 at one
+    feats = torch.tensor([[[2.0, 2.0], [2.0, 0.0]], [[0.0, 1.0], [0.0, 3.0]]])[None]
+    ids = torch.tensor([[[1, 1], [1, 1]]], dtype=torch.uint8)  # one mask over the whole image
+    batch = TokenBatch(np.arange(1), feats, torch.zeros(1, 2, 2, dtype=torch.long), None, {"mask_ids": ids})
+    _, loss, _ = trainer.loss(head, batch, torch.Generator())
+    logits = torch.einsum("bdhw,kd->bkhw", feats, head.weight().detach())  # at label size already
+    weight = (1 - logits.softmax(1).mean(dim=(0, 2, 3))) ** 2
+    expected = F.cross_entropy(logits, torch.zeros(1, 2, 2, dtype=torch.long), weight=weight, reduction="none").mean()  # the mask's majority: 0
+    assert abs(loss.item() - expected.item()) < 1e-6
+    # EMA: θ_M is untouched until the original's global_step reaches ema_every, then copied (the 1st and 2nd updates)
+    with torch.no_grad():
+        head.v.add_(1.0)
+    teacher = head.teacher_v.clone()
+    for step in (1, 2):
+        trainer.after_step(head, step)
+        if step == 1:
+            trainer.loss(head, batch, torch.Generator())  # done = 1: no update
+            assert torch.equal(head.teacher_v, teacher)
+    trainer.loss(head, batch, torch.Generator())  # done = 2: update 1, a hard copy
+    assert torch.allclose(head.teacher_v, head.v.detach()) and trainer.updates == 1
