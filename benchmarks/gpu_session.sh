@@ -4,7 +4,8 @@
 # a STEGO step from the cache against one with the backbone, kNN of 250k descriptors, the PCA
 # stream with ViT-B shapes, the store's write / read throughput against the raw disk by threads, and
 # one Fig. 4 sweep of a Cityscapes-sized synthetic store (a measured fraction, scaled: see
-# gpu_sweep.py). Results go to $OUT (default ./gpu-results): summary.txt and one log per benchmark
+# gpu_sweep.py), and each successor head's step from the cache against the backbone in the loop
+# (successor_step.py; not in the default STEPS). Results go to $OUT (default ./gpu-results): summary.txt and one log per benchmark
 # — 8 files, the most the device tool brings back.
 #
 # That machine has torch, torchvision, timm and cupy but not zarr or dask and reaches no
@@ -48,6 +49,7 @@ for step in $STEPS; do
         pca_stream) run pca_stream 60 python3 benchmarks/pca_stream.py --gb 2 --channels 768 --device cuda ;;
         store_throughput) run store_throughput 40 python3 benchmarks/store_throughput.py --shards 16 --threads 1 2 4 8 ;;
         gpu_sweep) run gpu_sweep 200 python3 benchmarks/gpu_sweep.py --fraction 14 ;;
+        successor_step) run successor_step 150 python3 benchmarks/successor_step.py --batch 32 --steps 5 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

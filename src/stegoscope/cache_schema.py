@@ -221,6 +221,17 @@ class StoreLayout:
         start = shard * self.shard_images
         return slice(start, min(start + self.shard_images, self.n_images))
 
+    def array_bytes(self) -> dict[str, int]:
+        """Uncompressed bytes of each array (tokens are stored raw; labels and images compress)."""
+        n, (h, w), (ph, pw) = self.n_images, self.grid, self.pixels
+        token = n * h * w * self.channels * np.dtype(self.token_dtype).itemsize
+        out = {TOKENS: token, POOLED: n * self.channels * 4}
+        out |= {TOKENS_FLIP: token} if self.flip else {}
+        out |= {ATTENTION: n * h * w * 9 * 2} if self.attention else {}
+        out |= {LABELS: n * ph * pw * 2} if self.labelled else {}
+        out |= {IMAGES: n * ph * pw * 3} if self.with_images else {}
+        return out
+
 
 class CheckedArray:
     """A store array whose reads, when bytes on disk fail their checksum (or cannot be decoded),

@@ -255,7 +255,12 @@ class ExtractStage(Stage):
         n_images = len(self.samples(skipped))
         if n_images == 0:
             raise DatasetError(self.dataset.root, f"no readable samples in split {self.p.split!r}")
-        store = cache_schema.create_feature_store(self.output, self.layout(n_images), self.store_attrs(skipped))
+        layout = self.layout(n_images)
+        sizes = layout.array_bytes()
+        listed = ", ".join(f"{name} {_size(size)}" for name, size in sizes.items())
+        console.print(f"{self.dataset.name}/{self.p.split} @{self.p.res}: {n_images:,} images, about {_size(sum(sizes.values()))} "
+                      f"before compression ({listed})", highlight=False)
+        store = cache_schema.create_feature_store(self.output, layout, self.store_attrs(skipped))
         cache_schema.write_sources(self.output, self.source_rows)
         return store
 
@@ -334,6 +339,10 @@ class ExtractStage(Stage):
         finally:
             writer.close()
         return first_batch
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.1f} MB"
 
 
 @torch.inference_mode()
