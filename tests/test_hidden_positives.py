@@ -244,13 +244,15 @@ def test_consistency_loss_value():
 # ---------------------------------------------------------------- hidden-positive loss
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3])
 @pytest.mark.parametrize("reweighting", [True, False])
 @pytest.mark.parametrize("lam", [0.0, 0.4])
-def test_loss_matches_loop_reference(lam, reweighting):
+def test_loss_matches_loop_reference(lam, reweighting, chunk):
+    """Whatever number of anchor blocks go through a kernel together (B = 2 here: 3 = all)."""
     case = random_case(3)
     ref, stats = ref_of(case, lam, 0.6, reweighting=reweighting)
     assert stats["kept"] > 0 and stats["sp_outside_den"] > 0  # the case exercises the quirks
-    out = hidden_positive_loss(**case, lam=lam, tau=0.6, reweighting=reweighting)
+    out = hidden_positive_loss(**case, lam=lam, tau=0.6, reweighting=reweighting, blocks_per_chunk=chunk)
     assert out.item() == pytest.approx(ref, rel=1e-10)
 
 
@@ -262,7 +264,8 @@ def test_loss_float32_matches_reference():
     assert out.item() == pytest.approx(ref, rel=1e-5)
 
 
-def test_random_negatives_shared_across_blocks():
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_random_negatives_shared_across_blocks(chunk):
     case = isolated_case()
     # make block 0 contribute nothing at all, so the loss is block 1's alone
     case["feats"][0] = 0
@@ -273,8 +276,8 @@ def test_random_negatives_shared_across_blocks():
     flipped = dict(case, random_negatives=case["random_negatives"].clone())
     flipped["random_negatives"][1, 0] = ~flipped["random_negatives"][1, 0]
     ref1, _ = ref_of(flipped, 0.5, 0.6)
-    out0 = hidden_positive_loss(**case, lam=0.5, tau=0.6)
-    out1 = hidden_positive_loss(**flipped, lam=0.5, tau=0.6)
+    out0 = hidden_positive_loss(**case, lam=0.5, tau=0.6, blocks_per_chunk=chunk)  # 2: the empty block shares a chunk
+    out1 = hidden_positive_loss(**flipped, lam=0.5, tau=0.6, blocks_per_chunk=chunk)
     assert ref0 != pytest.approx(ref1)
     assert out0.item() == pytest.approx(ref0, rel=1e-10)
     assert out1.item() == pytest.approx(ref1, rel=1e-10)

@@ -508,3 +508,27 @@ def test_disk_full_in_an_artefact_stage_leaves_nothing_complete(extracted, tmp_p
     (rp,) = (cache / "artefacts" / "reduce").glob("rp4-*")
     assert sorted(p.name for p in rp.iterdir()) == []  # no manifest, no temporaries
     assert invoke(*args).exit_code == 0 and (rp / "manifest.json").exists()
+
+
+def test_two_ranks_write_the_store_of_one_process_and_a_killed_rank_resumes_alone(tmp_path):
+    # batches of 2 within shards of 2: each rank's batches are the single process's, so the bytes agree
+    args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)), shard_size=2)
+    assert invoke(*args, "--cache", tmp_path / "one").exit_code == 0
+    reference = store_of(tmp_path / "one")
+    # two processes at once, each slowed at every write so that their work interleaves
+    ranks = [crash("slow", 0.05, *args, "--rank", rank, "--world", 2, "--cache", tmp_path / "two", wait=False) for rank in (0, 1)]
+    for proc in ranks:
+        proc.wait(timeout=300)
+        assert proc.returncode == 0, proc.stdout.read()
+    assert_same_store(store_of(tmp_path / "two"), reference)
+    # rank 1 (shards 1 and 3) killed while writing shard 3; rank 0 finishes; rank 1 alone completes the store
+    killed = crash("kill-at", "tokens/c/3", *args, "--rank", 1, "--world", 2, "--cache", tmp_path / "three")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
+    first = invoke(*args, "--rank", 0, "--world", 2, "--cache", tmp_path / "three")
+    assert first.exit_code == 0 and "not written yet" in first.output, first.output
+    path = store_of(tmp_path / "three")
+    assert not (path / cache_schema.INVENTORY).exists()
+    again = invoke(*args, "--rank", 1, "--world", 2, "--cache", tmp_path / "three")
+    assert again.exit_code == 0, again.output
+    assert_same_store(path, reference)
+    assert invoke(*args, "--rank", 0, "--world", 2, "--force", "--cache", tmp_path / "three").exit_code != 0  # each rank would recreate it

@@ -519,30 +519,33 @@ class FeatureStore:
             return exc
         return None
 
-    def reopen_for_writing(self) -> list[int]:
+    def reopen_for_writing(self, owns=None) -> list[int]:
         """Prepare an unfinished or damaged store for the rest of its shards.
 
         Drops the temporaries of a killed writer and the completion marker, unflags damaged
         shards, and deletes every chunk file of every unflagged shard, so that each is written
         again from nothing (zarr would read a damaged shard file back before rewriting it).
-        Returns the damaged shards.
+        Returns the damaged shards. ``owns(shard)``: only those shards are touched (one of
+        several processes writing the store; the others' shards may be in flight).
         """
+        if owns is None:
+            remove_partials(self.path)  # alone: every temporary is a killed writer's
+        owns = owns or (lambda shard: True)
         damage = self.damage()
         shards_of = {name: shard_of(name) for name in damage}
         if None in shards_of.values():
             raise StoreError(f"{self.path}: metadata files {sorted(damage)} are damaged; rerun {force_command(self.path)}")
-        shards = sorted(set(shards_of.values()))
-        remove_partials(self.path)
+        shards = sorted(s for s in set(shards_of.values()) if owns(s))
         (self.path / INVENTORY).unlink(missing_ok=True)
         for shard in shards:
             self.group[WRITTEN][shard] = False
         if shards:
             self.group.attrs["status"] = STATUS_WRITING
-        pending = set(self.pending_shards())
+        pending = {s for s in self.pending_shards() if owns(s)}
         for path in self.path.glob("*/c/**/*"):
             name = path.relative_to(self.path).as_posix()
             if path.is_file() and not name.startswith(f"{WRITTEN}/") and shard_of(name) in pending:
-                path.unlink()
+                path.unlink()  # with a killed writer's temporaries of those shards
         return shards
 
 
@@ -683,9 +686,10 @@ def open_complete_store(path: Path) -> FeatureStore:
     return store
 
 
-def resume_store(path: Path, key: str) -> FeatureStore | None:
+def resume_store(path: Path, key: str, owns=None) -> FeatureStore | None:
     """The store at ``path`` ready to continue writing for ``key`` (see
-    :meth:`FeatureStore.reopen_for_writing`), or None when there is nothing of that key to resume."""
+    :meth:`FeatureStore.reopen_for_writing`; ``owns``: the shards of this process), or None when
+    there is nothing of that key to resume."""
     if not Path(path).exists():
         return None
     try:
@@ -694,7 +698,7 @@ def resume_store(path: Path, key: str) -> FeatureStore | None:
         return None  # remains of a crash before the metadata was written: start again
     if store.key != key:
         return None
-    store.reopen_for_writing()
+    store.reopen_for_writing(owns)
     return store
 
 

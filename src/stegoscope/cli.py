@@ -173,7 +173,8 @@ def extract(
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
     split: Annotated[
-        Optional[list[str]], typer.Option("--split", help="Split to extract; repeat for several (default: all of the preset).")
+        Optional[list[str]], typer.Option("--split", help="Split to extract; repeat for several (default: train and val; a further split of "
+                                              "the preset, such as PriMaPs-EM's train_primaps, by name or when a study needs it).")
     ] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset reader (directory, synthetic, …).")] = None,
     backbone: Annotated[
@@ -232,6 +233,10 @@ def extract(
     writers: Annotated[
         Optional[int], typer.Option("--writers", help="Threads writing finished shards (default 2 on CUDA, 1 on CPU).")
     ] = None,
+    rank: Annotated[int, typer.Option("--rank", help="This process's share of the shards (0..world-1): run one process per "
+                                                     "GPU or machine, each with its --rank, all with the same --world.")] = 0,
+    world: Annotated[int, typer.Option("--world", help="How many processes write each store together (one per GPU or "
+                                                       "machine; the last to finish marks the store complete).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Re-extract even if a complete store exists.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
@@ -242,8 +247,11 @@ def extract(
                  "splits.train.res": train_res, "splits.val.res": val_res, "eval.flip": flip}
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, workers=workers,
                    extract_options={"decode": decode, "compile": compile_model, "writers": writers, "skip_bad": skip_bad,
-                                    "download_weights": True})
-    stages = [ctx.extract(name) for name in split or list(ctx.preset.splits)]
+                                    "download_weights": True, "rank": rank, "world": world})
+    if world > 1 and force:
+        raise typer.BadParameter("--force with --world > 1 would let each rank recreate the store; rerun it once with one "
+                                 "process and --force, or delete the store, then run the ranks")
+    stages = [ctx.extract(name) for name in split or ("train", "val")]
     for stage in stages:
         _run_extract(stage, force, no_wait)
     ctx.record(ctx.graph_of(stages))  # the preset's stores: what `gc` keeps
@@ -252,7 +260,10 @@ def extract(
 def _run_extract(stage, force: bool, no_wait: bool) -> None:
     label = f"{stage.p.dataset}/{stage.p.split}"
     unit = "crops" if stage.p.crop == "five" else "images"
-    result = _run(stage, force, no_wait, label)
+    if stage.world > 1:
+        result = stage.run_rank(wait=not no_wait, on_wait=lambda holder: console.print(f"{label}: waiting for {holder}"))
+    else:
+        result = _run(stage, force, no_wait, label)
     if result.skipped:
         console.print(f"{label}: cached, no backbone work ({result.seconds:.2f} s)")
         skipped = cache_schema.open_feature_store(stage.output).attrs.get("skipped", [])

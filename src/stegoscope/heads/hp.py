@@ -36,6 +36,9 @@ from ..probing import TokenBatches
 from .base import HeadParams, HeadTrainer, TokenBatch
 
 
+LOSS_BYTES = 4e9  # the loss's working memory: how many anchor blocks go through its kernels together (speed only)
+
+
 @dataclass(frozen=True)
 class HPParams(HeadParams):
     """A preset's ``hp:`` section. Defaults: HP's Cityscapes config (``json/server/cityscapes.json``):
@@ -142,8 +145,9 @@ class HPTrainer(HeadTrainer):
         else:
             negatives = torch.ones(n_patches, b * n_patches, dtype=torch.bool, device=feats.device)
         lam = lambda_ramp(self.step + 1, p.warmup, p.steps)
+        chunk = max(1, int(LOSS_BYTES // (8 * 4 * n_patches * b * n_patches)))  # ≈ 8 float32 (P, N) matrices per block
         loss = hidden_positive_loss(z, z_mix, agnostic, ema_codes, self.pool_feats, self.pool_codes, negatives, lam, p.tau,
-                                    reweighting=p.reweighting)
+                                    reweighting=p.reweighting, blocks_per_chunk=chunk)
         return code, loss, {"loss/hp": loss, "hp/lambda": lam}
 
     def after_backward(self, head: HPHead) -> None:

@@ -118,41 +118,48 @@ def _pair_mask(sim: torch.Tensor, r_rows: torch.Tensor, r_all: torch.Tensor, sel
 
 
 def _block_loss(z: torch.Tensor, z_mix: torch.Tensor, feats: torch.Tensor, ema: torch.Tensor, r: torch.Tensor,
-                r_ema: torch.Tensor, random_negatives: torch.Tensor, block: int, lam: float, tau: float,
+                r_ema: torch.Tensor, random_negatives: torch.Tensor, first: int, stop: int, lam: float, tau: float,
                 base_temperature: float, reweighting: bool) -> torch.Tensor:
-    """L_b + L^mix_b of anchor block ``block`` (rows block·P … block·P + P − 1 of the flat (N, ·) inputs)."""
+    """Σ_b (L_b + L^mix_b) over the anchor blocks first … stop − 1 (block b: rows b·P … b·P + P − 1 of
+    the flat (N, ·) inputs), computed together; every mean and ω stays per block."""
     p = random_negatives.shape[0]
-    rows = slice(block * p, (block + 1) * p)
-    self_cols = torch.arange(block * p, (block + 1) * p, device=z.device)
+    k = stop - first
+    rows = slice(first * p, stop * p)
+    self_cols = torch.arange(first * p, stop * p, device=z.device)
+    every = torch.arange(k * p, device=z.device)
+    block = every // p  # each row's block, 0 … k − 1
     with torch.no_grad():
         m_ag = _pair_mask(feats[rows] @ feats.T, r[rows], r, self_cols)
         m_sp = _pair_mask(ema[rows] @ ema.T, r_ema[rows], r_ema, self_cols)
         keep = m_ag.any(dim=1)  # [QUIRK] anchors without task-agnostic positives are dropped
-        empty = not bool(keep.any())
-    if empty:
-        # The original takes the mean of an empty set (NaN); here the block contributes 0 (still
+    if not bool(keep.any()):
+        # The original takes the mean of an empty set (NaN); here an empty block contributes 0 (still
         # attached to the graph, so backward works even if every block is empty).
         return (z[rows].sum() + z_mix[rows].sum()) * 0.0
     with torch.no_grad():
         # [QUIRK] the same ρ-draw for every block; M_sp is not part of the denominator set
-        den = (m_ag | random_negatives)[keep]
-        den[torch.arange(den.shape[0], device=z.device), self_cols[keep]] = False
-        weight = (m_ag.to(z.dtype) + lam * m_sp.to(z.dtype))[keep]
-        wsum = weight.sum(dim=1)
-        omega = wsum / wsum.mean() if reweighting else torch.ones_like(wsum)
+        den = m_ag | random_negatives.repeat(k, 1)
+        den[every, self_cols] = False
+        den, weight = den[keep], (m_ag.to(z.dtype) + lam * m_sp.to(z.dtype))[keep]
+        wsum, owner = weight.sum(dim=1), block[keep]
+        kept = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, owner, torch.ones_like(wsum))
+        mean_w = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, owner, wsum) / kept.clamp(min=1)
+        omega = wsum / mean_w[owner] if reweighting else torch.ones_like(wsum)
     total = z.new_zeros(())
     for x in (z, z_mix):
         logits = (x[rows][keep] @ x.T) / tau
         # logsumexp subtracts the row max over the denominator set (float32 at least, see caller)
         lse = torch.logsumexp(logits.masked_fill(~den, float("-inf")), dim=1, keepdim=True)
         ell = (weight * (logits - lse)).sum(dim=1) / wsum
-        total = total - (tau / base_temperature) * (omega * ell).mean()
+        per_block = torch.zeros(k, dtype=ell.dtype, device=z.device).index_add(0, owner, omega * ell) / kept.clamp(min=1)
+        total = total - (tau / base_temperature) * per_block.sum()  # blocks without a kept anchor add 0
     return total
 
 
 def hidden_positive_loss(z: torch.Tensor, z_mix: torch.Tensor, feats: torch.Tensor, ema_codes: torch.Tensor,
                          pool_feats: torch.Tensor, pool_codes: torch.Tensor, random_negatives: torch.Tensor,
-                         lam: float, tau: float, base_temperature: float = 0.07, reweighting: bool = True) -> torch.Tensor:
+                         lam: float, tau: float, base_temperature: float = 0.07, reweighting: bool = True,
+                         blocks_per_chunk: int = 1) -> torch.Tensor:
     """L_HP of spec §3 for one step. z, z_mix: (B, P, D) L2-normalised projections (z_mix of the neighbour-mixed
     code); feats: (B, P, C) L2-normalised (dropped-out) backbone tokens, no grad; ema_codes (B, P, D)
     L2-normalised EMA-head codes, no grad; pool_feats (S_ag, C), pool_codes (S_sp, D) normalised reference
@@ -162,7 +169,9 @@ def hidden_positive_loss(z: torch.Tensor, z_mix: torch.Tensor, feats: torch.Tens
     Masks, thresholds, W and ω carry no gradient; only z and z_mix do. A block without any kept anchor
     contributes 0 (the divisor stays 2B). Computed in float32 (float64 inputs stay float64) with autocast
     off. Memory: one block's (P, N) matrices at a time — when a gradient is needed each block is
-    checkpointed, i.e. recomputed in the backward pass instead of keeping every block's graph."""
+    checkpointed, i.e. recomputed in the backward pass instead of keeping every block's graph.
+    ``blocks_per_chunk`` anchor blocks go through each kernel together (the same loss, fewer and
+    larger kernels: memory grows with it)."""
     b, p, d = z.shape
     n = b * p
     if z_mix.shape != z.shape or feats.shape[:2] != (b, p) or ema_codes.shape != z.shape:
@@ -183,11 +192,12 @@ def hidden_positive_loss(z: torch.Tensor, z_mix: torch.Tensor, feats: torch.Tens
         opts = (lam, tau, base_temperature, reweighting)
         grad = torch.is_grad_enabled() and (zf.requires_grad or zmf.requires_grad)
         total = zf.new_zeros(())
-        for blk in range(b):
+        for first in range(0, b, max(1, blocks_per_chunk)):
+            stop = min(b, first + max(1, blocks_per_chunk))
             if grad:
-                total = total + checkpoint(_block_loss, zf, zmf, *args, blk, *opts, use_reentrant=False)
+                total = total + checkpoint(_block_loss, zf, zmf, *args, first, stop, *opts, use_reentrant=False)
             else:
-                total = total + _block_loss(zf, zmf, *args, blk, *opts)
+                total = total + _block_loss(zf, zmf, *args, first, stop, *opts)
     return total / (2 * b)
 
 

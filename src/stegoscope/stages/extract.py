@@ -32,7 +32,8 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..models import resolve_device
 from ..models.backbone import build_backbone, parse_backbone, weights_identity
 from ..ops.hidden_positives import attention_neighbour_weights
-from ..pipeline import FileHashMemo, Stage, canonical_json, diff_rows, file_rows, fingerprint_rows, package_versions, store_state
+from ..pipeline import (COMPLETE, FileHashMemo, RunResult, Stage, canonical_json, diff_rows, file_rows, fingerprint_rows, package_versions,
+                        stage_lock, store_state)
 from ..progress import console, progress_bar
 
 LAYER = "last_block_final_norm_no_cls"
@@ -108,10 +109,15 @@ class ExtractStage(Stage):
         writers: int | None = None,
         skip_bad: bool = False,
         download_weights: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ):
         super().__init__(cache_root)
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in 0..world-1, not rank {rank} of world {world}")
+        self.rank, self.world = rank, world  # this process writes the shards s with s % world == rank (not in the key)
         self.data_root = Path(data_root)
         self.p = params
         self.batch_size = batch_size
@@ -244,9 +250,12 @@ class ExtractStage(Stage):
             flip=self.p.flip, attention=self.p.attention,
         )
 
+    def owns(self, shard: int) -> bool:
+        return shard % self.world == self.rank
+
     def _open_or_create(self, force: bool) -> FeatureStore:
         if not force:
-            store = cache_schema.resume_store(self.output, self.key)
+            store = cache_schema.resume_store(self.output, self.key, self.owns if self.world > 1 else None)
             if store is not None:
                 if cache_schema.read_sources(store.path) is None:  # killed right after creating the store
                     cache_schema.write_sources(store.path, self.source_rows)
@@ -276,18 +285,24 @@ class ExtractStage(Stage):
         }
 
     def execute(self, force: bool) -> ExtractSummary:
+        if self.world > 1:
+            raise RuntimeError("a rank of several runs through run_rank()")
         start = time.perf_counter()
-        store = self._open_or_create(force)
+        return self._fill(self._open_or_create(force), start)
+
+    def _fill(self, store: FeatureStore, start: float) -> ExtractSummary:
+        """Write this process's pending shards (all of them when alone, then mark complete)."""
         skipped = {entry["id"]: entry["reason"] for entry in store.attrs.get("skipped", [])}
         samples = self.samples(skipped)
         layout = store.layout
         if len(samples) != layout.n_images:
             raise StoreError(f"{store.path}: holds {layout.n_images} rows but the dataset gives {len(samples)}; re-extract with --force")
-        pending = store.pending_shards()
+        pending = [shard for shard in store.pending_shards() if self.owns(shard)]
         first_batch = (start, 0)
         if pending:
             first_batch = self._extract(store, layout, samples, pending)
-        store.mark_complete()
+        if self.world == 1:
+            store.mark_complete()
         end = time.perf_counter()
         n_new = sum(len(range(*layout.shard_slice(s).indices(layout.n_images))) for s in pending)
         steady = (n_new - first_batch[1]) / max(end - first_batch[0], 1e-9)
@@ -295,6 +310,35 @@ class ExtractStage(Stage):
             store.path, layout.n_images, len(pending), layout.n_shards - len(pending), end - start, n_new / (end - start),
             skipped, steady,
         )
+
+    def run_rank(self, wait: bool = True, on_wait=None) -> RunResult:
+        """This rank's share of the store, beside the other ranks (``world`` > 1).
+
+        The store is created once, under an exclusive lock of its key's ``create`` lock, by
+        whichever rank comes first; each rank then writes its own shards (holding its rank's
+        lock, and the key's lock shared so that ``gc`` and a single-process run keep off); the
+        rank that finds every shard flagged marks the store complete and writes its inventory.
+        A killed rank, run again, redoes only its own unflagged shards.
+        """
+        start = time.perf_counter()
+        if self.state() == COMPLETE:
+            return RunResult(self, True, time.perf_counter() - start)
+        locks = Path(self.cache_root) / "locks"
+        create = locks / f"{self.key}.create.lock"
+        with stage_lock(create, wait, on_wait):
+            store = self._open_or_create(False)
+        with stage_lock(locks / f"{self.key}.rank{self.rank}of{self.world}.lock", wait, on_wait), \
+                stage_lock(cache_schema.lock_path(self.cache_root, self.key), wait, on_wait, shared=True):
+            summary = self._fill(store, start)
+        with stage_lock(create, wait, on_wait):
+            store = cache_schema.open_feature_store(self.output, mode="r+", verify=False)
+            left = store.pending_shards()
+            if not left and not store.complete:
+                store.mark_complete()
+        if left:
+            console.print(f"{self.dataset.name}/{self.p.split} rank {self.rank} of {self.world}: done; {len(left)} shards of "
+                          "other ranks are not written yet (the last rank to finish completes the store)", highlight=False)
+        return RunResult(self, False, time.perf_counter() - start, summary)
 
     def _extract(self, store: FeatureStore, layout: StoreLayout, samples: list, pending: list[int]) -> tuple[float, int]:
         """Extract the pending shards; returns when the first batch arrived and its size."""
