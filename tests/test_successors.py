@@ -187,3 +187,27 @@ def test_primaps_em_step_and_ema_schedule():
             assert torch.equal(head.teacher_v, teacher)
     trainer.loss(head, batch, torch.Generator())  # done = 2: update 1, a hard copy
     assert torch.allclose(head.teacher_v, head.v.detach()) and trainer.updates == 1
+
+
+def test_mask_proposals_are_written_by_chunk_and_a_rerun_computes_only_the_missing_ones(extracted, monkeypatch):
+    from stegoscope.cli import _context
+    from stegoscope.pipeline import run_stage
+    from stegoscope.stages import primaps_masks
+
+    preset, cache = extracted
+    monkeypatch.setattr(primaps_masks, "CHUNK", 4)  # 16 train images: 4 chunks
+    ctx = _context(str(preset), cache, crf_workers=0, show_progress=False)
+    stage = ctx.head_input("masks", ctx.preset.method_params("primaps"), ctx.extract("train"), 0)
+    run_stage(stage, force=True)
+    chunks = sorted(stage.output.glob("mask_ids-*.npy"))
+    ids = cache_schema.load_mask_ids(stage.output).copy()
+    assert len(chunks) == 4 and ids.shape == (16, 32, 32) and ids.dtype == np.uint8
+    assert (ids != 255).any()  # proposals were found
+    before = {p.name: p.stat().st_mtime_ns for p in chunks}
+    chunks[2].unlink()  # as if killed before its chunk was written
+    (stage.output / cache_schema.MANIFEST).unlink()
+    run_stage(stage)
+    after = {p.name: p.stat().st_mtime_ns for p in sorted(stage.output.glob("mask_ids-*.npy"))}
+    assert after.keys() == before.keys()
+    assert [name for name in after if after[name] != before[name]] == [chunks[2].name]  # only the missing chunk again
+    np.testing.assert_array_equal(cache_schema.load_mask_ids(stage.output), ids)
