@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from stegoscope.cli import app
 from stegoscope.ops.correlation_loss import CorrelationLoss, super_perm
-from stegoscope.ops.knn import knn_blocked
+from stegoscope.ops.knn import knn_blocked, knn_tree
 
 
 def reference_loss(feats, feats_pos, code, code_pos, coords1, coords2, perms, lam, shift, pointwise, zero_clamp):
@@ -92,11 +92,36 @@ def test_knn_on_hand_made_descriptors_and_blocked_equals_dense():
     many = rng.normal(size=(300, 16)).astype(np.float32)
     dense = np.argsort(-(many / np.linalg.norm(many, axis=1, keepdims=True)) @ (many / np.linalg.norm(many, axis=1, keepdims=True)).T, axis=1)[:, :30]
     np.testing.assert_array_equal(knn_blocked(many, 30, block=7), dense)
+    np.testing.assert_array_equal(knn_tree(many, 30, block=7, split_every=3), dense)  # dask tasks, a tree of merges
+
+
+def test_knn_stage_gives_the_same_neighbours_on_threads_and_on_a_local_cluster(tmp_path):
+    """The kNN stage as dask tasks (a task per block of similarities, a tree merge of the top-k),
+    on the threaded scheduler and on two worker processes, against a float64 brute force."""
+    from conftest import write_micro_preset
+    from stegoscope import cache_schema
+
+    preset, cache = str(write_micro_preset(tmp_path / "micro.yaml")), str(tmp_path / "c")
+    runner = CliRunner()
+    assert runner.invoke(app, ["extract", "--preset", preset, "--cache", cache, "--workers", "0", "--no-progress"]).exit_code == 0
+    found = {}
+    for scheduler in ("threads", "local-cluster"):
+        out = runner.invoke(app, ["knn", "--preset", preset, "--cache", cache, "--k", "5", "--block", "4", "--force",
+                                  "--device", "cpu", "--scheduler", scheduler])
+        assert out.exit_code == 0, out.output
+        (artefact,) = (tmp_path / "c" / "artefacts" / "knn").iterdir()
+        found[scheduler] = np.load(artefact / cache_schema.PAYLOAD)[cache_schema.NNS]
+    train = next(p for p in cache_schema.list_feature_stores(tmp_path / "c") if "-train-" in p.name)
+    pooled = cache_schema.open_complete_store(train)[cache_schema.POOLED][:].astype(np.float64)
+    unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    expected = np.argsort(-(unit @ unit.T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(found["threads"], expected)
+    np.testing.assert_array_equal(found["local-cluster"], expected)
 
 
 def test_knn_memory_is_bounded_by_the_block():
     code = (
-        "import resource, numpy as np; from stegoscope.ops.knn import knn_blocked\n"
+        "import resource, numpy as np; from stegoscope.ops.knn import knn_blocked, knn_tree\n"
         "x = np.random.default_rng(0).normal(size=(24000, 32)).astype(np.float32)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "knn_blocked(x, 30, block=256)\n"

@@ -432,12 +432,13 @@ def knn(
     block: Annotated[int, typer.Option("--block", help="Rows per block: memory is block × N similarities, never N × N.")] = 1024,
     sets: SetOpt = None,
     device: DeviceOpt = None,
+    scheduler: SchedulerOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Recompute even if cached.")] = False,
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Cosine top-k neighbours of every train image's pooled tokens (the STEGO kNN pairs)."""
-    ctx = _context(preset, cache, data_root, sets, device=device)
+    ctx = _context(preset, cache, data_root, sets, device=device, scheduler=scheduler)
     stage = ctx.knn(k, block)
     _run_targets(ctx, [stage], force, no_wait)
     print(stage.output)

@@ -1,5 +1,9 @@
 """kNN pairs: cosine top-k neighbours of each train image's pooled descriptor (reference §3).
 
+On a GPU the row blocks run there in this process; otherwise as dask tasks on the study's
+scheduler (``--scheduler threads|local-cluster|tcp://…``): a task per block of similarities and
+a tree reduction of the top-k, the same neighbours on every scheduler.
+
 With five-crop stores the neighbours are found among crops, as STEGO. Descriptors are the
 pre-dropout tokens' mean (STEGO left dropout on while computing them [QUIRK]; the cache holds the
 clean feature).
@@ -16,7 +20,7 @@ import numpy as np
 from .. import cache_schema
 from ..cache_schema import NNS, POOLED, open_complete_store
 from ..models import resolve_device
-from ..ops.knn import knn_blocked
+from ..ops.knn import knn_blocked, knn_tree
 from ..atomic import atomic_write_npz
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 
@@ -45,7 +49,13 @@ class KnnStage(Stage):
     def execute(self, force: bool) -> np.ndarray:
         started = time.time()
         store = open_complete_store(self.train.output)
-        nns = knn_blocked(store[POOLED][:], self.k, self.block, resolve_device(self.device).type)
+        device = resolve_device(self.device)
+        if device.type == "cuda":  # one process, row blocks on the GPU
+            nns = knn_blocked(store[POOLED][:], self.k, self.block, device.type)
+        else:  # dask tasks on the active scheduler, each reading its rows from the store by its path
+            import dask.array as da
+
+            nns = knn_tree(da.from_zarr(str(store.path), component=POOLED), self.k, self.block)
         begin_artefact(self.output)
         atomic_write_npz(self.output / cache_schema.PAYLOAD, ({NNS: nns}))
         write_manifest(self.output, self.manifest(started, store=str(store.path)))

@@ -1,0 +1,70 @@
+"""The same kNN and PCA statistics scan on dask's threaded scheduler and on a local
+dask.distributed cluster of 1 and 2 worker processes, in one run.
+
+Writes a zarr array of random descriptors (kNN) and one of fp16 tokens (PCA's streamed moments,
+the scan behind every PCA and RP fit), each read by the tasks from its path, then times
+``ops.knn.knn_tree`` and ``reducers.streamed_moments`` under each scheduler and checks that
+every scheduler gives the same result. Prints seconds and the ratio to the threaded scheduler.
+
+    python benchmarks/dask_schedulers.py [--n 20000] [--dim 384] [--tokens-gb 0.5] [--dir /tmp/dask-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20000, help="descriptors (kNN rows)")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--k", type=int, default=30)
+    parser.add_argument("--block", type=int, default=2048)
+    parser.add_argument("--tokens-gb", type=float, default=0.5)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/dask-bench"))
+    args = parser.parse_args()
+    import dask.array as da
+    import zarr
+
+    from stegoscope.compute import dask_scheduler
+    from stegoscope.ops.knn import knn_tree
+    from stegoscope.reducers import _MOMENTS, streamed_moments
+
+    shutil.rmtree(args.dir, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    zarr.create_array(str(args.dir / "pooled.zarr"), data=rng.normal(size=(args.n, args.dim)).astype(np.float32), chunks=(args.block, args.dim))
+    rows = int(args.tokens_gb * 1e9 // (args.dim * 2))
+    tokens = zarr.create_array(str(args.dir / "tokens.zarr"), shape=(rows, args.dim), dtype="float16", chunks=(16384, args.dim))
+    for start in range(0, rows, 16384):
+        tokens[start : start + 16384] = rng.normal(size=(min(16384, rows - start), args.dim)).astype(np.float16)
+    print(f"kNN of {args.n:,} × {args.dim} (top {args.k}, blocks of {args.block}); moments of {rows:,} × {args.dim} fp16 tokens "
+          f"({rows * args.dim * 2 / 1e9:.2f} GB)")
+    results, base = {}, {}
+    for scheduler, workers in (("threads", None), ("local-cluster", 1), ("local-cluster", 2)):
+        name = scheduler + (f" ×{workers}" if workers else "")
+        with dask_scheduler(scheduler, workers or 2):
+            start = time.perf_counter()
+            nns = knn_tree(da.from_zarr(str(args.dir / "pooled.zarr")), args.k, args.block)
+            knn_s = time.perf_counter() - start
+            _MOMENTS.clear()  # measure the scan, not the process's memo of it
+            start = time.perf_counter()
+            n, mean, cov = streamed_moments(da.from_zarr(str(args.dir / "tokens.zarr")))
+            moments_s = time.perf_counter() - start
+        results[name] = (nns, mean, cov)
+        base.setdefault("knn", knn_s)
+        base.setdefault("moments", moments_s)
+        print(f"{name:<18} kNN {knn_s:7.2f} s ({base['knn'] / knn_s:.2f}× threads)   moments {moments_s:7.2f} s "
+              f"({base['moments'] / moments_s:.2f}× threads)")
+    first = next(iter(results.values()))
+    same = all(np.array_equal(r[0], first[0]) and np.allclose(r[1], first[1]) and np.allclose(r[2], first[2], atol=1e-6)
+               for r in results.values())
+    print(f"same neighbours and moments on every scheduler: {same}")
+
+
+if __name__ == "__main__":
+    main()
