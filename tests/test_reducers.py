@@ -195,3 +195,28 @@ def test_one_scan_of_a_store_serves_the_fits_of_every_dim(tmp_path, monkeypatch)
     np.testing.assert_allclose(pca.mean_, flat.mean(0), rtol=1e-6, atol=1e-4)
     RandomProjection(4, seed=0).fit(store.token_matrix(np.array([0, 2, 5])))  # other images: scanned afresh
     assert len(scans) > n_chunks
+
+
+def test_projection_shards_are_dask_tasks_with_the_same_codes_on_threads_and_a_local_cluster(tmp_path, directory_dataset):
+    """`project` (h-NNE's codes of whole stores) runs a task per shard that reads and writes by path."""
+    from stegoscope.cli import _context
+    from stegoscope.compute import dask_scheduler
+    from stegoscope.pipeline import run_stage
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: p\ndataset: directory\nbackbone: random:vit_micro_patch8\nn_classes: 3\n"
+                      "extract:\n  shard_images: 2\n  splits:\n    train: {res: 32}\n    val: {res: 32}\n")
+    ctx = _context(str(preset), tmp_path / "c", directory_dataset, workers=0, show_progress=False)
+    run_stage(ctx.extract("train"))
+    train, _ = ctx.projections("pca", None)  # PCA stands in for h-NNE: any fit projects alike
+    run_stage(train.fit)
+    codes = {}
+    for scheduler in ("threads", "local-cluster"):
+        with dask_scheduler(scheduler):
+            run_stage(train, force=True)
+        codes[scheduler] = cache_schema.open_complete_store(train.output)[cache_schema.TOKENS][:]
+    source = cache_schema.open_complete_store(ctx.extract("train").output)[cache_schema.TOKENS][:]
+    expected = load_reducer(train.fit.output).transform(source)
+    assert cache_schema.open_complete_store(train.output).layout.n_shards == 3
+    np.testing.assert_allclose(codes["threads"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(codes["local-cluster"], codes["threads"])

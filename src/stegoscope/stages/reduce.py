@@ -4,17 +4,20 @@ whole stores through reducers whose transform is too slow to run per batch (h-NN
 ``reduce`` writes one artefact per fit: ``payload.npz`` (the reducer's fitted arrays), then
 ``manifest.json`` last. A reducer that serves every D (PCA keeps every component) leaves D out
 of its key, so one fit serves every D. ``project`` writes the codes of whole train and val
-stores once, shard by shard (resumable), into derived stores keyed by the fit.
+stores once, shard by shard (resumable; each shard a dask task on the study's scheduler), into
+derived stores keyed by the fit.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 
 from .. import cache_schema
@@ -112,21 +115,53 @@ class ProjectStage(Stage):
         src = source.layout
         store = None if force else cache_schema.resume_store(self.output, self.key)
         if store is None:
-            layout = StoreLayout(src.n_images, src.grid, reducer.n_components, src.pixels, False, False, src.shard_images, "float32")
+            width = reducer.n_components or reducer.transform(source[TOKENS][0:1]).shape[-1]  # PCA of every D: all components
+            layout = StoreLayout(src.n_images, src.grid, width, src.pixels, False, False, src.shard_images, "float32")
             attrs = {"key": self.key, "stage": self.name, "stage_version": self.version, "spec": {"reducer": self.fit.key},
                      "inputs": self.inputs(), "source_store": str(source.path), "versions": package_versions()}
             store = cache_schema.create_feature_store(self.output, layout, attrs)
         pending = store.pending_shards()
+        # Each shard is a dask task on the active scheduler (threads, a local or remote cluster):
+        # it reads its rows and the fit by their paths and writes and flags its shard itself.
+        group = max(1, _workers())
         with progress_bar("img", self.show_progress) as bar:
             task = bar.add_task(f"project {source.attrs['params']['split']}", total=src.n_images)
             bar.advance(task, src.n_images - sum(_rows(src, s) for s in pending))
-            for shard in pending:
-                sl = src.shard_slice(shard)
-                codes = reducer.transform(source[TOKENS][sl])
-                store.write_shard(shard, {TOKENS: codes, POOLED: codes.mean(axis=(1, 2)), IDS: source[IDS][sl]})
-                bar.advance(task, sl.stop - sl.start)
+            for start in range(0, len(pending), group):
+                shards = pending[start : start + group]
+                dask.compute(*[dask.delayed(project_shard)(str(source.path), str(self.output), str(self.fit.output), shard)
+                               for shard in shards])
+                bar.advance(task, sum(_rows(src, s) for s in shards))
+        store = cache_schema.open_feature_store(self.output, mode="r+", verify=False)
         store.mark_complete()
         return store
+
+
+def project_shard(source: str, output: str, fit: str, shard: int) -> int:
+    """Project one shard of the ``source`` store through the fit at ``fit`` into ``output`` (a task)."""
+    stamp = (Path(fit) / cache_schema.MANIFEST).stat().st_mtime_ns  # a refit at the same path is another fit
+    store, reducer = cache_schema.open_feature_store(Path(output), mode="r+", verify=False), _fitted(fit, stamp)
+    rows = store.layout.shard_slice(shard)
+    tokens = cache_schema.open_feature_store(Path(source), verify=False)
+    codes = reducer.transform(tokens[TOKENS][rows])
+    store.write_shard(shard, {TOKENS: codes, POOLED: codes.mean(axis=(1, 2)), IDS: tokens[IDS][rows]})
+    return shard
+
+
+@lru_cache(maxsize=4)
+def _fitted(fit: str, stamp: int) -> Reducer:
+    """A worker loads each fit once."""
+    return load_reducer(Path(fit))
+
+
+def _workers() -> int:
+    """The worker threads or processes of the active scheduler (shards computed at once)."""
+    try:
+        from dask.distributed import get_client
+
+        return sum(get_client().nthreads().values())
+    except (ImportError, ValueError):
+        return dask.config.get("num_workers", None) or os.cpu_count() or 1
 
 
 def _rows(layout: StoreLayout, shard: int) -> int:
