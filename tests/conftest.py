@@ -35,7 +35,7 @@ extract:
   batch_size: 8
   shard_images: 8
   splits:
-    train: {{res: 32}}
+    train: {train}
     val: {{res: 32, store_images: true}}
 synthetic: {{seed: 0, n_train: 16, n_val: 6, size: [48, 40]}}
 methods: [pca, stego]
@@ -46,10 +46,11 @@ eval: {{val_every: 3}}
 """
 
 
-def write_micro_preset(path: Path, name: str = "micro", extra: str = "") -> Path:
+def write_micro_preset(path: Path, name: str = "micro", extra: str = "", train: str = "{res: 32}") -> Path:
     """A study small enough for an end-to-end test: 16 + 6 synthetic images at 32 px, a random
-    micro ViT, PCA and STEGO at D = 4 for 6 steps; ``extra`` YAML lines are appended."""
-    path.write_text(MICRO_PRESET.format(name=name) + extra)
+    micro ViT, PCA and STEGO at D = 4 for 6 steps; ``extra`` YAML lines are appended; ``train``:
+    the train split's settings."""
+    path.write_text(MICRO_PRESET.format(name=name, train=train) + extra)
     return path
 
 

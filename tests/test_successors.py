@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from conftest import write_micro_preset
 from stegoscope import cache_schema
 from stegoscope.cli import app
 from stegoscope.heads.base import HeadRun, TokenBatch
@@ -21,26 +22,10 @@ from stegoscope.models import backbone as backbone_module
 from stegoscope.models.backbone import attention_logits, build_backbone
 from stegoscope.ops.hidden_positives import attention_neighbour_weights
 
-PRESET = """name: succ
-dataset: synthetic
-backbone: random:vit_micro_patch8
-seed: 0
-extract:
-  batch_size: 8
-  shard_images: 8
-  splits:
-    train: {res: 32, attention: true, store_images: true}
-    val: {res: 32, store_images: true}
-synthetic: {seed: 0, n_train: 16, n_val: 6, size: [48, 40]}
-methods: [stego]
-dims: [4]
-stego: {steps: 6, batch_size: 4, dim: 4}
-smooseg: {steps: 6, batch_size: 4, dim: 4}
+HEADS = """smooseg: {steps: 6, batch_size: 4, dim: 4}
 hp: {steps: 6, batch_size: 4, dim: 4, pool_size: 8, renew_every: 3, warmup: 2}
 primaps: {steps: 6, batch_size: 4, init_images: 8}
 stego-primaps: {steps: 6, batch_size: 4}
-probe: {steps: 6, batch_size: 4}
-eval: {val_every: 3, crf: none}
 """
 
 
@@ -48,8 +33,7 @@ eval: {val_every: 3, crf: none}
 def extracted(tmp_path_factory):
     """A cache with the preset's train (with attention weights and images) and val stores."""
     root = tmp_path_factory.mktemp("succ")
-    preset = root / "succ.yaml"
-    preset.write_text(PRESET)
+    preset = write_micro_preset(root / "succ.yaml", "succ", HEADS, train="{res: 32, attention: true, store_images: true}")
     result = CliRunner().invoke(app, ["extract", "--preset", str(preset), "--cache", str(root / "c"), "--workers", "0", "--no-progress"])
     assert result.exit_code == 0, result.output
     return preset, root / "c"
@@ -64,7 +48,8 @@ def test_each_successor_trains_from_the_cache_without_building_the_backbone(extr
 
     monkeypatch.setattr(backbone_module.DinoBackbone, "__init__", refuse)
     monkeypatch.setattr(backbone_module, "build_backbone", refuse)
-    result = CliRunner().invoke(app, ["study", str(preset), "--cache", str(cache), "--only", head, "--no-progress"])
+    result = CliRunner().invoke(app, ["study", str(preset), "--cache", str(cache), "--only", head, "--set", "eval.crf=none",
+                                      "--no-progress"])
     assert result.exit_code == 0, result.output
     folder = "train_" + head.replace("-", "_")
     (artefact,) = (cache / "artefacts" / folder).iterdir()
