@@ -147,12 +147,39 @@ def mask_ids_path(directory: Path, chunk: int) -> Path:
     return Path(directory) / f"{MASK_IDS}-{chunk:05d}.npy"
 
 
-def load_mask_ids(directory: Path) -> np.ndarray:
-    """The (N, H, W) uint8 mask ids of a ``primaps-masks`` artefact, its chunks concatenated."""
+class ChunkedRows:
+    """Rows of an array kept as consecutive ``.npy`` chunks, memory-mapped: ``rows[i]`` reads only
+    the rows asked for (any order); ``np.asarray`` gives the whole array."""
+
+    def __init__(self, paths: list[Path]):
+        self.parts = [np.load(p, mmap_mode="r") for p in paths]
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        for p in np.unique(part):
+            mine = part == p
+            out[mine] = self.parts[p][rows[mine] - self.starts[p]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate(self.parts)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def load_mask_ids(directory: Path) -> ChunkedRows:
+    """The (N, H, W) uint8 mask ids of a ``primaps-masks`` artefact, read lazily from its chunks."""
     chunks = sorted(Path(directory).glob(f"{MASK_IDS}-*.npy"))
     if not chunks:
         raise StoreError(f"{directory}: no mask proposals; rerun the study (stage primaps-masks)")
-    return np.concatenate([np.load(p, mmap_mode="r") for p in chunks])
+    return ChunkedRows(chunks)
 
 
 def study_dir(cache_root: Path, name: str) -> Path:

@@ -142,7 +142,8 @@ class HeadTrainer(ABC):
         return None
 
     def load_inputs(self, inputs: dict[str, Path]) -> dict[str, np.ndarray]:
-        """Read the :meth:`inputs_of` artefacts (folder by name); returns arrays with a row per train image."""
+        """Read the :meth:`inputs_of` artefacts (folder by name); returns arrays (or array-likes that
+        index by rows) with a row per train image."""
         return {}
 
     def begin(self, head: nn.Module, data: TokenBatches, generator: torch.Generator) -> None:
