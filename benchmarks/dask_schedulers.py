@@ -3,8 +3,9 @@ dask.distributed cluster of 1 and 2 worker processes, in one run.
 
 Writes a zarr array of random descriptors (kNN) and one of fp16 tokens (PCA's streamed moments,
 the scan behind every PCA and RP fit), each read by the tasks from its path, then times
-``ops.knn.knn_tree`` and ``reducers.streamed_moments`` under each scheduler and checks that
-every scheduler gives the same result. Prints seconds and the ratio to the threaded scheduler.
+``ops.knn.knn_tree`` and ``reducers.streamed_moments`` under each scheduler, and prints
+how far each scheduler's result is from the threaded one's (BLAS may sum in another order in a
+one-thread worker). Prints seconds and the ratio to the threaded scheduler.
 
     python benchmarks/dask_schedulers.py [--n 20000] [--dim 384] [--tokens-gb 0.5] [--dir /tmp/dask-bench]
 """
@@ -61,9 +62,9 @@ def main() -> None:
         print(f"{name:<18} kNN {knn_s:7.2f} s ({base['knn'] / knn_s:.2f}× threads)   moments {moments_s:7.2f} s "
               f"({base['moments'] / moments_s:.2f}× threads)")
     first = next(iter(results.values()))
-    same = all(np.array_equal(r[0], first[0]) and np.allclose(r[1], first[1]) and np.allclose(r[2], first[2], atol=1e-6)
-               for r in results.values())
-    print(f"same neighbours and moments on every scheduler: {same}")
+    for name, (nns, mean, cov) in results.items():
+        print(f"{name:<18} neighbours equal to the threaded run's: {np.mean(nns == first[0]):.6f}; "
+              f"largest moment difference: {max(np.abs(mean - first[1]).max(), np.abs(cov - first[2]).max()):.2e}")
 
 
 if __name__ == "__main__":

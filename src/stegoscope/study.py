@@ -36,9 +36,9 @@ from .stages.extract import ExtractParams, ExtractStage
 from .stages.hierarchy import HierarchyStage
 from .stages.import_stego import ImportStegoStage
 from .stages.knn import KnnStage
+from .stages.primaps_masks import PrimapsMasksStage
 from .stages.probe import ProbeParams, ProbeStage
 from .stages.reduce import ProjectStage, ReduceStage
-from .stages.primaps_masks import PrimapsMasksStage
 from .stages.train_head import TrainHeadStage
 
 def official_weights(backbone: str) -> str | None:

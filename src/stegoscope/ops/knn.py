@@ -41,5 +41,14 @@ def knn_tree(descriptors, k: int = 30, block: int = 1024, split_every: int = 4) 
     k = min(k, x.shape[0])
     with warnings.catch_warnings():  # a task per block of similarities is the design, not a chunking accident
         warnings.simplefilter("ignore", da.PerformanceWarning)
-        similarities = x @ x.T
+        similarities = da.blockwise(_block_similarities, "ij", x, "ik", x, "jk", dtype=np.float32, concatenate=True)
     return da.argtopk(similarities, k, axis=1, split_every=split_every).compute().astype(np.int64)
+
+
+def _block_similarities(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """One task's block of similarities, with one BLAS thread: the sums run in the same order in
+    every worker, so near-ties resolve alike on every scheduler (the parallelism is the tasks)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        return rows @ columns.T
