@@ -86,3 +86,24 @@ def test_placed_arrays_are_kept_for_the_next_reader_of_the_same_store(tmp_path):
     StoreArrays(other, (cache_schema.POOLED,))  # ... and drops the rest
     assert StoreArrays(store, (cache_schema.TOKENS,)).arrays[cache_schema.TOKENS] is not tokens
     probing.release_placed()
+
+
+def test_evaluation_over_val_gives_the_same_counts_as_tasks_on_a_local_cluster(tmp_path):
+    """Under dask.distributed each batch of val rows is a task reading the store by its path."""
+    from conftest import write_micro_preset
+    from stegoscope.compute import dask_scheduler
+
+    preset, cache = str(write_micro_preset(tmp_path / "micro.yaml")), str(tmp_path / "c")
+    invoke(["extract", "--preset", preset, "--cache", cache, "--flip", "--workers", "0", "--no-progress"])
+    [val] = [cache_schema.open_feature_store(p) for p in cache_schema.list_feature_stores(tmp_path / "c") if "-val-" in p.name]
+    pca = PCA(n_components=5).fit(val[cache_schema.TOKENS][:].reshape(-1, val.layout.channels))
+    source = CodeSource(StoreArrays(val), pca, flip=True)
+    torch.manual_seed(0)
+    probes = Probes(5, 4, extra_clusters=2)
+    cpu = torch.device("cpu")
+    here = evaluate(source, probes, cpu, batch=2)
+    assert probing._distributed_workers() == 0
+    with dask_scheduler("local-cluster"):
+        assert probing._distributed_workers() == 2
+        tasks = evaluate(source, probes, cpu, batch=2)
+    assert tasks == here  # the same confusion counts, so every metric and assignment

@@ -370,6 +370,7 @@ def probe(
     sets: SetOpt = None,
     crf_workers: CrfWorkersOpt = 2,
     device: DeviceOpt = None,
+    scheduler: SchedulerOpt = None,
     cache: CacheOpt = cache_schema.default_cache_root(),
     force: Annotated[bool, typer.Option("--force", help="Retrain even if the artefact exists.")] = False,
     no_wait: NoWaitOpt = False,
@@ -380,7 +381,8 @@ def probe(
     overrides = {"probe.steps": steps, "eval.flip": flip}
     if method in registry.names(registry.REDUCER):
         overrides |= _reducer_overrides(method, standardize=standardize, max_images=max_images, kind=rp, fit_tokens=fit_tokens)
-    ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, crf_workers=crf_workers)
+    ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress, crf_workers=crf_workers,
+                   scheduler=scheduler)
     stage = ctx.probe(method, dim, seed, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
     metrics = read_json(stage.output, cache_schema.METRICS)

@@ -29,12 +29,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError
+from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, open_feature_store
 from .ops.crf import crf_argmax, softmax
 from .ops.kmeans import CLUSTERERS, ClusterLookup, EuclideanLookup, FixedCentroids, lloyd_kmeans
 from .ops.metrics import SegmentationMetrics
@@ -167,6 +168,18 @@ class CodeSource:
     def __init__(self, arrays: StoreArrays, reducer: Reducer, derived: StoreArrays | None = None, flip: bool = False):
         self.arrays, self.reducer, self.derived = arrays, reducer, derived
         self.flip = flip and derived is None and TOKENS_FLIP in arrays
+
+    def spec(self) -> tuple:
+        """What another process needs to read the same codes: the stores' paths, the arrays, the reducer."""
+        derived = None if self.derived is None else (str(self.derived.store.path), tuple(self.derived.arrays))
+        return str(self.arrays.store.path), tuple(self.arrays.arrays), self.reducer, derived, self.flip
+
+    @classmethod
+    def reopened(cls, spec: tuple) -> CodeSource:
+        """The source of :meth:`spec`, its stores read from disk per access (in a dask worker)."""
+        path, names, reducer, derived, flip = spec
+        open_rows = lambda where, arrays: StoreArrays(open_feature_store(Path(where), verify=False), arrays, limit_bytes=0)  # noqa: E731
+        return cls(open_rows(path, names), reducer, None if derived is None else open_rows(*derived), flip)
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         return self.tensor(rows, torch.device("cpu")).numpy()
@@ -374,32 +387,72 @@ class CRFPool:
 def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_errors: bool = False,
              crf: CRFPool | None = None, batch: int = 8, progress=None) -> dict[str, Any]:
     """Linear and cluster metrics over every image of the source's (val) store (Hungarian over
-    all of them), flattened to ``linear/mIoU``, ``cluster/Accuracy`` …"""
+    all of them), flattened to ``linear/mIoU``, ``cluster/Accuracy`` …
+
+    Batches are counted in this process (on the GPU that holds the codes, or on the host), or,
+    under a dask.distributed scheduler (``--scheduler local-cluster|tcp://…``) without the CRF,
+    as one task per batch that reads its rows from the store by its path; the confusion counts
+    are the same either way."""
     lin = SegmentationMetrics(probes.n_classes)
     clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters, hungarian=True, extra_as_errors=extra_as_errors)
-    store = source.arrays
-    n = len(store)
-    for start in range(0, n, batch):
-        rows = np.arange(start, min(start + batch, n))
-        labels = store.tensor(LABELS, rows, device)
-        codes = source.tensor(rows, device).permute(0, 3, 1, 2)
-        logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
-        if crf is None:  # counted where the scores are (a GPU, without copying label maps back)
-            lin_pred, clu_pred = logits.argmax(1), cosines.argmax(1)
-        else:
-            images, labels = list(store.rows(IMAGES, rows)), labels.cpu().numpy()
-            lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
-            alpha = 1.0 if probes.cluster.metric == "dot" else CLUSTER_ALPHA  # PriMaPs-EM: log_softmax of raw logits
-            clu_pred = np.stack(crf.map(images, [softmax(alpha * x) for x in cosines.cpu().numpy()]))
-        lin.update(lin_pred, labels)
-        clu.update(clu_pred, labels)
-        if progress is not None:
-            progress(len(rows))
+    n = len(source.arrays)
+    batches = [np.arange(start, min(start + batch, n)) for start in range(0, n, batch)]
+    workers = _distributed_workers() if crf is None and device.type != "cuda" else 0
+    if workers:
+        spec = source.spec()
+        for first in range(0, len(batches), 2 * workers):
+            group = batches[first : first + 2 * workers]
+            for lin_part, clu_part in dask.compute(*[dask.delayed(_counted)(spec, probes, rows) for rows in group]):
+                lin.merge(lin_part), clu.merge(clu_part)
+            if progress is not None:
+                progress(sum(len(rows) for rows in group))
+    else:
+        for rows in batches:
+            _count(source, probes, device, rows, lin, clu, crf)
+            if progress is not None:
+                progress(len(rows))
     out = flat({"linear": lin.compute(), "cluster": clu.compute()})
     modes = clu.compute_modes()  # the other mappings of clusters to classes, from the same confusion
     for mode, prefix in (("errors", "cluster_extra_as_errors"), ("many_to_one", "cluster_many_to_one")):
         out |= {f"{prefix}/{key}": modes[mode][key] for key in ("mIoU", "Accuracy")}
     return out
+
+
+def _count(source: CodeSource, probes: Probes, device: torch.device, rows: np.ndarray, lin: SegmentationMetrics,
+           clu: SegmentationMetrics, crf: CRFPool | None = None) -> None:
+    """Add one batch's linear and cluster predictions (± the CRF) to the confusion counts."""
+    store = source.arrays
+    labels = store.tensor(LABELS, rows, device)
+    codes = source.tensor(rows, device).permute(0, 3, 1, 2)
+    logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
+    if crf is None:  # counted where the scores are (a GPU, without copying label maps back)
+        lin_pred, clu_pred = logits.argmax(1), cosines.argmax(1)
+    else:
+        images, labels = list(store.rows(IMAGES, rows)), labels.cpu().numpy()
+        lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
+        alpha = 1.0 if probes.cluster.metric == "dot" else CLUSTER_ALPHA  # PriMaPs-EM: log_softmax of raw logits
+        clu_pred = np.stack(crf.map(images, [softmax(alpha * x) for x in cosines.cpu().numpy()]))
+    lin.update(lin_pred, labels)
+    clu.update(clu_pred, labels)
+
+
+@torch.no_grad()
+def _counted(spec: tuple, probes: Probes, rows: np.ndarray) -> tuple[SegmentationMetrics, SegmentationMetrics]:
+    """One batch's confusion counts in a dask worker: the store reopened by its path, rows read from disk."""
+    lin = SegmentationMetrics(probes.n_classes)
+    clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters)
+    _count(CodeSource.reopened(spec), probes, torch.device("cpu"), rows, lin, clu)
+    return lin, clu
+
+
+def _distributed_workers() -> int:
+    """Worker threads of the active dask.distributed client (0: none is active)."""
+    try:
+        from dask.distributed import get_client
+
+        return sum(get_client().nthreads().values())
+    except (ImportError, ValueError):
+        return 0
 
 
 def sample_codes(source: CodeSource, n_tokens: int, rng: np.random.Generator, device: torch.device, batch: int = 32) -> torch.Tensor:
