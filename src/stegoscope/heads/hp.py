@@ -89,7 +89,10 @@ class HPHead(nn.Module):
     @torch.no_grad()
     def update_ema(self, m: float) -> None:
         for ema, live in zip(self.ema_head.state_dict().values(), self.head.state_dict().values()):
-            ema.copy_(m * ema + (1 - m) * live) if ema.is_floating_point() else ema.copy_(live)
+            if ema.is_floating_point():
+                ema.mul_(m).add_(live, alpha=1 - m)
+            else:  # buffers such as counters are copied
+                ema.copy_(live)
 
 
 class HPTrainer(HeadTrainer):
