@@ -53,11 +53,25 @@ class KnnStage(Stage):
         if device.type == "cuda":  # one process, row blocks on the GPU
             nns = knn_blocked(store[POOLED][:], self.k, self.block, device.type)
         else:  # dask tasks on the active scheduler, each reading its rows from the store by its path
-            import dask.array as da
-
-            nns = knn_tree(da.from_zarr(str(store.path), component=POOLED), self.k, self.block)
+            nns = knn_tree(_pooled_blocks(store, self.block), self.k, self.block)
         begin_artefact(self.output)
         atomic_write_npz(self.output / cache_schema.PAYLOAD, ({NNS: nns}))
         write_manifest(self.output, self.manifest(started, store=str(store.path)))
         return nns
 
+
+
+def _pooled_blocks(store, block: int):
+    """The store's pooled descriptors as a dask array whose blocks are read by the store's path,
+    through its checked reads (a damaged chunk is named, with its fix, and recorded)."""
+    import dask
+    import dask.array as da
+
+    n, c = store[POOLED].shape
+    read = dask.delayed(_pooled_rows, pure=True)
+    return da.concatenate([da.from_delayed(read(str(store.path), start, min(start + block, n)), (min(start + block, n) - start, c),
+                                           np.float32) for start in range(0, n, block)])
+
+
+def _pooled_rows(path: str, start: int, stop: int) -> np.ndarray:
+    return cache_schema.open_feature_store(Path(path), verify=False)[POOLED][start:stop]
