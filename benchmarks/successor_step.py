@@ -88,7 +88,7 @@ def main() -> None:
             index = torch.as_tensor(rows, device=device)
             extras = {ATTENTION: attention[index], MASK_IDS: mask_ids[index]}
             partner = feats.roll(1, 0) if trainer.uses_knn else None
-            batch = TokenBatch(rows, feats, labels[index], partner, extras)
+            batch = TokenBatch(rows, feats, labels[index], partner, extras, step_count[0] + 1)
             code, loss, _ = trainer.loss(head, batch, torch.Generator().manual_seed(int(rows[0])))
             lin, clu = probes.losses(code.detach(), labels[index])
             for opt in optimizers:

@@ -91,6 +91,7 @@ def test_placed_arrays_are_kept_for_the_next_reader_of_the_same_store(tmp_path):
 def test_evaluation_over_val_gives_the_same_counts_as_tasks_on_a_local_cluster(tmp_path):
     """Under dask.distributed each batch of val rows is a task reading the store by its path."""
     from conftest import write_micro_preset
+    from stegoscope import compute
     from stegoscope.compute import dask_scheduler
 
     preset, cache = str(write_micro_preset(tmp_path / "micro.yaml")), str(tmp_path / "c")
@@ -102,8 +103,8 @@ def test_evaluation_over_val_gives_the_same_counts_as_tasks_on_a_local_cluster(t
     probes = Probes(5, 4, extra_clusters=2)
     cpu = torch.device("cpu")
     here = evaluate(source, probes, cpu, batch=2)
-    assert probing._distributed_workers() == 0
+    assert compute.distributed_workers() == 0
     with dask_scheduler("local-cluster"):
-        assert probing._distributed_workers() == 2
+        assert compute.distributed_workers() == 2
         tasks = evaluate(source, probes, cpu, batch=2)
     assert tasks == here  # the same confusion counts, so every metric and assignment

@@ -10,7 +10,8 @@ import torch
 
 from stegoscope.heads.base import HeadRun, TokenBatch
 from stegoscope.heads.smooseg import SmooSegParams, SmooSegTrainer
-from stegoscope.ops.smoothness_loss import data_loss, ema, prototype_scores, smoothness_term
+from stegoscope.ops.ema import ema_update
+from stegoscope.ops.smoothness_loss import data_loss, prototype_scores, smoothness_term
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -81,7 +82,7 @@ def test_data_loss_is_untempered_cross_entropy_against_the_teacher_argmax():
 
 def test_ema_moves_the_teacher_by_one_minus_alpha():
     teacher, student = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
-    ema(teacher, student, 0.998)
+    ema_update(teacher, student, 0.998)
     assert torch.allclose(teacher, torch.tensor([[0.998, 0.004]]))
 
 

@@ -4,6 +4,7 @@ pools and clipping; PriMaPs-EM's initialisation, EMA schedule and EM step)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -165,13 +166,20 @@ def test_primaps_em_step_and_ema_schedule():
     with torch.no_grad():
         head.v.add_(1.0)
     teacher = head.teacher_v.clone()
-    for step in (1, 2):
-        trainer.after_step(head, step)
-        if step == 1:
-            trainer.loss(head, batch, torch.Generator())  # done = 1: no update
-            assert torch.equal(head.teacher_v, teacher)
-    trainer.loss(head, batch, torch.Generator())  # done = 2: update 1, a hard copy
-    assert torch.allclose(head.teacher_v, head.v.detach()) and trainer.updates == 1
+    at = lambda step: trainer.loss(head, dataclasses.replace(batch, step=step), torch.Generator())  # noqa: E731
+    at(2)  # global_step 1: no update
+    assert torch.equal(head.teacher_v, teacher)
+    at(3)  # global_step 2: update 1, a hard copy
+    assert torch.allclose(head.teacher_v, head.v.detach())
+    with torch.no_grad():
+        head.v.add_(1.0)
+    at(5)  # update 2: a copy again (the original's second call copies, then averages with itself)
+    assert torch.allclose(head.teacher_v, head.v.detach())
+    before = head.teacher_v.clone()
+    with torch.no_grad():
+        head.v.add_(3.0)
+    at(7)  # update 3: d = min(1 − 1/3, 0.98)
+    assert torch.allclose(head.teacher_v, 2 / 3 * before + 1 / 3 * head.v.detach())
 
 
 def test_mask_proposals_are_written_by_chunk_and_a_rerun_computes_only_the_missing_ones(extracted, monkeypatch):

@@ -47,6 +47,15 @@ def atomic_write_npz(path: Path, arrays: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def atomic_write_npy(path: Path, array: Any) -> None:
+    """``np.save`` of one array written atomically (readable memory-mapped)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def remove_partials(directory: Path) -> int:
     """Delete the temporaries a killed writer left under ``directory``; returns how many."""
     leftovers = list(Path(directory).rglob(f"*{PARTIAL_SUFFIX}")) if Path(directory).exists() else []

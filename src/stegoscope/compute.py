@@ -34,3 +34,13 @@ def dask_scheduler(spec: str = "threads", workers: int = 2) -> Iterator[None]:
             yield
         return
     raise ValueError(f"--scheduler must be one of {SCHEDULERS} or a tcp:// address, not {spec!r}")
+
+
+def distributed_workers() -> int:
+    """Worker threads of the active dask.distributed client (0: none is active)."""
+    try:
+        from dask.distributed import get_client
+
+        return sum(get_client().nthreads().values())
+    except (ImportError, ValueError):
+        return 0

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, open_feature_store
+from .compute import distributed_workers
 from .ops.crf import crf_argmax, softmax
 from .ops.kmeans import CLUSTERERS, ClusterLookup, EuclideanLookup, FixedCentroids, lloyd_kmeans
 from .ops.metrics import SegmentationMetrics
@@ -317,15 +318,13 @@ class Probes(nn.Module):
 def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],
                      channel_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear logits, cluster scores) of the codes bilinearly upsampled to ``size``: cosines, or
-    for a Euclidean clusterer 2·x·c − ‖c‖² (:func:`ops.kmeans.euclidean_scores`), or raw dot
-    products for a ``dot`` one."""
+    the clusterer's own scores where they are affine in the code (Euclidean 2·x·c − ‖c‖², raw
+    dot products), which commute with the upsampling as the linear logits do."""
     up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
     logits = up(probes.linear(codes))
+    if probes.cluster.metric != "cosine":
+        return logits, up(probes.cluster.scores(codes))
     centroids = probes.cluster.clusters
-    if probes.cluster.metric == "dot":
-        return logits, up(torch.einsum("bchw,kc->bkhw", codes, centroids))
-    if probes.cluster.metric == "euclidean":
-        return logits, 2 * up(torch.einsum("bchw,kc->bkhw", codes, centroids)) - centroids.square().sum(1)[None, :, None, None]
     dots = up(torch.einsum("bchw,kc->bkhw", codes, F.normalize(centroids, dim=1)))
     norm2 = sum(up(codes[:, i : i + channel_chunk]).square().sum(1) for i in range(0, codes.shape[1], channel_chunk))
     return logits, dots / norm2.sqrt().clamp_min(1e-12)[:, None]
@@ -397,7 +396,7 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
     clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters, hungarian=True, extra_as_errors=extra_as_errors)
     n = len(source.arrays)
     batches = [np.arange(start, min(start + batch, n)) for start in range(0, n, batch)]
-    workers = _distributed_workers() if crf is None and device.type != "cuda" else 0
+    workers = distributed_workers() if crf is None and device.type != "cuda" else 0
     if workers:
         spec = source.spec()
         for first in range(0, len(batches), 2 * workers):
@@ -443,16 +442,6 @@ def _counted(spec: tuple, probes: Probes, rows: np.ndarray) -> tuple[Segmentatio
     clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters)
     _count(CodeSource.reopened(spec), probes, torch.device("cpu"), rows, lin, clu)
     return lin, clu
-
-
-def _distributed_workers() -> int:
-    """Worker threads of the active dask.distributed client (0: none is active)."""
-    try:
-        from dask.distributed import get_client
-
-        return sum(get_client().nthreads().values())
-    except (ImportError, ValueError):
-        return 0
 
 
 def sample_codes(source: CodeSource, n_tokens: int, rng: np.random.Generator, device: torch.device, batch: int = 32) -> torch.Tensor:

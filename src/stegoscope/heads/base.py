@@ -83,6 +83,7 @@ class TokenBatch:
     labels: torch.Tensor
     partner_feats: torch.Tensor | None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the rows of ``row_arrays`` and of ``extras``
+    step: int = 1  # the step this batch is for, from 1
 
 
 @dataclass
@@ -191,7 +192,7 @@ class HeadTrainer(ABC):
             feats, labels = data(rows)
             further = {name: data.extra(name, rows) for name in self.row_arrays}
             further |= {name: torch.from_numpy(np.asarray(array[rows])).to(device) for name, array in extras.items()}
-            batch = TokenBatch(rows, feats, labels, data(partners)[0] if partners is not None else None, further)
+            batch = TokenBatch(rows, feats, labels, data(partners)[0] if partners is not None else None, further, step)
             code, loss, logged = self.loss(head, batch, generator)
             loss_linear, loss_cluster = probes.losses(code.detach(), labels)
             total = loss + loss_linear + loss_cluster

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..cache_schema import ATTENTION
 from ..models.stego_head import StegoHead
+from ..ops.ema import ema_update
 from ..ops.hidden_positives import hidden_positive_loss, lambda_ramp, neighbour_mix
 from ..probing import TokenBatches
 from .base import HeadParams, HeadTrainer, TokenBatch
@@ -90,7 +91,7 @@ class HPHead(nn.Module):
     def update_ema(self, m: float) -> None:
         for ema, live in zip(self.ema_head.state_dict().values(), self.head.state_dict().values()):
             if ema.is_floating_point():
-                ema.mul_(m).add_(live, alpha=1 - m)
+                ema_update(ema, live, m)
             else:  # buffers such as counters are copied
                 ema.copy_(live)
 
@@ -102,7 +103,6 @@ class HPTrainer(HeadTrainer):
     def __init__(self, params: HPParams, run, channels: int):
         super().__init__(params, run, channels)
         self.row_arrays = (ATTENTION,) if params.local_positives else ()
-        self.step = 0
 
     def make_head(self) -> HPHead:
         return HPHead(self.channels, self.run.dim, self.params.dropout)
@@ -113,7 +113,7 @@ class HPTrainer(HeadTrainer):
                                   {"params": head.projection.parameters(), "lr": p.projection_lr, "weight_decay": 0.0}])
 
     def begin(self, head: HPHead, data: TokenBatches, generator: torch.Generator) -> None:
-        self.data, self.generator, self.step = data, generator, 0
+        self.data, self.generator = data, generator
         self.negatives = torch.Generator(data.device).manual_seed(self.run.seed)  # (P, B·P) draws each step: made where they are used
         self.pool_feats = self._pool(lambda tokens: tokens)  # task-agnostic: drawn once
         self.pool_codes = self._pool(lambda tokens: head.ema_head.eval()(tokens))
@@ -147,7 +147,7 @@ class HPTrainer(HeadTrainer):
             negatives = torch.rand(n_patches, b * n_patches, generator=self.negatives, device=feats.device) < p.rho
         else:
             negatives = torch.ones(n_patches, b * n_patches, dtype=torch.bool, device=feats.device)
-        lam = lambda_ramp(self.step + 1, p.warmup, p.steps)
+        lam = lambda_ramp(batch.step, p.warmup, p.steps)
         chunk = max(1, int(LOSS_BYTES // (8 * 4 * n_patches * b * n_patches)))  # ≈ 8 float32 (P, N) matrices per block
         loss = hidden_positive_loss(z, z_mix, agnostic, ema_codes, self.pool_feats, self.pool_codes, negatives, lam, p.tau,
                                     reweighting=p.reweighting, blocks_per_chunk=chunk)
@@ -157,6 +157,5 @@ class HPTrainer(HeadTrainer):
         nn.utils.clip_grad_norm_(head.head.parameters(), self.params.grad_clip)
 
     def after_step(self, head: HPHead, step: int) -> None:
-        self.step = step
         if step % self.params.renew_every == 0:
             self.pool_codes = self._pool(lambda tokens: head.ema_head.eval()(tokens))

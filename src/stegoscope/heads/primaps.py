@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache_schema import MASK_IDS, PROBES, load_mask_ids
+from ..ops.ema import ema_update
 from ..ops.kmeans import ClusterLookup, FixedCentroids
 from ..ops.primaps import class_weighted_ce, ema_decay, majority_labels
 from ..probing import BatchOrder, TokenBatches, load_reducer
@@ -91,10 +92,9 @@ class PrimapsHead(nn.Module):
         v, g = (self.teacher_v, self.teacher_g) if teacher else (self.v, self.g)
         return g[:, None] * F.normalize(v, dim=1)
 
-    @torch.no_grad()
     def update_teacher(self, decay: float) -> None:
-        self.teacher_v.mul_(decay).add_(self.v.detach(), alpha=1 - decay)
-        self.teacher_g.mul_(decay).add_(self.g.detach(), alpha=1 - decay)
+        ema_update(self.teacher_v, self.v, decay)
+        ema_update(self.teacher_g, self.g, decay)
 
 
 def logits(feats: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -112,7 +112,6 @@ class PrimapsTrainer(HeadTrainer):
         super().__init__(params, run, channels)
         self.base: Reducer | None = None
         self.base_centroids: torch.Tensor | None = None
-        self.done = self.updates = 0
 
     @classmethod
     def inputs_of(cls, params: PrimapsParams) -> tuple[str, ...]:
@@ -138,7 +137,6 @@ class PrimapsTrainer(HeadTrainer):
         return PrimapsHead(torch.zeros(self.run.n_classes + self.run.extra_clusters, self.run.dim))
 
     def begin(self, head: PrimapsHead, data: TokenBatches, generator: torch.Generator) -> None:
-        self.done = self.updates = 0
         if self.base_centroids is not None:
             directions = self.base_centroids.to(data.device)
         else:
@@ -181,9 +179,9 @@ class PrimapsTrainer(HeadTrainer):
 
     def loss(self, head: PrimapsHead, batch: TokenBatch, generator: torch.Generator):
         p = self.params
-        if self.done > 0 and self.done % p.ema_every == 0:  # the original's global_step, before this step's update
-            self.updates += 1
-            head.update_teacher(ema_decay(self.updates, p.ema_beta))
+        done = batch.step - 1  # the original's global_step: the updates before this step's
+        if done > 0 and done % p.ema_every == 0:
+            head.update_teacher(ema_decay(done // p.ema_every, p.ema_beta))
         with torch.no_grad():
             feats = self.features(batch.feats)
         size = batch.labels.shape[-2:]
@@ -196,9 +194,6 @@ class PrimapsTrainer(HeadTrainer):
         loss = class_weighted_ce(logits(feats, head.weight(), size), target, p.gamma)
         supervised = (target != 255).float().mean()
         return feats, loss, {"loss/em": loss, "em/supervised": supervised}
-
-    def after_step(self, head: PrimapsHead, step: int) -> None:
-        self.done = step
 
     def clusters(self, head: PrimapsHead) -> FixedCentroids:
         return FixedCentroids(head.weight(teacher=True).detach().clone(), "dot")

@@ -22,7 +22,8 @@ from torch import nn
 from ..models.stego_head import StegoHead
 from ..ops.correlation_loss import super_perm
 from ..ops.kmeans import FixedCentroids
-from ..ops.smoothness_loss import data_loss, ema, prototype_scores, smoothness_term
+from ..ops.ema import ema_update
+from ..ops.smoothness_loss import data_loss, prototype_scores, smoothness_term
 from .base import HeadParams, HeadTrainer, TokenBatch
 
 
@@ -88,7 +89,7 @@ class SmooSegTrainer(HeadTrainer):
         return code, intra + inter + data, logged
 
     def after_step(self, head: SmooSegHead, step: int) -> None:
-        ema(head.teacher, head.student, self.params.alpha)
+        ema_update(head.teacher, head.student, self.params.alpha)
 
     def clusters(self, head: SmooSegHead) -> FixedCentroids:
         return FixedCentroids(head.teacher.detach().clone(), "cosine")

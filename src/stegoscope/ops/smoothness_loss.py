@@ -56,9 +56,3 @@ def data_loss(s_student: torch.Tensor, s_teacher: torch.Tensor) -> torch.Tensor:
     """Mean over every pixel of CE(S_s, argmax_k S_t): raw cosines as logits (no temperature),
     no ignore mask; the target carries no gradient."""
     return F.cross_entropy(s_student, s_teacher.detach().argmax(dim=1))
-
-
-def ema(teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> None:
-    """teacher ← α·teacher + (1 − α)·student, in place, on the raw (unnormalised) prototypes."""
-    with torch.no_grad():
-        teacher.mul_(alpha).add_(student.detach(), alpha=1 - alpha)

@@ -12,7 +12,6 @@ back as one memory-mapped (N, H, W) array.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import cache_schema
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, atomic_write_npy
 from ..cache_schema import IMAGES, TOKENS, StoreError, load_mask_ids, mask_ids_path, open_complete_store
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import CRFPool
@@ -91,7 +90,7 @@ class PrimapsMasksStage(Stage):
                         tokens, images = store[TOKENS][rows], store[IMAGES][rows]
                         ids = np.stack(pool.run(proposal_job, [(t, i, self.threshold, self.coverage, self.gain)
                                                                for t, i in zip(tokens, images)]))
-                        atomic_write_bytes(path, _npy_bytes(ids))
+                        atomic_write_npy(path, ids)
                     counts += [len(np.setdiff1d(np.unique(m), [255])) for m in ids]
                     bar.advance(task, rows.stop - rows.start)
         finally:
@@ -100,9 +99,3 @@ class PrimapsMasksStage(Stage):
         atomic_write_bytes(self.output / cache_schema.METRICS, json.dumps(summary, indent=1).encode())
         write_manifest(self.output, self.manifest(started, store=str(store.path), **summary))
         return load_mask_ids(self.output)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()

@@ -24,6 +24,7 @@ from .. import cache_schema
 from .. import methods as registry
 from ..atomic import atomic_write_npz
 from ..cache_schema import IDS, POOLED, TOKENS, FeatureStore, StoreLayout, open_complete_store
+from ..compute import distributed_workers
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, package_versions, store_state, write_manifest
 from ..probing import load_reducer
@@ -123,7 +124,7 @@ class ProjectStage(Stage):
         pending = store.pending_shards()
         # Each shard is a dask task on the active scheduler (threads, a local or remote cluster):
         # it reads its rows and the fit by their paths and writes and flags its shard itself.
-        group = max(1, _workers())
+        group = distributed_workers() or dask.config.get("num_workers", None) or os.cpu_count() or 1
         with progress_bar("img", self.show_progress) as bar:
             task = bar.add_task(f"project {source.attrs['params']['split']}", total=src.n_images)
             bar.advance(task, src.n_images - sum(_rows(src, s) for s in pending))
@@ -152,16 +153,6 @@ def project_shard(source: str, output: str, fit: str, shard: int) -> int:
 def _fitted(fit: str, stamp: int) -> Reducer:
     """A worker loads each fit once."""
     return load_reducer(Path(fit))
-
-
-def _workers() -> int:
-    """The worker threads or processes of the active scheduler (shards computed at once)."""
-    try:
-        from dask.distributed import get_client
-
-        return sum(get_client().nthreads().values())
-    except (ImportError, ValueError):
-        return dask.config.get("num_workers", None) or os.cpu_count() or 1
 
 
 def _rows(layout: StoreLayout, shard: int) -> int:
