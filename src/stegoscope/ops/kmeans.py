@@ -46,10 +46,7 @@ class ClusterLookup(nn.Module):
     def forward(self, x: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, assignment probabilities): one-hot argmax when ``alpha`` is None, else softmax(alpha·cos)."""
         s = self.scores(x)
-        if alpha is None:
-            probs = F.one_hot(s.argmax(dim=1), s.shape[1]).permute(0, 3, 1, 2).to(s.dtype)
-        else:
-            probs = torch.softmax(alpha * s, dim=1)
+        probs = assignments(s, alpha)
         return -(probs * s).sum(dim=1).mean(), probs
 
 
@@ -69,8 +66,7 @@ class EuclideanLookup(nn.Module):
     def forward(self, x: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scores(x)
         loss = (x.square().sum(dim=1) - s.max(dim=1).values).mean()  # ‖x − c*‖² = ‖x‖² − (2·x·c* − ‖c*‖²)
-        probs = F.one_hot(s.argmax(dim=1), s.shape[1]).permute(0, 3, 1, 2).to(s.dtype) if alpha is None else torch.softmax(alpha * s, dim=1)
-        return loss, probs
+        return loss, assignments(s, alpha)
 
 
 class FixedCentroids(nn.Module):
@@ -93,8 +89,15 @@ class FixedCentroids(nn.Module):
 
     def forward(self, x: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scores(x)
-        probs = F.one_hot(s.argmax(dim=1), s.shape[1]).permute(0, 3, 1, 2).to(s.dtype) if alpha is None else torch.softmax(alpha * s, dim=1)
-        return s.sum() * 0, probs
+        return s.sum() * 0, assignments(s, alpha)
+
+
+def assignments(scores: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+    """Assignment probabilities (B, K, H, W) of scores: one-hot argmax when ``alpha`` is None,
+    else softmax(alpha · scores)."""
+    if alpha is None:
+        return F.one_hot(scores.argmax(dim=1), scores.shape[1]).permute(0, 3, 1, 2).to(scores.dtype)
+    return torch.softmax(alpha * scores, dim=1)
 
 
 def euclidean_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
