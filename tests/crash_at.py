@@ -3,7 +3,8 @@
     python crash_at.py MODE ARG -- <stegoscope arguments>
 
 Every durable write of stegoscope and of zarr's LocalStore ends in ``os.replace`` of a fully
-written temporary file. MODE decides what happens at those renames:
+written temporary file; on S3 every write is one PUT (s3fs's ``_pipe_file``). MODE decides
+what happens at those renames and PUTs (``powercut``: renames only):
 
 - ``trace FILE``: run normally, appending each rename's target to FILE (one per line);
 - ``kill N``: SIGKILL this process just before the N-th rename (its temporary stays behind,
@@ -50,10 +51,9 @@ def main() -> None:
             else:
                 os.unlink(name)
 
-    def replace(src, dst, *args, **kwargs):
+    def before_write(target: str) -> None:
         nonlocal count
         count += 1
-        target = os.fspath(dst)
         if mode == "trace":
             with open(arg, "a") as log:
                 log.write(target + "\n")
@@ -61,7 +61,14 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif mode == "slow":
             time.sleep(float(arg))
-        elif mode == "powercut":
+
+    def replace(src, dst, *args, **kwargs):
+        nonlocal count
+        target = os.fspath(dst)
+        if mode != "powercut":
+            before_write(target)
+        else:
+            count += 1
             if count == int(arg):
                 power_cut()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -77,6 +84,18 @@ def main() -> None:
 
     os.replace = replace
     os.fsync = fsync
+    try:  # on S3 every write (ours and zarr's) is one PUT: s3fs's _pipe_file
+        import s3fs
+    except ImportError:
+        s3fs = None
+    if s3fs is not None:
+        real_pipe = s3fs.S3FileSystem._pipe_file
+
+        async def pipe_file(self, path, data, *args, **kwargs):
+            before_write(path)
+            return await real_pipe(self, path, data, *args, **kwargs)
+
+        s3fs.S3FileSystem._pipe_file = pipe_file
     from stegoscope.cli import app
 
     app(cli_args, prog_name="stegoscope")

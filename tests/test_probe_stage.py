@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -104,7 +105,12 @@ def test_evaluation_over_val_gives_the_same_counts_as_tasks_on_a_local_cluster(t
     cpu = torch.device("cpu")
     here = evaluate(source, probes, cpu, batch=2)
     assert compute.distributed_workers() == 0
+    here_crf = evaluate(source, probes, cpu, batch=2, crf=probing.CRFPool(0))  # the CRF in this process
     with dask_scheduler("local-cluster"):
         assert compute.distributed_workers() == 2
         tasks = evaluate(source, probes, cpu, batch=2)
+        tasks_crf = evaluate(source, probes, cpu, batch=2, crf=probing.CRFPool(2))  # the CRF in the tasks
+        with pytest.raises(probing.CRFError, match="took over"):  # a task past its time stops the run
+            evaluate(source, probes, cpu, batch=2, crf=probing.CRFPool(2, timeout=1e-4))
     assert tasks == here  # the same confusion counts, so every metric and assignment
+    assert tasks_crf == here_crf and tasks_crf != here

@@ -1,5 +1,8 @@
 """Atomic file writes: a reader (or a rerun after a crash) sees the old file or the new one,
-never half of one. Leftover temporaries of a killed writer end in ``.partial``."""
+never half of one. Leftover temporaries of a killed writer end in ``.partial``.
+
+On object storage (a URL cache, see :mod:`storage`) one PUT is already atomic and durable
+once it returns: a write is that PUT, and the flushes are no-ops."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .storage import is_remote, put
+
 PARTIAL_SUFFIX = ".partial"  # zarr's LocalStore names its temporaries the same way
 
 
@@ -17,6 +22,8 @@ def atomic_write_bytes(path: Path, data: bytes | list, durable: bool = True) -> 
     ``path``, fsync, rename it over ``path``, then fsync the folder, so that the new file survives
     a power cut once this returns. ``durable=False`` leaves out both flushes, for a caller that
     flushes many files together later."""
+    if is_remote(path):
+        return put(path, data if isinstance(data, bytes) else b"".join(data))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
@@ -58,6 +65,8 @@ def atomic_write_npy(path: Path, array: Any) -> None:
 
 def remove_partials(directory: Path) -> int:
     """Delete the temporaries a killed writer left under ``directory``; returns how many."""
+    if is_remote(directory):
+        return 0  # a PUT leaves no temporary
     leftovers = list(Path(directory).rglob(f"*{PARTIAL_SUFFIX}")) if Path(directory).exists() else []
     for path in leftovers:
         path.unlink(missing_ok=True)
@@ -67,6 +76,8 @@ def remove_partials(directory: Path) -> int:
 def fsync_paths(files: list[Path], root: Path) -> None:
     """Flush ``files`` to disk, then every folder between them and ``root`` (inclusive), deepest
     first, so that new files and the new folders holding them survive a power cut."""
+    if is_remote(root):
+        return
     folders: set[Path] = set()
     for path in dict.fromkeys(files):
         _fsync(path)
@@ -88,6 +99,8 @@ def _fsync(path: Path) -> None:
 
 def fsync_tree(directory: Path) -> None:
     """Flush every file and folder under ``directory`` to disk (before a completion marker)."""
+    if is_remote(directory):
+        return
     for root, _, files in os.walk(directory):
         for name in [*files, "."]:
             _fsync(Path(root) / name)

@@ -2,7 +2,7 @@
 
 No other module builds a cache path or names an array; they ask this one.
 
-Layout under a cache root::
+Layout under a cache root (a local folder or a URL, see :mod:`storage`)::
 
     features/<dataset>-<split>-<backbone>-<res>-<key12>.zarr/   one Zarr v3 group per extraction
     datasets/<name>/                                            generated datasets (synthetic)
@@ -52,6 +52,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_text, fsync_paths, fsync_tree, remove_partials
 from .raw_shards import ShardLayout
+from .storage import as_path, file_sizes, is_remote, read_npy, stamp, zarr_options
 
 SCHEMA_VERSION = 1
 
@@ -79,7 +80,7 @@ class StoreError(RuntimeError):
 
 def default_cache_root() -> Path:
     """``$STEGOSCOPE_CACHE`` if set, else ``./.stegoscope-cache``."""
-    return Path(os.environ.get("STEGOSCOPE_CACHE", ".stegoscope-cache"))
+    return as_path(os.environ.get("STEGOSCOPE_CACHE", ".stegoscope-cache"))
 
 
 def _slug(text: str) -> str:
@@ -88,30 +89,30 @@ def _slug(text: str) -> str:
 
 def feature_store_path(cache_root: Path, dataset: str, split: str, backbone: str, res: int, key: str) -> Path:
     name = f"{_slug(dataset)}-{_slug(split)}-{_slug(backbone)}-{res}-{key[:12]}.zarr"
-    return Path(cache_root) / "features" / name
+    return as_path(cache_root) / "features" / name
 
 
 def sibling_stores(path: Path) -> list[Path]:
     """Other stores of the same dataset, split, backbone and resolution (other keys)."""
-    path = Path(path)
+    path = as_path(path)
     prefix = path.name[: -len("-" + path.name.rsplit("-", 1)[1])]
     return sorted(p for p in path.parent.glob(f"{prefix}-*.zarr") if p != path and p.name.rsplit("-", 1)[0] == prefix)
 
 
 def write_sources(path: Path, rows: list[list]) -> None:
-    atomic_write_text(Path(path) / SOURCES, json.dumps(rows))
+    atomic_write_text(as_path(path) / SOURCES, json.dumps(rows))
 
 
 def read_sources(path: Path) -> list[list] | None:
     try:
-        return json.loads((Path(path) / SOURCES).read_text())
+        return json.loads((as_path(path) / SOURCES).read_text())
     except (FileNotFoundError, ValueError):
         return None
 
 
 def force_command(path: Path) -> str:
     """The command that rebuilds the store at ``path`` from nothing: only its own split."""
-    path = Path(path)
+    path = as_path(path)
     if path.parent.name == "derived":
         return "the `stegoscope reduce` command that made it with --force"
     parts = path.name.split("-")  # <dataset>-<split>-<backbone>-<res>-<key12>.zarr; slugs hold no '-'
@@ -121,12 +122,12 @@ def force_command(path: Path) -> str:
 
 def derived_store_path(cache_root: Path, source: Path, reducer_key: str) -> Path:
     """A store of codes: ``source`` projected by the reducer ``reducer_key`` (e.g. h-NNE)."""
-    return Path(cache_root) / "derived" / f"{Path(source).stem}-by-{reducer_key[:12]}.zarr"
+    return as_path(cache_root) / "derived" / f"{as_path(source).stem}-by-{reducer_key[:12]}.zarr"
 
 
 def artefact_dir(cache_root: Path, stage: str, name: str, key: str) -> Path:
     """``<cache>/artefacts/<stage>/<name>-<key12>/``: manifest.json + payload."""
-    return Path(cache_root) / "artefacts" / _slug(stage) / f"{_slug(name)}-{key[:12]}"
+    return as_path(cache_root) / "artefacts" / _slug(stage) / f"{_slug(name)}-{key[:12]}"
 
 
 PAYLOAD = "payload.npz"  # an artefact's arrays (a reducer's fitted state, kNN rows)
@@ -144,7 +145,7 @@ MASK_IDS = "mask_ids"  # PriMaPs' proposals: (image, pixel_y, pixel_x) uint8 ids
 
 def mask_ids_path(directory: Path, chunk: int) -> Path:
     """One chunk file of a ``primaps-masks`` artefact."""
-    return Path(directory) / f"{MASK_IDS}-{chunk:05d}.npy"
+    return as_path(directory) / f"{MASK_IDS}-{chunk:05d}.npy"
 
 
 class ChunkedRows:
@@ -152,7 +153,7 @@ class ChunkedRows:
     the rows asked for (any order); ``np.asarray`` gives the whole array."""
 
     def __init__(self, paths: list[Path]):
-        self.parts = [np.load(p, mmap_mode="r") for p in paths]
+        self.parts = [read_npy(p) for p in paths]
         self.starts = np.cumsum([0] + [len(part) for part in self.parts])
         self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
         self.dtype = self.parts[0].dtype
@@ -176,7 +177,7 @@ class ChunkedRows:
 
 def load_mask_ids(directory: Path) -> ChunkedRows:
     """The (N, H, W) uint8 mask ids of a ``primaps-masks`` artefact, read lazily from its chunks."""
-    chunks = sorted(Path(directory).glob(f"{MASK_IDS}-*.npy"))
+    chunks = sorted(as_path(directory).glob(f"{MASK_IDS}-*.npy"))
     if not chunks:
         raise StoreError(f"{directory}: no mask proposals; rerun the study (stage primaps-masks)")
     return ChunkedRows(chunks)
@@ -184,12 +185,12 @@ def load_mask_ids(directory: Path) -> ChunkedRows:
 
 def study_dir(cache_root: Path, name: str) -> Path:
     """``<cache>/studies/<preset>/``: the results table of a study."""
-    return Path(cache_root) / "studies" / _slug(name)
+    return as_path(cache_root) / "studies" / _slug(name)
 
 
 def sibling_artefacts(directory: Path) -> list[Path]:
     """Other artefacts of the same stage and name (other keys) as ``directory``."""
-    directory = Path(directory)
+    directory = as_path(directory)
     prefix = directory.name.rsplit("-", 1)[0]
     return sorted(p for p in directory.parent.glob(f"{prefix}-*") if p != directory and p.name.rsplit("-", 1)[0] == prefix)
 
@@ -202,27 +203,32 @@ def study_experiments_dir(cache_root: Path, study: str) -> Path:
 
 def list_studies(cache_root: Path) -> list[str]:
     """Studies with a record, by name."""
-    return sorted(p.parent.name for p in (Path(cache_root) / "studies").glob("*/experiments") if any(p.glob("*.json")))
+    return sorted(p.parent.name for p in (as_path(cache_root) / "studies").glob("*/experiments") if any(p.glob("*.json")))
 
 
 def figures_dir(cache_root: Path) -> Path:
-    return Path(cache_root) / "figures"
+    return as_path(cache_root) / "figures"
 
 
 def features_dir(cache_root: Path) -> Path:
-    return Path(cache_root) / "features"
+    return as_path(cache_root) / "features"
 
 
 def dataset_dir(cache_root: Path, name: str) -> Path:
-    return Path(cache_root) / "datasets" / _slug(name)
+    """Where a generated dataset is written. Its readers open local files, so beside a URL cache
+    it goes to ``$XDG_CACHE_HOME/stegoscope`` (default ``~/.cache/stegoscope``)."""
+    root = as_path(cache_root)
+    if is_remote(root):
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stegoscope"
+    return root / "datasets" / _slug(name)
 
 
 def memo_path(cache_root: Path, name: str) -> Path:
-    return Path(cache_root) / "memo" / f"{_slug(name)}.json"
+    return as_path(cache_root) / "memo" / f"{_slug(name)}.json"
 
 
 def lock_path(cache_root: Path, key: str) -> Path:
-    return Path(cache_root) / "locks" / f"{key}.lock"
+    return as_path(cache_root) / "locks" / f"{key}.lock"
 
 
 @dataclass(frozen=True)
@@ -323,7 +329,7 @@ class FeatureStore:
 
     def __init__(self, group: zarr.Group, path: Path):
         self.group = group
-        self.path = Path(path)
+        self.path = as_path(path)
         self._raw_layouts: dict[str, ShardLayout | None] = {}
 
     # -- attributes ----------------------------------------------------------------------------
@@ -392,8 +398,8 @@ class FeatureStore:
             images_per_chunk = max(1, CHUNK_BYTES // (h * w * c * tokens.dtype.itemsize))
         inventory = self.path / INVENTORY
         # named by this store (its path, key and completion), so that one scan's results can be reused
-        completed = inventory.stat().st_mtime_ns if inventory.exists() else "writing"
-        where = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        completed = stamp(inventory) if inventory.exists() else "writing"
+        where = hashlib.sha256(str(self.path if is_remote(self.path) else self.path.resolve()).encode()).hexdigest()[:16]
         name = f"tokens-{where}-{self.key}-{completed}-{images_per_chunk}"
         x = da.from_array(self[TOKENS], chunks=(images_per_chunk, h, w, c), name=name, asarray=True, lock=False, fancy=False)
         if images is not None:
@@ -465,11 +471,13 @@ class FeatureStore:
         shard. One call for several shards costs one round of flushes (group commit)."""
         if not shards:
             return
-        arrays = [name for name in self.group.array_keys() if name != WRITTEN]
+        local = not is_remote(self.path)  # a PUT that returned is durable: nothing to flush
+        arrays = [name for name in self.group.array_keys() if name != WRITTEN] if local else []
         fsync_paths([self.path / f for name in arrays for shard in shards for f in self.shard_files(name, shard)], self.path)
         for shard in shards:
             self.group[WRITTEN][shard] = True
-        fsync_paths([self.path / f for shard in shards for f in self.shard_files(WRITTEN, shard)], self.path)
+        if local:
+            fsync_paths([self.path / f for shard in shards for f in self.shard_files(WRITTEN, shard)], self.path)
 
     def mark_complete(self) -> None:
         """Flush everything to disk, then mark complete; the inventory is written last."""
@@ -483,7 +491,7 @@ class FeatureStore:
             warnings.filterwarnings("ignore", category=UserWarning, message=".*[Cc]onsolidated metadata")
             # our own files beside the arrays (sources.json): not zarr's business
             warnings.filterwarnings("ignore", category=UserWarning, message=".*not recognized as a component")
-            zarr.consolidate_metadata(str(self.path))
+            zarr.consolidate_metadata(self.group.store)
         atomic_write_text(self.path / INVENTORY, json.dumps({"files": _file_sizes(self.path)}, sort_keys=True))
 
     # -- integrity -----------------------------------------------------------------------------
@@ -497,13 +505,12 @@ class FeatureStore:
         except (ValueError, KeyError, TypeError) as exc:
             return {INVENTORY: f"does not parse ({exc})"}
         damaged = {name: what for name, what in self.recorded_damage().items() if name in inventory}
+        sizes = file_sizes(self.path)  # one listing (object storage: no request per file)
         for name, size in inventory.items():
-            try:
-                actual = (self.path / name).stat().st_size
-            except FileNotFoundError:
+            actual = sizes.get(name)
+            if actual is None:
                 damaged[name] = "missing"
-                continue
-            if actual != size:
+            elif actual != size:
                 damaged[name] = f"truncated or rewritten: {actual} bytes, {size} expected"
         return damaged
 
@@ -569,19 +576,15 @@ class FeatureStore:
         if shards:
             self.group.attrs["status"] = STATUS_WRITING
         pending = {s for s in self.pending_shards() if owns(s)}
-        for path in self.path.glob("*/c/**/*"):
-            name = path.relative_to(self.path).as_posix()
-            if path.is_file() and not name.startswith(f"{WRITTEN}/") and shard_of(name) in pending:
-                path.unlink()  # with a killed writer's temporaries of those shards
+        for name in file_sizes(self.path):
+            if not name.startswith(f"{WRITTEN}/") and shard_of(name) in pending:
+                (self.path / name).unlink()  # with a killed writer's temporaries of those shards
         return shards
 
 
 def _file_sizes(path: Path) -> dict[str, int]:
-    return {
-        p.relative_to(path).as_posix(): p.stat().st_size
-        for p in sorted(Path(path).rglob("*"))
-        if p.is_file() and p.name not in (INVENTORY, DAMAGE) and not p.name.endswith(PARTIAL_SUFFIX)
-    }
+    return {name: size for name, size in file_sizes(path).items()
+            if name.rsplit("/", 1)[-1] not in (INVENTORY, DAMAGE) and not name.endswith(PARTIAL_SUFFIX)}
 
 
 def shard_of(name: str) -> int | None:
@@ -599,7 +602,7 @@ def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any],
     ``checksums`` every chunk ends in a crc32c of its bytes, checked whenever it is read."""
     attrs = {**attrs, "schema_version": SCHEMA_VERSION, "status": STATUS_WRITING, "pixels": list(layout.pixels),
              "checksums": CHECKSUM if checksums else None}
-    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs, storage_options=zarr_options(path))
     crc = [Crc32cCodec()] if checksums else []
     n, s = layout.n_images, layout.shard_images
     (h, w), c, (ph, pw) = layout.grid, layout.channels, layout.pixels
@@ -638,11 +641,11 @@ def open_feature_store(path: Path, mode: str = "r", verify: bool = True) -> Feat
     """Open an existing store and check that it is one this version understands, that its
     arrays agree with each other and with its attrs, and (``verify``, complete stores) that no
     chunk file is missing or truncated."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise StoreError(f"{path}: no feature store here; run `stegoscope extract` first")
     try:
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        group = zarr.open_group(str(path), mode=mode, zarr_format=3, storage_options=zarr_options(path))
     except Exception as exc:  # zarr raises several types for unreadable metadata
         raise StoreError(f"{path}: not a readable Zarr v3 group ({exc}); rerun {force_command(path)}") from exc
     version = group.attrs.get("schema_version")
@@ -717,7 +720,7 @@ def resume_store(path: Path, key: str, owns=None) -> FeatureStore | None:
     """The store at ``path`` ready to continue writing for ``key`` (see
     :meth:`FeatureStore.reopen_for_writing`; ``owns``: the shards of this process), or None when
     there is nothing of that key to resume."""
-    if not Path(path).exists():
+    if not as_path(path).exists():
         return None
     try:
         store = open_feature_store(path, mode="r+", verify=False)
@@ -731,12 +734,12 @@ def resume_store(path: Path, key: str, owns=None) -> FeatureStore | None:
 
 def list_artefacts(cache_root: Path) -> list[Path]:
     """Every artefact folder of the cache (``artefacts/<stage>/<name>-<key12>``)."""
-    return sorted(p for p in (Path(cache_root) / "artefacts").glob("*/*") if p.is_dir())
+    return sorted(p for p in (as_path(cache_root) / "artefacts").glob("*/*") if p.is_dir())
 
 
 def list_stores(cache_root: Path) -> list[Path]:
     """Every feature store of the cache: extracted, then derived (projected by a reducer)."""
-    return list_feature_stores(cache_root) + sorted((Path(cache_root) / "derived").glob("*.zarr"))
+    return list_feature_stores(cache_root) + sorted((as_path(cache_root) / "derived").glob("*.zarr"))
 
 
 def list_feature_stores(cache_root: Path) -> list[Path]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -19,7 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import cache_schema
+from . import cache_schema, storage
 from . import methods as registry
 from .config import ConfigError, load_preset, parse_assignment, parse_sweep
 from .data import DatasetError
@@ -77,26 +76,23 @@ def _run(stage, force: bool, no_wait: bool, label: str | None = None):
                      on_wait=lambda holder: console.print(f"{label}: waiting for {holder} (same key)"))
 
 
-_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/")  # a scheme of two letters or more (not a drive letter)
-
-
-def _local_cache(value: Path) -> Path:
-    """The cache root as a local folder: ``file://`` URLs are that folder; object stores are
-    refused before anything is written (never a local folder named after the URL)."""
-    match = _URL.match(str(value))
-    if match is None:
-        return value
-    if match.group(1) == "file":
-        return Path(str(value)[len("file:") :])
-    raise typer.BadParameter(
-        f"{str(value).replace(':/', '://', 1)}: caches on object storage are not supported yet; use a local folder, "
-        "or mount the bucket as one (e.g. with s3fs or rclone mount) and pass its path")
+def _cache_root(value: str) -> Path:
+    """The cache root: a local folder, or a URL whose backend is asked once (a missing package,
+    bucket or credential fails here, before anything is written; never a local folder named
+    after the URL)."""
+    try:
+        return storage.cache_path(value)
+    except storage.CacheLocationError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 CacheOpt = Annotated[
-    Path, typer.Option("--cache", envvar="STEGOSCOPE_CACHE", callback=_local_cache,
-                       help="Cache root holding feature stores and artefacts: a folder (or a file:// URL).")
+    str, typer.Option("--cache", envvar="STEGOSCOPE_CACHE", callback=_cache_root,
+                      help="Cache root holding feature stores and artefacts: a folder, a file:// URL, or any URL fsspec "
+                           "resolves (s3://bucket/prefix needs s3fs and the usual AWS_* credentials; AWS_ENDPOINT_URL for "
+                           "MinIO/Ceph). Every process and dask worker reads it by that URL.")
 ]
+DEFAULT_CACHE = ".stegoscope-cache"  # or $STEGOSCOPE_CACHE
 PresetOpt = Annotated[
     str, typer.Option("--preset", "-p", help="Preset name (demo, directory, potsdam, …) or path to a preset YAML.")
 ]
@@ -129,7 +125,8 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader
 SchedulerOpt = Annotated[
     Optional[str],
     typer.Option("--scheduler", help="Where dask work runs: threads, synchronous, local-cluster (2 worker processes) or "
-                                     "tcp://host:port (default: the preset's)."),
+                                     "tcp://host:port (default: the preset's). Tasks read the stores by their path or URL, so workers "
+                                     "on other machines need the cache on a shared file system or object storage."),
 ]
 StandardizeOpt = Annotated[
     Optional[str],
@@ -208,7 +205,7 @@ def extract(
     sets: SetOpt = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
     skip_bad: Annotated[
         bool,
         typer.Option(
@@ -320,7 +317,7 @@ def reduce(
     sets: SetOpt = None,
     scheduler: SchedulerOpt = None,
     device: DeviceOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
     force: Annotated[bool, typer.Option("--force", help="Refit even if the artefact exists.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
@@ -371,7 +368,7 @@ def probe(
     crf_workers: CrfWorkersOpt = 2,
     device: DeviceOpt = None,
     scheduler: SchedulerOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if the artefact exists.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
@@ -402,13 +399,14 @@ def import_stego(
     sets: SetOpt = None,
     crf_workers: CrfWorkersOpt = 2,
     device: DeviceOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    scheduler: SchedulerOpt = None,
+    cache: CacheOpt = DEFAULT_CACHE,
     force: Annotated[bool, typer.Option("--force", help="Re-evaluate even if cached.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a released STEGO checkpoint (head + probes) on the preset's val tokens, without Lightning."""
-    ctx = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, show_progress=progress,
+    ctx = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, scheduler=scheduler, show_progress=progress,
                    crf_workers=crf_workers)
     stage = ctx.import_stego(checkpoint, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
@@ -435,7 +433,7 @@ def knn(
     sets: SetOpt = None,
     device: DeviceOpt = None,
     scheduler: SchedulerOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
     force: Annotated[bool, typer.Option("--force", help="Recompute even if cached.")] = False,
     no_wait: NoWaitOpt = False,
 ) -> None:
@@ -463,14 +461,15 @@ def train(
     crf: CrfOpt = None,
     sets: SetOpt = None,
     device: DeviceOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    scheduler: SchedulerOpt = None,
+    cache: CacheOpt = DEFAULT_CACHE,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Train a head from cached tokens (+ kNN pairs, computed first if missing) with the probes alongside; keeps the best-by-val head."""
     overrides = {f"{method}.steps": steps, f"{method}.readd_global_mean": readd_global_mean}
-    ctx = _context(preset, cache, data_root, sets, overrides, device=device, show_progress=progress)
+    ctx = _context(preset, cache, data_root, sets, overrides, device=device, scheduler=scheduler, show_progress=progress)
     stage = ctx.head(method, dim, seed, crf)
     _run_targets(ctx, [stage], force, no_wait, prepare=[stage.knn] if stage.knn else [])
     metrics = read_json(stage.output, cache_schema.METRICS)
@@ -494,8 +493,9 @@ def figures(
         typer.Option("--study", help="Draw what this study declared (its preset's name); repeat to draw several side by side, "
                                      "labelled by what differs from the first. Default: every study that has run, each in its own folder."),
     ] = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default <cache>/figures/<study>).")] = None,
+    cache: CacheOpt = DEFAULT_CACHE,
+    out: Annotated[Optional[str], typer.Option("--out", callback=lambda v: v and _cache_root(v),
+                                               help="Output folder or URL (default <cache>/figures/<study>).")] = None,
 ) -> None:
     """Fig. 3, Fig. 4, supplementary Figs 1-2 (PNG + PDF), Table 2 (md/csv/tex) and results.csv from a study's cached artefacts."""
     from .stages.figures import render
@@ -519,13 +519,13 @@ def figures(
 @user_errors
 def verify(
     paths: Annotated[
-        Optional[list[Path]],
-        typer.Argument(help="Stores (*.zarr) or artefact folders to check (default: those of --preset, else all in the cache)."),
+        Optional[list[str]],
+        typer.Argument(help="Stores (*.zarr) or artefact folders (paths or URLs) to check (default: those of --preset, else all in the cache)."),
     ] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Check the stores and artefacts of this preset's study.")] = None,
     data_root: DataRootOpt = None,
     sets: SetOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
     progress: ProgressOpt = True,
 ) -> None:
     """Read back every chunk of the stores (crc32c, sizes) and every file of the artefacts (sha256);
@@ -540,7 +540,7 @@ def verify(
         targets = [n.stage.output for n in _context(preset, cache, data_root, sets, show_progress=False).graph()]
     else:
         targets = cache_schema.list_stores(cache) + cache_schema.list_artefacts(cache)
-    targets = [Path(t) for t in targets if Path(t).exists()]
+    targets = [t for t in map(storage.as_path, targets) if t.exists()]
     table = Table(title=f"verify — {len(targets)} stores and artefacts")
     table.add_column("path", overflow="fold")
     table.add_column("state")
@@ -579,7 +579,7 @@ def gc(
     ] = None,
     data_root: DataRootOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted, with sizes.")] = False,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
 ) -> None:
     """Delete the stores and artefacts that nothing keeps: kept is what any study recorded (every
     run of a preset records what it made and read), what --keep-preset's study needs, and all
@@ -601,10 +601,8 @@ def gc(
     if dry_run:
         console.print(f"{len(garbage)} stores and artefacts, {total:,.2f} GB would be freed (run without --dry-run to delete)")
         return
-    import shutil
-
     for path, _ in garbage:
-        shutil.rmtree(path)
+        storage.remove_tree(path)
     console.print(f"{len(garbage)} stores and artefacts deleted, {total:,.2f} GB freed")
 
 
@@ -616,7 +614,7 @@ def status(
     ] = None,
     data_root: DataRootOpt = None,
     sets: SetOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
 ) -> None:
     """Show what is cached (complete / partial / missing / stale) and what a command would reuse. Runs nothing."""
     if preset is None:
@@ -740,7 +738,7 @@ def study(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each stage that would run and why (missing, stale, a changed parameter); run nothing.")] = False,
     device: DeviceOpt = None,
     scheduler: SchedulerOpt = None,
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
     progress: ProgressOpt = True,
 ) -> None:
     """Run the whole study of a preset — extract, kNN, reducers, heads, probes — skipping what is cached."""
@@ -750,7 +748,7 @@ def study(
 @app.command()
 @user_errors
 def demo(
-    cache: CacheOpt = cache_schema.default_cache_root(),
+    cache: CacheOpt = DEFAULT_CACHE,
     device: DeviceOpt = None,
 ) -> None:
     """The embedded default, end to end on the built-in synthetic dataset (small random ViT, CPU):

@@ -24,8 +24,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import cache_schema
+from . import cache_schema, storage
 from .atomic import PARTIAL_SUFFIX, atomic_write_text, remove_partials
+from .storage import as_path
 
 MISSING, PARTIAL, COMPLETE = "missing", "partial", "complete"
 
@@ -58,7 +59,7 @@ _HASH_BLOCK = 1 << 20
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:
         while block := fh.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
@@ -151,22 +152,22 @@ MANIFEST = cache_schema.MANIFEST
 
 
 def _artefact_files(directory: Path) -> list[Path]:
-    return sorted(p for p in Path(directory).rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.endswith(PARTIAL_SUFFIX))
+    return [directory / name for name in storage.file_sizes(directory)
+            if name.rsplit("/", 1)[-1] != MANIFEST and not name.endswith(PARTIAL_SUFFIX)]
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any], files: Iterable[Path] | None = None) -> None:
     """Write the manifest last: it lists the artefact's files (default: all in ``directory``)
     with size and sha256, so a file that is later truncated or changed is noticed before it is read."""
-    directory = Path(directory)
+    directory = as_path(directory)
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in (_artefact_files(directory) if files is None else map(Path, files))}
+             for p in (_artefact_files(directory) if files is None else map(as_path, files))}
     atomic_write_text(directory / MANIFEST, json.dumps({**manifest, "files": files}, indent=2, sort_keys=True))
 
 
 def _parse_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, problem): (None, None) when there is no manifest, i.e. the run did not finish."""
-    path = Path(directory) / MANIFEST
+    path = as_path(directory) / MANIFEST
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -183,7 +184,7 @@ def _parse_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]
 def _fix_hint(directory: Path, manifest: dict[str, Any] | None, force: bool = False) -> str:
     """The command that recomputes the artefact in ``directory`` (its stage: from the manifest,
     else from the folder it is in: ``artefacts/<stage>/…``)."""
-    stage = (manifest or {}).get("stage") or Path(directory).parent.name
+    stage = (manifest or {}).get("stage") or as_path(directory).parent.name
     command = f"train --method {stage[6:]}" if stage.startswith(("train-", "train_")) else stage.replace("_", "-")
     if force:  # sizes match, so the stage looks complete: only --force recomputes it
         return f"rerun the `stegoscope {command}` command that made it with --force"
@@ -193,16 +194,16 @@ def _fix_hint(directory: Path, manifest: dict[str, Any] | None, force: bool = Fa
 def _inspect(directory: Path, hashes: Iterable[str] = ()) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, problem) of an artefact: an unparsable manifest, a listed file that is missing
     or has another size, or one of the files named in ``hashes`` whose sha256 changed."""
-    directory = Path(directory)
+    directory = as_path(directory)
     manifest, problem = _parse_manifest(directory)
     if problem or manifest is None:
         return manifest, problem
     files = manifest.get("files", {})
+    sizes = storage.file_sizes(directory)  # one listing (object storage: no request per file)
     for name, entry in files.items():
-        path = directory / name
-        if not path.is_file():
+        path, size = directory / name, sizes.get(name)
+        if size is None:
             return manifest, f"{path} is missing"
-        size = path.stat().st_size
         if size != entry["bytes"]:
             return manifest, f"{path} has {size} bytes, its manifest says {entry['bytes']} (truncated or rewritten)"
     for name in hashes:
@@ -240,7 +241,7 @@ def artefact_file(directory: Path, name: str) -> Path:
     """The path of a file of a finished artefact, checked against its manifest (size and sha256)."""
     if read_manifest(directory, hashes=[name]) is None:
         raise cache_schema.StoreError(f"{directory}: no manifest, so the run that makes it did not finish; run it (again)")
-    return Path(directory) / name
+    return as_path(directory) / name
 
 
 def load_npz(directory: Path, name: str = cache_schema.PAYLOAD, keys: Iterable[str] | None = None) -> dict[str, Any]:
@@ -248,7 +249,7 @@ def load_npz(directory: Path, name: str = cache_schema.PAYLOAD, keys: Iterable[s
     checking it against the manifest."""
     import numpy as np
 
-    with np.load(artefact_file(directory, name)) as payload:
+    with artefact_file(directory, name).open("rb") as fh, np.load(fh) as payload:
         return {key: payload[key] for key in payload.files if keys is None or key in keys}
 
 
@@ -259,14 +260,14 @@ def read_json(directory: Path, name: str) -> Any:
 
 def artefact_state(directory: Path) -> str:
     """Complete once the manifest exists (it is written last) and every file has its size."""
-    if (Path(directory) / MANIFEST).exists() and artefact_problem(directory) is None:
+    if (as_path(directory) / MANIFEST).exists() and artefact_problem(directory) is None:
         return COMPLETE
-    return PARTIAL if Path(directory).exists() else MISSING
+    return PARTIAL if as_path(directory).exists() else MISSING
 
 
 def store_state(path: Path, key: str) -> str:
     """A Zarr store is complete when it says so for this key and its files are intact; else partial."""
-    return MISSING if not Path(path).exists() else (COMPLETE if store_problem(path, key) is None else PARTIAL)
+    return MISSING if not as_path(path).exists() else (COMPLETE if store_problem(path, key) is None else PARTIAL)
 
 
 def store_problem(path: Path, key: str) -> str | None:
@@ -285,8 +286,10 @@ def store_problem(path: Path, key: str) -> str | None:
 
 def begin_artefact(directory: Path) -> None:
     """Create the artefact directory and drop any old manifest, so a crash leaves it incomplete."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / MANIFEST).unlink(missing_ok=True)
+    directory = as_path(directory)
+    if not storage.is_remote(directory):  # object storage has no folders to make
+        directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST).unlink(missing_ok=True)
     remove_partials(directory)
 
 
@@ -294,7 +297,7 @@ def begin_artefact(directory: Path) -> None:
 
 
 def _tree_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    return sum(storage.file_sizes(path).values())
 
 
 def unreachable(cache_root: Path, roots: set[str]) -> list[tuple[Path, int]]:
@@ -323,7 +326,7 @@ def unreachable(cache_root: Path, roots: set[str]) -> list[tuple[Path, int]]:
         if key not in reached:
             reached.add(key)
             todo.extend(k for k in made[key][1] if k in made)
-    busy = any(lock_held(lock) for lock in (Path(cache_root) / "locks").glob("*.lock"))
+    busy = any(lock_held(lock) for lock in (as_path(cache_root) / "locks").glob("*.lock"))
     garbage = []
     for key, (path, _) in sorted(made.items(), key=lambda item: str(item[1][0])):
         unfinished = key.startswith(("unfinished:", "unreadable:"))
@@ -335,6 +338,8 @@ def unreachable(cache_root: Path, roots: set[str]) -> list[tuple[Path, int]]:
 
 def lock_held(lock: Path) -> bool:
     """Whether a process holds ``lock`` (shared or exclusive)."""
+    if storage.is_remote(lock):
+        return storage.lease_held(lock)
     if not lock.exists():
         return False
     fd = os.open(lock, os.O_RDWR)
@@ -377,9 +382,20 @@ def stage_lock(path: Path, wait: bool = True, on_wait=None, shared: bool = False
     stage reads it (so a rewrite of a store waits for its readers, and a reader for the rewrite).
 
     The kernel drops the lock when its holder dies, so a stale lock of a crashed process is
-    taken over at once; forked children do not keep it. Local file systems only: flock means
-    nothing on object storage.
+    taken over at once; forked children do not keep it. On object storage, where flock means
+    nothing, the lock is a :class:`storage.Lease` (taken over once it expires).
     """
+    if storage.is_remote(path):
+        try:
+            with storage.lease(path, wait, on_wait, shared) as held:
+                yield
+        except storage.LeaseHeld as exc:
+            raise LockHeld(f"{exc}; it runs or reads the same stage key: wait for it to finish (run without "
+                           f"--no-wait), or for its lease to expire if it died") from None
+        if held.lost:
+            raise LockHeld(f"{path}: this run's lease expired and another process took it over while it ran; "
+                           "rerun it: finished work is skipped")
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -426,7 +442,7 @@ class Stage(ABC):
     label: str = ""
 
     def __init__(self, cache_root: Path):
-        self.cache_root = Path(cache_root)
+        self.cache_root = as_path(cache_root)
 
     @abstractmethod
     def params(self) -> dict[str, Any]:
@@ -500,8 +516,8 @@ class Artefact(Stage):
     whose key, method and configuration come from its manifest."""
 
     def __init__(self, directory: Path):
-        super().__init__(Path(directory).parents[2])
-        self.directory = Path(directory)
+        super().__init__(as_path(directory).parents[2])
+        self.directory = as_path(directory)
 
     @cached_property
     def _manifest(self) -> dict[str, Any]:

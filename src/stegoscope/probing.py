@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_write_bytes
 from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, open_feature_store
 from .compute import distributed_workers
 from .ops.crf import crf_argmax, softmax
@@ -42,6 +44,7 @@ from .ops.kmeans import CLUSTERERS, ClusterLookup, EuclideanLookup, FixedCentroi
 from .ops.metrics import SegmentationMetrics
 from .pipeline import load_npz, read_manifest
 from .progress import console, progress_bar
+from .storage import as_path, is_remote, stamp
 from .reducers import Reducer
 
 CLUSTER_ALPHA = 2.0  # softmax(2·cos) for the CRF, as STEGO's evaluation
@@ -67,7 +70,7 @@ class StoreArrays:
         self.store = store
         present = tuple(name for name in names if name in store)
         inventory = store.path / INVENTORY  # rewritten whenever the store is (re)completed
-        ident = (str(store.path), store.key, inventory.stat().st_mtime_ns if inventory.exists() else None, present, str(device))
+        ident = (str(store.path), store.key, stamp(inventory) if inventory.exists() else None, present, str(device))
         if ident in _KEPT:
             self.placement, self.arrays = _KEPT[ident]
         else:
@@ -179,7 +182,7 @@ class CodeSource:
     def reopened(cls, spec: tuple) -> CodeSource:
         """The source of :meth:`spec`, its stores read from disk per access (in a dask worker)."""
         path, names, reducer, derived, flip = spec
-        open_rows = lambda where, arrays: StoreArrays(open_feature_store(Path(where), verify=False), arrays, limit_bytes=0)  # noqa: E731
+        open_rows = lambda where, arrays: StoreArrays(open_feature_store(as_path(where), verify=False), arrays, limit_bytes=0)  # noqa: E731
         return cls(open_rows(path, names), reducer, None if derived is None else open_rows(*derived), flip)
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
@@ -388,20 +391,23 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
     """Linear and cluster metrics over every image of the source's (val) store (Hungarian over
     all of them), flattened to ``linear/mIoU``, ``cluster/Accuracy`` …
 
-    Batches are counted in this process (on the GPU that holds the codes, or on the host), or,
-    under a dask.distributed scheduler (``--scheduler local-cluster|tcp://…``) without the CRF,
-    as one task per batch that reads its rows from the store by its path; the confusion counts
+    Batches are counted in this process (on the GPU that holds the codes, or on the host; the
+    CRF in ``crf``'s pool), or, under a dask.distributed scheduler (``--scheduler
+    local-cluster|tcp://…``), as one task per batch that reads its rows from the store by its
+    path and runs the CRF itself, each within ``crf.timeout`` per image; the confusion counts
     are the same either way."""
     lin = SegmentationMetrics(probes.n_classes)
     clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters, hungarian=True, extra_as_errors=extra_as_errors)
     n = len(source.arrays)
     batches = [np.arange(start, min(start + batch, n)) for start in range(0, n, batch)]
-    workers = distributed_workers() if crf is None and device.type != "cuda" else 0
+    workers = distributed_workers() if device.type != "cuda" else 0
     if workers:
         spec = source.spec()
+        timeout = None if crf is None else crf.timeout * 2 * batch  # linear and cluster CRF of each image
         for first in range(0, len(batches), 2 * workers):
             group = batches[first : first + 2 * workers]
-            for lin_part, clu_part in dask.compute(*[dask.delayed(_counted)(spec, probes, rows) for rows in group]):
+            for lin_part, clu_part in _gathered([dask.delayed(_counted)(spec, probes, rows, crf is not None) for rows in group],
+                                                timeout):
                 lin.merge(lin_part), clu.merge(clu_part)
             if progress is not None:
                 progress(sum(len(rows) for rows in group))
@@ -436,12 +442,31 @@ def _count(source: CodeSource, probes: Probes, device: torch.device, rows: np.nd
 
 
 @torch.no_grad()
-def _counted(spec: tuple, probes: Probes, rows: np.ndarray) -> tuple[SegmentationMetrics, SegmentationMetrics]:
-    """One batch's confusion counts in a dask worker: the store reopened by its path, rows read from disk."""
+def _counted(spec: tuple, probes: Probes, rows: np.ndarray, crf: bool = False) -> tuple[SegmentationMetrics, SegmentationMetrics]:
+    """One batch's confusion counts in a dask worker: the store reopened by its path (or URL),
+    rows read from it, the CRF (``crf``) run in the task."""
     lin = SegmentationMetrics(probes.n_classes)
     clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters)
-    _count(CodeSource.reopened(spec), probes, torch.device("cpu"), rows, lin, clu)
+    _count(CodeSource.reopened(spec), probes, torch.device("cpu"), rows, lin, clu, CRFPool(0) if crf else None)
     return lin, clu
+
+
+def _gathered(tasks: list, timeout: float | None) -> list:
+    """The results of dask ``tasks`` on the active dask.distributed client, all within
+    ``timeout`` seconds (None: no limit); a task past it, or one whose workers keep dying, stops
+    the run with the fix (dask already retries a task whose worker died)."""
+    from dask.distributed import KilledWorker, TimeoutError, get_client, wait
+
+    client = get_client()
+    futures = client.compute(tasks)
+    try:
+        wait(futures, timeout=timeout)
+        return client.gather(futures)
+    except (TimeoutError, KilledWorker) as exc:
+        client.cancel(futures)
+        what = f"a task took over {timeout:g} s" if isinstance(exc, TimeoutError) else f"its workers died ({exc})"
+        raise CRFError(f"the dense CRF on the dask cluster failed: {what}; rerun with the threads scheduler, "
+                       "--crf-workers 0, or --no-crf") from exc
 
 
 def sample_codes(source: CodeSource, n_tokens: int, rng: np.random.Generator, device: torch.device, batch: int = 32) -> torch.Tensor:
@@ -494,12 +519,17 @@ def train_validated(steps: int, val_every: int, update: Callable[[int], dict[str
 
 class TrainingLog:
     """``log.jsonl`` (and TensorBoard when installed): scalars every ``every`` steps and at step 1,
-    histograms of the non-scalar tensors every ``hist_every`` steps."""
+    histograms of the non-scalar tensors every ``hist_every`` steps. On object storage the log
+    is PUT whole at most every ``put_seconds`` and at the end (no TensorBoard there)."""
 
-    def __init__(self, directory: Path, every: int = 10, hist_every: int = 100):
+    def __init__(self, directory: Path, every: int = 10, hist_every: int = 100, put_seconds: float = 60.0):
         self.every, self.hist_every = every, hist_every
-        self.file = open(Path(directory) / LOG, "w")
-        self.writer = _tensorboard(Path(directory))
+        self.path = as_path(directory) / LOG
+        self.remote = is_remote(self.path)
+        self.rows: list[str] = []
+        self.put_seconds, self.put_at = put_seconds, time.monotonic()
+        self.file = None if self.remote else self.path.open("w")
+        self.writer = None if self.remote else _tensorboard(self.path.parent)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == 1
@@ -512,8 +542,13 @@ class TrainingLog:
             row[name] = value.mean().item() if isinstance(value, torch.Tensor) else float(value)
         if step % self.hist_every == 0 and tensors:
             row["hist"] = {k: np.histogram(v.detach().cpu().numpy(), 40, (-1, 1))[0].tolist() for k, v in tensors.items()}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        if self.remote:
+            self.rows.append(json.dumps(row) + "\n")
+            if time.monotonic() - self.put_at > self.put_seconds:
+                self._put()
+        else:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         if self.writer is not None:
             for name, value in row.items():
                 if name not in ("step", "hist"):
@@ -522,8 +557,15 @@ class TrainingLog:
                 for name, value in tensors.items():
                     self.writer.add_histogram(name, value.detach().cpu(), step)
 
+    def _put(self) -> None:
+        atomic_write_bytes(self.path, "".join(self.rows).encode())
+        self.put_at = time.monotonic()
+
     def close(self) -> None:
-        self.file.close()
+        if self.remote:
+            self._put()
+        else:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 

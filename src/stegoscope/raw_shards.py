@@ -85,7 +85,7 @@ class ShardLayout:
     def read(self, path, first: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``first``..``stop``-1 of a shard file, reading only its index and those rows'
         bytes (they lie together: chunks are written in row order)."""
-        with open(path, "rb") as fh:
+        with path.open("rb") as fh:
             end = fh.seek(0, 2) - self.slots * 16 - 4
             fh.seek(end)
             index = self._index(np.frombuffer(fh.read(), dtype=np.uint8))

@@ -30,6 +30,7 @@ from .config import ConfigError, Preset, config_changes, describe, readable_name
 from .data import write_synthetic
 from .heads.base import HeadRun
 from .models.backbone import RANDOM_PREFIX, parse_backbone
+from .storage import as_path
 from .pipeline import (COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_stage, stage_lock,
                        without_seeds)
 from .stages.extract import ExtractParams, ExtractStage
@@ -93,7 +94,7 @@ class StudyContext:
     def __init__(self, preset: Preset, cache_root: Path, data_root: Path | None = None, *, device: str | None = None,
                  scheduler: str | None = None, show_progress: bool = True, workers: int | None = None, crf_workers: int = 2,
                  extract_options: dict[str, Any] | None = None):
-        self.preset, self.cache_root, self._data_root = preset, Path(cache_root), data_root
+        self.preset, self.cache_root, self._data_root = preset, as_path(cache_root), data_root
         self.device, self.scheduler = device or preset.device, scheduler or preset.scheduler
         self.show_progress, self.workers, self.crf_workers = show_progress, workers, crf_workers
         self.extract_options = dict(extract_options or {})
@@ -211,10 +212,10 @@ class StudyContext:
     def probe(self, method: str, dim: int | None = None, seed: int = 0, crf: bool | None = None) -> ProbeStage:
         """Probes on the codes of ``method`` at ``dim``: a registered reducer (its preset fit) or
         the folder of a finished reduce / head artefact."""
-        if Path(method).is_dir():
-            artefact = Artefact(Path(method))
+        if as_path(method).is_dir():
+            artefact = Artefact(as_path(method))
             crf = self.crf_at(artefact.method, dim) if crf is None else crf
-            return self._build(("probe", method, dim, seed, crf), f"probe {Path(method).name} seed {seed}", lambda ctx: ProbeStage(
+            return self._build(("probe", method, dim, seed, crf), f"probe {as_path(method).name} seed {seed}", lambda ctx: ProbeStage(
                 ctx.cache_root, ctx.extract("train"), ctx.extract("val"), ctx.probe_params(seed, crf), artefact, dim,
                 device=ctx.device, crf_workers=ctx.crf_workers, show_progress=ctx.show_progress), (artefact.method, dim, seed))
         spec = registry.get(method)
@@ -432,16 +433,23 @@ class StudyContext:
             nodes = old.get("nodes", {}) if old.get("preset_sha256") == content else {}
             for node in graph:
                 kind = "result" if node.result else "fit" if isinstance(node.stage, ReduceStage) else "input"
-                nodes[node.label] = {"key": node.stage.key, "output": os.path.relpath(node.stage.output, self.cache_root),
+                nodes[node.label] = {"key": node.stage.key, "output": _relative(node.stage.output, self.cache_root),
                                      "kind": kind, "method": node.method, "dim": node.dim, "seed": node.seed,
                                      "result": node.result, "label": node.stage.label, "stage": node.stage.name,
                                      "headline": node.result and self.headline(node.method, node.dim), "family": self.family}
             record = {"study": self.preset.name, "experiment": self.experiment, "label": self.preset.label(),
                       "overrides": self.preset.overrides, "preset": str(self.preset.path), "preset_sha256": content,
                       "updated": time.time(), "nodes": nodes}
-            folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
         return path
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the cache root (``..`` for an artefact given from another local cache)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return os.path.relpath(path, root)
 
 
 def _resolved(preset: Preset) -> Preset:

@@ -124,7 +124,8 @@ class PrimapsTrainer(HeadTrainer):
     def load_inputs(self, inputs: dict[str, Path]) -> dict[str, np.ndarray]:
         if "base" in inputs:
             self.base = load_reducer(inputs["base"])
-            self.base_centroids = torch.load(inputs["base"] / PROBES, weights_only=True)["best"]["cluster"]["clusters"]
+            with (inputs["base"] / PROBES).open("rb") as fh:
+                self.base_centroids = torch.load(fh, weights_only=True)["best"]["cluster"]["clusters"]
         return {MASK_IDS: load_mask_ids(inputs["masks"])}
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:

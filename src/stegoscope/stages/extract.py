@@ -323,11 +323,10 @@ class ExtractStage(Stage):
         start = time.perf_counter()
         if self.state() == COMPLETE:
             return RunResult(self, True, time.perf_counter() - start)
-        locks = Path(self.cache_root) / "locks"
-        create = locks / f"{self.key}.create.lock"
+        create = cache_schema.lock_path(self.cache_root, f"{self.key}.create")
         with stage_lock(create, wait, on_wait):
             store = self._open_or_create(False)
-        with stage_lock(locks / f"{self.key}.rank{self.rank}of{self.world}.lock", wait, on_wait), \
+        with stage_lock(cache_schema.lock_path(self.cache_root, f"{self.key}.rank{self.rank}of{self.world}"), wait, on_wait), \
                 stage_lock(cache_schema.lock_path(self.cache_root, self.key), wait, on_wait, shared=True):
             summary = self._fill(store, start)
         with stage_lock(create, wait, on_wait):

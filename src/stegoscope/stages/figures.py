@@ -33,6 +33,7 @@ from ..cache_schema import METRICS
 from ..config import config_changes, describe, readable_names, short_value
 from ..pipeline import begin_artefact, experiment_id, load_npz, read_json, read_manifest, without_seeds, write_manifest
 from ..progress import console
+from ..storage import as_path
 
 RESULT_FIELDS = ("study", "dataset", "method", "label", "experiment", "family", "dim", "probe", "crf", "seed", "step", "mIoU",
                  "Accuracy", "key")
@@ -69,7 +70,7 @@ def collect(cache_root: Path, studies: list[str]) -> tuple[list[dict[str, Any]],
                 if node["key"] in seen or node.get("kind") == "input":
                     continue
                 seen.add(node["key"])
-                directory = Path(cache_root) / node["output"]
+                directory = as_path(cache_root) / node["output"]
                 manifest = read_manifest(directory)
                 if manifest is None:
                     console.print(f"study {study}: {directory} is not complete; rerun the study to draw it", highlight=False)
@@ -530,7 +531,7 @@ def render(cache_root: Path, out_dir: Path, studies: list[str]) -> dict[str, lis
     import matplotlib.pyplot as plt
 
     rows, fits = collect(cache_root, studies)
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     begin_artefact(out_dir)  # a run killed before the end leaves no manifest
     figures = {}
     if fits:

@@ -22,6 +22,7 @@ from ..cache_schema import NNS, POOLED, open_complete_store
 from ..models import resolve_device
 from ..ops.knn import knn_blocked, knn_tree
 from ..atomic import atomic_write_npz
+from ..storage import as_path
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 
 
@@ -74,4 +75,4 @@ def _pooled_blocks(store, block: int):
 
 
 def _pooled_rows(path: str, start: int, stop: int) -> np.ndarray:
-    return cache_schema.open_feature_store(Path(path), verify=False)[POOLED][start:stop]
+    return cache_schema.open_feature_store(as_path(path), verify=False)[POOLED][start:stop]

@@ -25,6 +25,7 @@ from ..cache_schema import IMAGES, TOKENS, StoreError, load_mask_ids, mask_ids_p
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import CRFPool
 from ..progress import progress_bar
+from ..storage import read_npy
 
 CHUNK = 64  # images per file
 
@@ -85,7 +86,7 @@ class PrimapsMasksStage(Stage):
                     rows = slice(start, min(start + CHUNK, n))
                     path = mask_ids_path(self.output, chunk)
                     if path.exists() and not force:  # written atomically by an earlier run
-                        ids = np.load(path)
+                        ids = read_npy(path, mmap=False)
                     else:
                         tokens, images = store[TOKENS][rows], store[IMAGES][rows]
                         ids = np.stack(pool.run(proposal_job, [(t, i, self.threshold, self.coverage, self.gain)

@@ -29,6 +29,7 @@ from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, package_versions, store_state, write_manifest
 from ..probing import load_reducer
 from ..progress import progress_bar
+from ..storage import as_path, stamp
 from ..reducers import Reducer
 
 
@@ -140,19 +141,19 @@ class ProjectStage(Stage):
 
 def project_shard(source: str, output: str, fit: str, shard: int) -> int:
     """Project one shard of the ``source`` store through the fit at ``fit`` into ``output`` (a task)."""
-    stamp = (Path(fit) / cache_schema.MANIFEST).stat().st_mtime_ns  # a refit at the same path is another fit
-    store, reducer = cache_schema.open_feature_store(Path(output), mode="r+", verify=False), _fitted(fit, stamp)
+    fitted = _fitted(fit, stamp(as_path(fit) / cache_schema.MANIFEST))  # a refit at the same path is another fit
+    store, reducer = cache_schema.open_feature_store(as_path(output), mode="r+", verify=False), fitted
     rows = store.layout.shard_slice(shard)
-    tokens = cache_schema.open_feature_store(Path(source), verify=False)
+    tokens = cache_schema.open_feature_store(as_path(source), verify=False)
     codes = reducer.transform(tokens[TOKENS][rows])
     store.write_shard(shard, {TOKENS: codes, POOLED: codes.mean(axis=(1, 2)), IDS: tokens[IDS][rows]})
     return shard
 
 
 @lru_cache(maxsize=4)
-def _fitted(fit: str, stamp: int) -> Reducer:
+def _fitted(fit: str, stamp: str) -> Reducer:
     """A worker loads each fit once."""
-    return load_reducer(Path(fit))
+    return load_reducer(as_path(fit))
 
 
 def _rows(layout: StoreLayout, shard: int) -> int:
