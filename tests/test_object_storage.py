@@ -102,6 +102,13 @@ def test_a_study_on_s3_gives_the_local_results_bit_for_bit_and_writes_nothing_lo
             assert _without_times(a) == _without_times(b), name
     for name in ("figures/micro/fig4_miou_vs_dim.png", "figures/micro/fig4_miou_vs_dim.pdf"):
         assert ours[name][:4] in (b"\x89PNG", b"%PDF")
+    # gc on S3: an unfinished artefact no study reaches is listed, then deleted; the rest stays
+    s3.pipe_file(f"{BUCKET}/micro/artefacts/probe/orphan-000000000000/payload.npz", b"x" * 1000)
+    listed = invoke("gc", "--dry-run", "--cache", url)
+    assert "orphan-000000000000" in listed.output.replace("\n", "") and "1 stores and artefacts" in listed.output
+    assert invoke("gc", "--cache", url).exit_code == 0
+    assert not s3.exists(f"{BUCKET}/micro/artefacts/probe/orphan-000000000000/payload.npz")
+    assert sorted(s3.find(f"{BUCKET}/micro")) == sorted(f"{BUCKET}/micro/{name}" for name in ours)
 
 
 def _without_times(value):
@@ -174,6 +181,11 @@ def test_leases_exclude_a_second_holder_are_renewed_and_an_expired_one_is_taken_
         reader.release()
     writer = Lease(path)
     writer.acquire(wait=False)
+    # a backend without a trusted create-only put: said, and a second writer refuses instead of waiting
+    unconditional = Lease(path)
+    unconditional.conditional = False
+    with pytest.warns(UserWarning, match="no conditional"), pytest.raises(LeaseHeld, match="refuses instead of waiting"):
+        unconditional.acquire(wait=True)
     writer.release()
 
 
@@ -234,3 +246,22 @@ def test_a_store_on_s3_reads_back_as_written_through_every_reader(s3, tmp_path):
     np.testing.assert_array_equal(tokens.array[1:4], whole[1:4])  # zarr's own reader
     np.testing.assert_array_equal(store.token_matrix().compute(), whole.reshape(-1, whole.shape[-1]))
     assert store.damage() == {}
+
+
+def test_a_stage_sigkilled_on_s3_before_its_manifest_reruns_to_the_local_result(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    preset = write_micro_preset(tmp_path / "micro.yaml")
+    url, local = f"s3://{BUCKET}/stage-kill", tmp_path / "local"
+    reduce = ["reduce", "--method", "pca", "--preset", preset, "--device", "cpu", "--no-progress"]
+    for cache in (url, local):
+        assert invoke("extract", "--preset", preset, "--cache", cache, "--workers", 0, "--no-progress").exit_code == 0
+    assert invoke(*reduce, "--cache", local).exit_code == 0
+    killed = _crash("kill-at", "manifest.json", *reduce, "--cache", url, lease_seconds=10)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
+    (fit,) = s3.ls(f"{BUCKET}/stage-kill/artefacts/reduce")
+    assert s3.exists(f"{fit}/payload.npz") and not s3.exists(f"{fit}/manifest.json")  # not complete
+    again = invoke(*reduce, "--cache", url)
+    assert again.exit_code == 0 and "waiting for" in again.output, again.output  # the dead run's lease, until it expired
+    (reference,) = (local / "artefacts" / "reduce").iterdir()
+    assert s3.cat(f"{fit}/payload.npz") == (reference / "payload.npz").read_bytes()
+    assert json.loads(s3.cat(f"{fit}/manifest.json"))["files"] == json.loads((reference / "manifest.json").read_text())["files"]

@@ -444,10 +444,11 @@ class FeatureStore:
     def raw_rows(self, name: str, selection) -> slice | None:
         """The rows of a selection (a step-1 slice of rows, all columns) of a raw array, which
         :meth:`read_rows` reads; None for other selections and arrays (zarr reads those)."""
-        rows = selection[0] if isinstance(selection, tuple) and len(selection) == 1 else selection
+        rows, rest = (selection[0], selection[1:]) if isinstance(selection, tuple) and selection else (selection, ())
         raw = self._raw_layout(name) if isinstance(rows, slice) else None
-        if raw is None:
-            return None
+        if raw is None or len(rest) > len(raw.chunk_shape) or not all(
+                isinstance(r, slice) and r.indices(n) == (0, n, 1) for r, n in zip(rest, raw.chunk_shape)):
+            return None  # not whole rows (dask asks for whole rows as a tuple of full slices)
         start, stop, step = rows.indices(raw.rows)
         return slice(start, stop) if step == 1 and stop > start else None
 
@@ -459,9 +460,9 @@ class FeatureStore:
         for shard in range(rows.start // size, -(-rows.stop // size)):
             lo, hi = max(rows.start, shard * size), min(rows.stop, (shard + 1) * size)
             part, path = out[lo - rows.start : hi - rows.start], self._shard_path(name, shard)
-            if path.exists():
+            try:
                 raw.read(path, lo - shard * size, hi - shard * size, part)
-            else:
+            except FileNotFoundError:
                 part[...] = 0  # zarr reads a missing shard as the fill value
         return out
 

@@ -84,19 +84,28 @@ class ShardLayout:
 
     def read(self, path, first: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``first``..``stop``-1 of a shard file, reading only its index and those rows'
-        bytes (they lie together: chunks are written in row order)."""
+        bytes (they lie together: chunks are written in row order). On object storage that is
+        two ranged GETs (the index as a suffix range), without asking for the object's size."""
+        if getattr(path, "protocol", "") not in ("", "file", "local"):
+            return self._read_ranges(path, first, stop, out)
         with path.open("rb") as fh:
             end = fh.seek(0, 2) - self.slots * 16 - 4
             fh.seek(end)
             index = self._index(np.frombuffer(fh.read(), dtype=np.uint8))
-            wanted = index[first:stop]
-            present = wanted[:, 0] != ABSENT
-            lo = int(wanted[present, 0].min()) if present.any() else 0
-            hi = int((wanted[present, 0] + wanted[present, 1]).max()) if present.any() else 0
+            lo, hi = _span(index[first:stop])
             if hi > end:
                 raise ValueError(f"the shard index points past the chunks ({hi} > {end} bytes)")
             fh.seek(lo)
             buf = np.frombuffer(fh.read(hi - lo), dtype=np.uint8)
+        return self._rows(buf, lo, index, first, stop, hi, out)
+
+    def _read_ranges(self, path, first: int, stop: int, out: np.ndarray | None) -> np.ndarray:
+        tail = self.slots * 16 + 4
+        index = self._index(np.frombuffer(path.fs.cat_file(path.path, start=-tail), dtype=np.uint8))
+        lo, hi = _span(index[first:stop])
+        buf = np.frombuffer(path.fs.cat_file(path.path, start=lo, end=hi) if hi > lo else b"", dtype=np.uint8)
+        if len(buf) != hi - lo:
+            raise ValueError(f"the shard index points past the chunks ({hi} > {lo + len(buf)} bytes)")
         return self._rows(buf, lo, index, first, stop, hi, out)
 
     def _index(self, tail: np.ndarray) -> np.ndarray:
@@ -122,6 +131,14 @@ class ShardLayout:
                 raise ValueError(f"inner chunk {i} fails its crc32c")
             out[i - first] = chunk.view(self.dtype.newbyteorder("<")).reshape(self.chunk_shape)
         return out
+
+
+def _span(wanted: np.ndarray) -> tuple[int, int]:
+    """The byte range [lo, hi) holding the present chunks of ``wanted`` index rows ((0, 0): none)."""
+    present = wanted[:, 0] != ABSENT
+    if not present.any():
+        return 0, 0
+    return int(wanted[present, 0].min()), int((wanted[present, 0] + wanted[present, 1]).max())
 
 
 def _crc(data) -> bytes:

@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -153,6 +154,9 @@ def remove_tree(path) -> None:
 LEASE_SECONDS = 60.0  # default lifetime of a lease; $STEGOSCOPE_LEASE_SECONDS overrides it
 
 
+_WARNED: set[str] = set()  # protocols whose missing conditional put was reported
+
+
 class LeaseHeld(RuntimeError):
     """Another process holds a live lease."""
 
@@ -230,6 +234,11 @@ class Lease:
     # -- acquire / release -----------------------------------------------------------------
     def acquire(self, wait: bool = True, on_wait: Callable[[str], None] | None = None, poll: float | None = None) -> None:
         poll = poll if poll is not None else min(5.0, self.seconds / 4)
+        if not self.conditional and self.path.protocol not in _WARNED:
+            _WARNED.add(self.path.protocol)
+            warnings.warn(f"{self.path.protocol}:// has no conditional (create-only) put that stegoscope trusts: two runs "
+                          "of one stage key starting at the same moment cannot be excluded, so run one writer per key "
+                          "(a run that finds another's live lease refuses to start)", stacklevel=2)
         self._since = time.time()
         waited = False
         while True:
