@@ -166,6 +166,8 @@ def test_leases_exclude_a_second_holder_are_renewed_and_an_expired_one_is_taken_
     second.acquire(wait=True, on_wait=waits.append, poll=0.2)  # taken over once expired
     assert len(waits) == 1 and "expires in" in waits[0]
     assert second.mine == "x-00000001" and storage.lease_held(path)
+    with pytest.raises(storage.LeaseLost, match="took it over"):  # what a stage calls before it publishes
+        storage.ensure_held()
     assert first.renew() is False and first.lost  # the hung holder learns it lost its lease
     first.release()  # and leaves the new holder's lease alone
     assert Lease(path).leases().keys() == {"x-00000001"}

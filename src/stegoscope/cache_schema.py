@@ -52,7 +52,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_text, fsync_paths, fsync_tree, remove_partials
 from .raw_shards import ShardLayout
-from .storage import as_path, file_sizes, is_remote, read_npy, stamp, zarr_options
+from .storage import as_path, ensure_held, file_sizes, is_remote, read_npy, stamp, zarr_options
 
 SCHEMA_VERSION = 1
 
@@ -485,6 +485,7 @@ class FeatureStore:
         pending = self.pending_shards()
         if pending:
             raise StoreError(f"{self.path}: shards {pending[:8]} are not written; cannot mark complete")
+        ensure_held()  # a run whose lease was taken over publishes nothing
         (self.path / DAMAGE).unlink(missing_ok=True)  # every damaged shard was rewritten
         fsync_tree(self.path)
         self.group.attrs["status"] = STATUS_COMPLETE

@@ -42,7 +42,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, LockHeld, CRFError, ValueError, FileNotFoundError)
+USER_ERRORS = (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, LockHeld, storage.LeaseLost, CRFError, ValueError,
+               FileNotFoundError)
 
 
 # Write errors the user can fix (full disk, quota, read-only or failing disk, permissions).

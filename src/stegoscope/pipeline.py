@@ -162,6 +162,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any], files: Iterable[Pa
     directory = as_path(directory)
     files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in (_artefact_files(directory) if files is None else map(as_path, files))}
+    storage.ensure_held()  # a run whose lease was taken over publishes nothing
     atomic_write_text(directory / MANIFEST, json.dumps({**manifest, "files": files}, indent=2, sort_keys=True))
 
 
@@ -386,15 +387,16 @@ def stage_lock(path: Path, wait: bool = True, on_wait=None, shared: bool = False
     nothing, the lock is a :class:`storage.Lease` (taken over once it expires).
     """
     if storage.is_remote(path):
+        held = storage.Lease(path, shared=shared)
         try:
-            with storage.lease(path, wait, on_wait, shared) as held:
-                yield
+            held.acquire(wait, on_wait)
         except storage.LeaseHeld as exc:
             raise LockHeld(f"{exc}; it runs or reads the same stage key: wait for it to finish (run without "
                            f"--no-wait), or for its lease to expire if it died") from None
-        if held.lost:
-            raise LockHeld(f"{path}: this run's lease expired and another process took it over while it ran; "
-                           "rerun it: finished work is skipped")
+        try:
+            yield
+        finally:
+            held.release()
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,8 @@ import threading
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+)://")
 # Backends whose create-only PUT is atomic across processes (s3fs sends If-None-Match: *).
@@ -161,6 +160,23 @@ class LeaseHeld(RuntimeError):
     """Another process holds a live lease."""
 
 
+class LeaseLost(RuntimeError):
+    """This process's lease expired and another process took it over."""
+
+
+_HELD: set = set()  # the leases this process holds now
+
+
+def ensure_held() -> None:
+    """Renew every lease this process holds, now; raise LeaseLost if another process took one
+    over (called before anything is published: a manifest, a store's completion)."""
+    for held in list(_HELD):
+        if not held.renew():
+            raise LeaseLost(f"{held.path}: this run's lease expired and another process took it over while it ran "
+                            f"(it was paused or cut off for longer than the lease's {held.seconds:g} s); nothing more "
+                            "is published: rerun the command, finished work is skipped")
+
+
 class Lease:
     """A lock on object storage: objects under the prefix ``path``.
 
@@ -170,7 +186,8 @@ class Lease:
     holder, host, pid, start time and expiry; a thread renews it every third of ``seconds``.
     A lease past its expiry belongs to a dead (or hung) process: an exclusive taker creates the
     next generation, and a renewer that finds a newer generation (or another holder in its
-    object) knows its lease is lost (``lost``).
+    object) knows its lease is lost (``lost``): :func:`ensure_held`, called before a manifest or
+    a store's completion is published, then stops the stage.
 
     On a backend without an atomic create-only PUT (see ``CONDITIONAL_PUT``) a lease is only
     checked, then written: it says so, and refuses to run when another live lease exists
@@ -290,6 +307,7 @@ class Lease:
             time.sleep(poll)
 
     def _start_renewing(self) -> None:
+        _HELD.add(self)
         self._renewer = threading.Thread(target=self._renew_loop, name=f"lease {self.path.name}", daemon=True)
         self._renewer.start()
 
@@ -302,7 +320,9 @@ class Lease:
 
     def renew(self) -> bool:
         """Extend this process's lease; False (and ``lost``) when another process took it over."""
-        if self.mine is None or self.lost:
+        if self.mine is None:
+            return True  # nothing held, nothing lost
+        if self.lost:
             return False
         key = f"{self.path.path}/{self.mine}"
         records = self.leases()
@@ -314,6 +334,7 @@ class Lease:
         return True
 
     def release(self) -> None:
+        _HELD.discard(self)
         self._stop.set()
         if self._renewer is not None and self._renewer is not threading.current_thread():
             self._renewer.join()
@@ -326,17 +347,6 @@ class Lease:
             except (FileNotFoundError, ValueError):
                 pass
         self.mine = None
-
-
-@contextmanager
-def lease(path, wait: bool = True, on_wait=None, shared: bool = False) -> Iterator[Lease]:
-    """Hold a :class:`Lease` on ``path`` for the ``with`` block."""
-    held = Lease(path, shared=shared)
-    held.acquire(wait, on_wait)
-    try:
-        yield held
-    finally:
-        held.release()
 
 
 def lease_held(path) -> bool:
