@@ -5,7 +5,8 @@
 # stream with ViT-B shapes, the store's write / read throughput against the raw disk by threads, and
 # one Fig. 4 sweep of a Cityscapes-sized synthetic store (a measured fraction, scaled: see
 # gpu_sweep.py), and each successor head's step from the cache against the backbone in the loop
-# (successor_step.py; not in the default STEPS). Results go to $OUT (default ./gpu-results): summary.txt and one log per benchmark
+# (successor_step.py; not in the default STEPS), and two `extract --rank` processes writing one
+# store against one process (gpu_ranks.py; not in the default STEPS). Results go to $OUT (default ./gpu-results): summary.txt and one log per benchmark
 # — 8 files, the most the device tool brings back.
 #
 # That machine has torch, torchvision, timm and cupy but not zarr or dask and reaches no
@@ -46,10 +47,11 @@ for step in $STEPS; do
         gpu_extract) run gpu_extract 120 python3 benchmarks/gpu_extract.py --images 3000 --batch 128 --workers 14 ${EXTRACT_ARGS:-} ;;
         gpu_stego) run gpu_stego 45 python3 benchmarks/gpu_stego.py --arch vit_base_patch8 --batch 32 --steps 10 --profile ;;
         gpu_knn) run gpu_knn 40 python3 benchmarks/gpu_knn.py --n 250000 --dim 768 --k 30 ;;
-        pca_stream) run pca_stream 60 python3 benchmarks/pca_stream.py --gb 2 --channels 768 --device cuda ;;
+        pca_stream) run pca_stream 90 python3 benchmarks/pca_stream.py --gb 2 --channels 768 --device cuda ;;
         store_throughput) run store_throughput 40 python3 benchmarks/store_throughput.py --shards 16 --threads 1 2 4 8 ;;
         gpu_sweep) run gpu_sweep 200 python3 benchmarks/gpu_sweep.py --fraction 14 ;;
         successor_step) run successor_step 150 python3 benchmarks/successor_step.py --batch 32 --steps 5 ;;
+        gpu_ranks) run gpu_ranks 180 python3 benchmarks/gpu_ranks.py --images 3000 --batch 128 --workers 6 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
     esac
 done

@@ -43,6 +43,12 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
+    # [measured] torchvision's batched nvJPEG decode (0.26, H200) runs outside the current stream's
+    # order: without these two barriers the first image of a batch now and then came out as another
+    # image's pixels (benchmarks/gpu_ranks.py: 1-2 of 1024 images per run differed between two
+    # identical runs; none with them, none with --decode cpu).
+    barrier = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+    barrier(device)
     try:
         return list(decode(encoded))
     except RuntimeError:  # one bad or unsupported file fails the batch: find it
@@ -53,6 +59,8 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
             except RuntimeError:
                 out.append(None)
         return out
+    finally:
+        barrier(device)
 
 
 def device_pixels(
