@@ -78,11 +78,6 @@ class StoreError(RuntimeError):
     """A store on disk is not what its attributes claim, or not a stegoscope store at all."""
 
 
-def default_cache_root() -> Path:
-    """``$STEGOSCOPE_CACHE`` if set, else ``./.stegoscope-cache``."""
-    return as_path(os.environ.get("STEGOSCOPE_CACHE", ".stegoscope-cache"))
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._" else "_" for c in text)
 
@@ -149,8 +144,9 @@ def mask_ids_path(directory: Path, chunk: int) -> Path:
 
 
 class ChunkedRows:
-    """Rows of an array kept as consecutive ``.npy`` chunks, memory-mapped: ``rows[i]`` reads only
-    the rows asked for (any order); ``np.asarray`` gives the whole array."""
+    """Rows of an array kept as consecutive ``.npy`` chunks, memory-mapped (on object storage:
+    read whole): ``rows[i]`` reads only the rows asked for (any order); ``np.asarray`` gives the
+    whole array."""
 
     def __init__(self, paths: list[Path]):
         self.parts = [read_npy(p) for p in paths]

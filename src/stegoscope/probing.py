@@ -403,9 +403,10 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
     workers = distributed_workers() if device.type != "cuda" else 0
     if workers:
         spec = source.spec()
-        timeout = None if crf is None else crf.timeout * 2 * batch  # linear and cluster CRF of each image
         for first in range(0, len(batches), 2 * workers):
             group = batches[first : first + 2 * workers]
+            # the CRF's time: linear and cluster of each image, for the tasks each worker runs in turn
+            timeout = None if crf is None else crf.timeout * 2 * batch * -(-len(group) // workers)
             for lin_part, clu_part in _gathered([dask.delayed(_counted)(spec, probes, rows, crf is not None) for rows in group],
                                                 timeout):
                 lin.merge(lin_part), clu.merge(clu_part)
@@ -453,8 +454,9 @@ def _counted(spec: tuple, probes: Probes, rows: np.ndarray, crf: bool = False) -
 
 def _gathered(tasks: list, timeout: float | None) -> list:
     """The results of dask ``tasks`` on the active dask.distributed client, all within
-    ``timeout`` seconds (None: no limit); a task past it, or one whose workers keep dying, stops
-    the run with the fix (dask already retries a task whose worker died)."""
+    ``timeout`` seconds (the CRF's; None: no limit). Tasks past it, or whose workers keep dying
+    while they run the CRF, stop the run with the fix (dask already retries a task whose worker
+    died, and names it when that keeps happening)."""
     from dask.distributed import KilledWorker, TimeoutError, get_client, wait
 
     client = get_client()
@@ -464,6 +466,8 @@ def _gathered(tasks: list, timeout: float | None) -> list:
         return client.gather(futures)
     except (TimeoutError, KilledWorker) as exc:
         client.cancel(futures)
+        if timeout is None:
+            raise
         what = f"a task took over {timeout:g} s" if isinstance(exc, TimeoutError) else f"its workers died ({exc})"
         raise CRFError(f"the dense CRF on the dask cluster failed: {what}; rerun with the threads scheduler, "
                        "--crf-workers 0, or --no-crf") from exc

@@ -275,8 +275,8 @@ class Lease:
                     name = f"x-{max(generations, default=-1) + 1:08d}"
                     if self._create(name):
                         self.mine = name
-                        for stale in records:  # expired generations before ours
-                            if stale.startswith("x-"):
+                        for stale, record in records.items():  # expired leases of dead runs (every x- here is)
+                            if record.get("expires", 0) <= time.time():
                                 self.path.fs.rm_file(f"{self.path.path}/{stale}")
                         self._start_renewing()
                         self._drain_readers(wait, on_wait, poll)
