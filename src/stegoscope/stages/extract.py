@@ -276,12 +276,16 @@ class ExtractStage(Stage):
     def store_attrs(self, skipped: dict[str, str]) -> dict[str, Any]:
         """The attributes of this stage's store: its key, parameters, inputs and provenance."""
         _, random = parse_backbone(self.p.backbone)
+        device = resolve_device(self.device)
         return {
             "key": self.key, "stage": self.name, "stage_version": self.version, "spec": self.params(),
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
             "inputs": self.inputs(), "dataset_root": str(self.data_root), "class_names": list(self.dataset.class_names),
             "skipped": [{"id": sid, "reason": reason} for sid, reason in skipped.items()],
             "pretrained": not random, "versions": package_versions(), "started": time.time(),
+            # not in the key (the same pixels up to JPEG rounding), but traceable: stores decoded on a GPU
+            # before the decode was fenced (docs/benchmarks.md, run 4) are the ones without this entry
+            "extracted_with": {"device": str(device), "decode": self.decode_mode(device)},
         }
 
     def execute(self, force: bool) -> ExtractSummary:
