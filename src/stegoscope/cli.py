@@ -60,10 +60,10 @@ def user_errors(fn):
         except USER_ERRORS as exc:
             message = str(exc)
         except OSError as exc:
-            if exc.errno not in DISK_ERRNOS:
+            if exc.errno not in DISK_ERRNOS and not isinstance(exc, PermissionError):  # s3fs: a 403 has no errno
                 raise
-            message = (f"{exc}. Nothing was marked complete and finished work is kept: fix the cause "
-                       "(e.g. free disk space) and rerun the same command.")
+            message = (f"{exc}. Nothing was marked complete and finished work is kept: fix the cause (e.g. free disk "
+                       "space, or the permissions or credentials of the cache) and rerun the same command.")
         console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
