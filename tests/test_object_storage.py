@@ -19,7 +19,7 @@ from stegoscope import cache_schema, storage
 from stegoscope.storage import Lease, LeaseHeld
 
 from conftest import write_directory_dataset, write_micro_preset
-from test_reliability import CRASH_AT, assert_same_store, extract_args, invoke, store_of
+from test_reliability import assert_same_store, crash, extract_args, invoke, store_of
 
 s3fs = pytest.importorskip("s3fs")
 BUCKET = "stegoscope-test"
@@ -200,13 +200,8 @@ def test_two_creators_of_one_generation_one_wins(s3):
 
 
 def _crash(mode, arg, *args, wait=True, lease_seconds=2):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
-           "STEGOSCOPE_LEASE_SECONDS": str(lease_seconds)}
-    cmd = [sys.executable, str(CRASH_AT), mode, str(arg), "--", *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
-        proc.wait(timeout=300)
-    return proc
+    """``crash`` with this module's S3 settings and a lease lifetime of its own."""
+    return crash(mode, arg, *args, wait=wait, env={"STEGOSCOPE_LEASE_SECONDS": str(lease_seconds)})
 
 
 def test_an_extraction_sigkilled_on_s3_resumes_and_two_ranks_write_one_store(s3, tmp_path):

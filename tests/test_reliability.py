@@ -38,9 +38,11 @@ def invoke(*args):
     return result
 
 
-def crash(mode, arg, *args, wait=True):
+def crash(mode, arg, *args, wait=True, env=None):
+    """The CLI with ``args`` in a subprocess, its writes faulted by crash_at.py; ``env``: more variables."""
     cmd = [sys.executable, str(CRASH_AT), mode, str(arg), "--", *map(str, args)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ENV["PYTHONPATH"], **env} if env else ENV  # now's environment
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
         proc.wait(timeout=300)
     return proc

@@ -22,6 +22,8 @@ import struct
 import google_crc32c
 import numpy as np
 
+from .storage import is_remote
+
 ABSENT = 2**64 - 1
 
 
@@ -86,7 +88,7 @@ class ShardLayout:
         """Rows ``first``..``stop``-1 of a shard file, reading only its index and those rows'
         bytes (they lie together: chunks are written in row order). On object storage that is
         two ranged GETs (the index as a suffix range), without asking for the object's size."""
-        if getattr(path, "protocol", "") not in ("", "file", "local"):
+        if is_remote(path):
             return self._read_ranges(path, first, stop, out)
         with path.open("rb") as fh:
             end = fh.seek(0, 2) - self.slots * 16 - 4
