@@ -40,7 +40,7 @@ run() {  # name, seconds, command...
 }
 
 # STEPS picks the benchmarks of a rerun (e.g. after a fix); EXTRACT_ARGS adds gpu_extract options.
-STEPS=${STEPS:-"gpu_check gpu_extract gpu_stego gpu_knn pca_stream store_throughput gpu_sweep"}
+STEPS=${STEPS:-"gpu_check gpu_extract gpu_stego gpu_knn pca_stream store_throughput gpu_sweep"}  # + gpu_sweep_alone: the sweep without groups
 for step in $STEPS; do
     case $step in
         gpu_check) run gpu_check 50 python3 benchmarks/gpu_check.py --images 96 ;;
@@ -50,6 +50,7 @@ for step in $STEPS; do
         pca_stream) run pca_stream 90 python3 benchmarks/pca_stream.py --gb 2 --channels 768 --device cuda ;;
         store_throughput) run store_throughput 40 python3 benchmarks/store_throughput.py --shards 16 --threads 1 2 4 8 ;;
         gpu_sweep) run gpu_sweep 200 python3 benchmarks/gpu_sweep.py --fraction 14 ;;
+        gpu_sweep_alone) run gpu_sweep_alone 200 python3 benchmarks/gpu_sweep.py --fraction 14 --no-group ;;
         successor_step) run successor_step 150 python3 benchmarks/successor_step.py --batch 32 --steps 5 ;;
         gpu_ranks) run gpu_ranks 180 python3 benchmarks/gpu_ranks.py --images 3000 --batch 128 --workers 6 ;;
         *) echo "unknown step $step" >&2; exit 2 ;;

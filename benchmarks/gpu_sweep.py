@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--crf-workers", type=int, default=os.cpu_count())
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="preset override KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument("--no-group", action="store_true", help="train every probe and head alone (the default trains the "
+                        "probes in one group and the heads in another; a member's seconds are then its group's)")
     parser.add_argument("--streamed", action="store_true",
                         help="the profile of the alternative: one PCA probe (seed 1) with nothing placed on the GPU, "
                              "its batches read from the store per step (as before device placement)")
@@ -147,7 +149,8 @@ def main() -> None:
     preset = load_preset("cityscapes", {**overrides, "probe.steps": steps, "stego.steps": steps})
     dims = list(full.dims)
     data = write_cityscapes_folder(args.workdir / "data", args.train_images, args.val_images)
-    ctx = StudyContext(preset, args.workdir / "cache", data, device=str(device), show_progress=False, crf_workers=args.crf_workers)
+    ctx = StudyContext(preset, args.workdir / "cache", data, device=str(device), show_progress=False, crf_workers=args.crf_workers,
+                       group=not args.no_group)
 
     start = time.perf_counter()
     written = sum(fill_store(ctx.extract(split), device, ctx.n_classes, seed) for seed, split in enumerate(("train", "val")))
@@ -174,8 +177,11 @@ def main() -> None:
             print(f"  {clock['node'].label}: {time.perf_counter() - clock['start']:.1f} s", flush=True)
         clock.update(node=node, start=time.perf_counter())
 
+    running = time.perf_counter()
     results = {id(node.stage): result for node, result in ctx.run(graph, progress=progress)}
     progress(None)
+    print(f"measured fraction, {'each alone' if args.no_group else 'grouped'}: {time.perf_counter() - running:.1f} s wall "
+          "(compare this line of a --no-group run: the per-kind figures below count a group's time once per member)")
     labels = {id(node.stage): node.label for node in graph}
 
     def measured(stage) -> dict[str, float]:

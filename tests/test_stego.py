@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from stegoscope.cli import app
-from stegoscope.ops.correlation_loss import CorrelationLoss, super_perm
+from stegoscope.ops.correlation_loss import CorrelationLoss, sample, sample_partners, super_perm, super_perms
 from stegoscope.ops.knn import knn_blocked, knn_tree
 
 
@@ -73,6 +73,14 @@ def test_paper_centring_drops_the_global_mean():
     a = CorrelationLoss(**kw)(*x, coords, coords, [torch.tensor([1, 0])])
     b = CorrelationLoss(**kw, readd_global_mean=False)(*x, coords, coords, [torch.tensor([1, 0])])
     assert not torch.isclose(a["self"], b["self"])
+
+
+def test_partners_sampled_in_one_kernel_equal_sampling_each_permuted_map():
+    g = torch.Generator().manual_seed(2)
+    maps, coords = torch.randn(5, 3, 6, 7, generator=g), torch.rand(5, 4, 4, 2, generator=g) * 2 - 1
+    perms = super_perms(3, 5, g)
+    expected = torch.stack([sample(maps[p], coords) for p in perms])
+    torch.testing.assert_close(sample_partners(maps, coords, perms), expected, rtol=0, atol=1e-6)
 
 
 def test_super_perm_has_no_fixed_points():

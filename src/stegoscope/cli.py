@@ -665,12 +665,12 @@ FUTURE = "future"  # `study --only future`: the preset's open-question experimen
 
 
 def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None, only=None, dims=None, seeds=None,
-               device=None, scheduler=None, flip=None, dry_run=False, progress=True) -> list:
+               device=None, scheduler=None, flip=None, dry_run=False, progress=True, group=None) -> list:
     """Run (or with ``dry_run`` plan) every experiment of a study; the contexts that ran."""
     from .progress import progress_bar
 
     base = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, scheduler=scheduler, show_progress=False,
-                    extract_options={"download_weights": not dry_run})
+                    extract_options={"download_weights": not dry_run}, group=group)
     grid = dict(parse_sweep(text) for text in sweeps or ())
     contexts = [base.variant(p) for p in base.preset.experiments(grid)]
     plans = []
@@ -682,21 +682,23 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
             plans += [(c, c.graph_of(targets)) for c, targets in ctx.future()]
         if methods or not only:
             plans.append((ctx, ctx.graph(methods or None, dims, seeds)))
-    for ctx, graph in plans:
-        title = f"study {ctx.preset.name}" + (f" [{ctx.preset.label()}]" if ctx.preset.label() else "")
-        if dry_run:
+    titles = [f"study {ctx.preset.name}" + (f" [{ctx.preset.label()}]" if ctx.preset.label() else "") for ctx, _ in plans]
+    if dry_run:
+        for title, (ctx, graph) in zip(titles, plans):
             _print_plan(title, ctx.plan(graph))
-            continue
+    else:
+        from .study import run_studies
+
         with progress_bar("node", progress) as bar:
-            task = bar.add_task(title, total=len(graph))
+            task = bar.add_task(f"study {base.preset.name}", total=len({n.stage.key for _, graph in plans for n in graph}))
 
             def advance(node):
-                bar.update(task, description=f"{title}: {node.label}")
+                bar.update(task, description=f"study {base.preset.name}: {node.label}")
                 bar.advance(task)
 
-            done = ctx.run(graph, advance)
-        ran = sum(not result.skipped for _, result in done)
-        console.print(f"{escape(title)}: {ran} stages run, {len(done) - ran} cached", highlight=False)
+            for title, done in zip(titles, run_studies(plans, advance)):
+                ran = sum(not result.skipped for _, result in done)
+                console.print(f"{escape(title)}: {ran} stages run, {len(done) - ran} cached", highlight=False)
     if not dry_run:
         from .stages.figures import collect, results_csv
         from .atomic import atomic_write_text
@@ -741,9 +743,12 @@ def study(
     scheduler: SchedulerOpt = None,
     cache: CacheOpt = DEFAULT_CACHE,
     progress: ProgressOpt = True,
+    group: Annotated[Optional[bool], typer.Option("--group/--no-group", help="Train the probes (and the heads) that read the same train "
+                                                  "store on the same batch schedule together, in one pass; each result is bit for bit "
+                                                  "the one it gets alone (default: the preset's train.group, true).")] = None,
 ) -> None:
     """Run the whole study of a preset — extract, kNN, reducers, heads, probes — skipping what is cached."""
-    _run_study(preset, cache, data_root, sets, sweeps, only, dims, seeds, device, scheduler, flip, dry_run, progress)
+    _run_study(preset, cache, data_root, sets, sweeps, only, dims, seeds, device, scheduler, flip, dry_run, progress, group)
 
 
 @app.command()

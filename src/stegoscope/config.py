@@ -64,6 +64,19 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """How a study trains its probes and heads. ``group``: the probes (and the heads) that read
+    the same train store on the same batch schedule train together in one pass — every member
+    bit for bit what it is alone; false runs each alone (``study --no-group``)."""
+
+    group: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.group, bool):
+            raise ValueError(f"train.group must be true or false, not {self.group!r}")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """How every probe and head is evaluated on the val split.
 
@@ -155,6 +168,7 @@ class Preset:
     methods: tuple[str, ...] | None = None  # None: every registered method
     seeds: tuple[int, ...] = (0,)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reduce: dict[str, Any] = field(default_factory=dict)  # reducer name → its parameters
     heads: dict[str, Any] = field(default_factory=dict)  # head name → its parameters
@@ -201,6 +215,7 @@ class Preset:
             kwargs["splits"] = {name: _section(SplitConfig, cfg, f"extract.splits.{name}", where) for name, cfg in splits.items()}
             kwargs["probe"] = _section(ProbeConfig, merged.get("probe"), "probe", where)
             kwargs["eval"] = _section(EvalConfig, merged.get("eval"), "eval", where)
+            kwargs["train"] = _section(TrainConfig, merged.get("train"), "train", where)
             kwargs["future"] = _section(FutureConfig, merged.get("future"), "future", where)
             kwargs["reduce"] = _reducer_sections(merged.get("reduce") or {}, where)
             kwargs["heads"], kwargs["head_dims"], kwargs["per_dim"] = _head_sections(merged, where)

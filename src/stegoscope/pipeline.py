@@ -489,6 +489,17 @@ class Stage(ABC):
     def execute(self, force: bool) -> Any:
         """Do the work (resuming when possible; from scratch with ``force``)."""
 
+    def group_key(self) -> tuple | None:
+        """Stages with equal group keys may run together in one :meth:`execute_group` (they read
+        the same inputs on the same schedule); None: this stage runs alone."""
+        return None
+
+    @classmethod
+    def execute_group(cls, stages: list[Stage], force: bool) -> list[Any]:
+        """Do the work of ``stages`` (equal group keys) together; each writes its own output, and
+        the result of each is what its :meth:`execute` gives alone."""
+        return [stage.execute(force) for stage in stages]
+
     def note(self) -> str:
         """Why the output is not complete, when that can be told (shown by ``status``)."""
         out = self.output
@@ -573,17 +584,31 @@ class RunResult:
 def run_stage(stage: Stage, force: bool = False, wait: bool = True, on_wait=None) -> RunResult:
     """Skip a complete stage; otherwise run it under the lock of its key, holding a shared lock
     on every upstream feature store it reads, so that no rewrite of one can run under it."""
+    return run_group([stage], force, wait, on_wait)[0]
+
+
+def run_group(stages: list[Stage], force: bool = False, wait: bool = True, on_wait=None) -> list[RunResult]:
+    """:func:`run_stage` for stages of one group key: the complete ones are skipped, the others
+    run in one :meth:`Stage.execute_group` under all their locks (taken in key order, so two
+    runs of overlapping groups cannot deadlock). A group killed before it finished publishes no
+    member that had not finished; the next run redoes only those."""
     start = time.perf_counter()
-    if not force and stage.state() == COMPLETE:
-        return RunResult(stage, True, time.perf_counter() - start)
-    with ExitStack() as locks:
-        locks.enter_context(stage_lock(cache_schema.lock_path(stage.cache_root, stage.key), wait=wait, on_wait=on_wait))
-        # Whoever held the lock before us may have finished the same work.
-        if not force and stage.state() == COMPLETE:
-            return RunResult(stage, True, time.perf_counter() - start)
-        for upstream in stage.upstream().values():
-            if upstream.output.suffix == ".zarr":
-                locks.enter_context(stage_lock(cache_schema.lock_path(stage.cache_root, upstream.key), wait=wait,
-                                               on_wait=on_wait, shared=True))
-        detail = stage.execute(force)
-    return RunResult(stage, False, time.perf_counter() - start, detail)
+    skipped = {id(s): RunResult(s, True, 0.0) for s in stages if not force and s.state() == COMPLETE}
+    todo = sorted((s for s in stages if id(s) not in skipped), key=lambda s: s.key)
+    done: dict[int, RunResult] = {}
+    if todo:
+        with ExitStack() as locks:
+            for stage in todo:
+                locks.enter_context(stage_lock(cache_schema.lock_path(stage.cache_root, stage.key), wait=wait, on_wait=on_wait))
+            # Whoever held a lock before us may have finished the same work.
+            for stage in [s for s in todo if not force and s.state() == COMPLETE]:
+                skipped[id(stage)] = RunResult(stage, True, time.perf_counter() - start)
+            todo = [s for s in todo if id(s) not in skipped]
+            read = {up.key: up for stage in todo for up in stage.upstream().values() if up.output.suffix == ".zarr"}
+            for key in sorted(read):
+                locks.enter_context(stage_lock(cache_schema.lock_path(read[key].cache_root, key), wait=wait, on_wait=on_wait,
+                                               shared=True))
+            details = type(todo[0]).execute_group(todo, force) if todo else []
+            seconds = time.perf_counter() - start
+            done = {id(stage): RunResult(stage, False, seconds, detail) for stage, detail in zip(todo, details)}
+    return [skipped.get(id(s)) or done[id(s)] for s in stages]

@@ -5,10 +5,8 @@
 * :func:`evaluate` (and :func:`evaluate_with_crf`): val metrics over a whole store, the cluster
   probe Hungarian-matched over all of it, optionally refined by the dense CRF;
 * :class:`CodeSource`: codes of a store's images, from a reducer or precomputed, with flip TTA;
-* :class:`TokenBatches` and :class:`BatchOrder`: cached token batches, resident or streamed, in a
-  seeded order;
-* :func:`train_validated`: the loop of a probe or head training, with validation every
-  ``val_every`` steps and the step with the best val cluster mIoU kept (the paper's protocol);
+* :class:`TokenBatches`: cached token batches, resident or streamed (the loop that draws them
+  and trains probes and heads is ``training.py``);
 * :class:`TrainingLog`: JSONL (and TensorBoard when installed) logging.
 
 Upsample-then-probe is computed in an equivalent, lighter order: a 1×1 linear map commutes with
@@ -42,6 +40,7 @@ from .compute import distributed_workers
 from .ops.crf import crf_argmax, softmax
 from .ops.kmeans import CLUSTERERS, ClusterLookup, EuclideanLookup, FixedCentroids, lloyd_kmeans
 from .ops.metrics import SegmentationMetrics
+from .ops.transfer import to_device
 from .pipeline import load_npz, read_manifest
 from .progress import console, progress_bar
 from .storage import as_path, is_remote, stamp
@@ -124,8 +123,8 @@ class StoreArrays:
     def tensor(self, name: str, rows: np.ndarray, device: torch.device) -> torch.Tensor:
         """The rows as a tensor on ``device`` (gathered there when the array lives there)."""
         if self.placement == DEVICE and self.device == device:
-            return self.arrays[name][torch.as_tensor(np.asarray(rows), device=device)]
-        return torch.from_numpy(self.rows(name, rows)).to(device)
+            return self.arrays[name][to_device(torch.as_tensor(np.asarray(rows)), device)]
+        return to_device(torch.from_numpy(self.rows(name, rows)), device)
 
 
 DEVICE, HOST, DISK = "device", "host", "disk"
@@ -226,22 +225,6 @@ class TokenBatches:
         return tokens.permute(0, 3, 1, 2).float(), labels.long()
 
 
-class BatchOrder:
-    """The rows of each batch: a seeded permutation of the store, drawn anew when fewer rows than
-    a batch are left (STEGO's ``drop_last`` shuffling)."""
-
-    def __init__(self, n: int, batch_size: int, rng: np.random.Generator):
-        self.n, self.batch_size, self.rng = n, batch_size, rng
-        self.order, self.cursor = rng.permutation(n), 0
-
-    def next(self) -> np.ndarray:
-        if self.cursor + self.batch_size > len(self.order):
-            self.order, self.cursor = self.rng.permutation(self.n), 0
-        rows = self.order[self.cursor : self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        return rows
-
-
 def load_reducer(artefact: Path, n_components: int | None = None) -> Reducer:
     """A fitted reducer from its artefact directory (``n_components`` truncates one that serves
     every D, such as PCA)."""
@@ -294,7 +277,8 @@ class Probes(nn.Module):
         """(linear, cluster) losses of codes (B, D, h, w) against labels (B, H, W)."""
         labels = torch.where((labels >= 0) & (labels < self.n_classes), labels, -1)
         logits = F.interpolate(self.linear(code), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        linear = F.cross_entropy(logits, labels, ignore_index=-1) if (labels >= 0).any() else logits.sum() * 0
+        # a batch without a labelled pixel gives no linear loss, decided on the device (no host branch)
+        linear = torch.where((labels >= 0).any(), F.cross_entropy(logits, labels, ignore_index=-1), logits.new_zeros(()))
         cluster, _ = self.cluster(code, None)
         return linear, cluster
 
@@ -494,31 +478,7 @@ def evaluate_with_crf(source: CodeSource, probes: Probes, device: torch.device, 
         pool.close()
 
 
-# -- the training loop -------------------------------------------------------------------------
-
-
-def train_validated(steps: int, val_every: int, update: Callable[[int], dict[str, float]],
-                    validate: Callable[[], dict[str, Any]], snapshot: Callable[[], Any],
-                    label: str, show_progress: bool = True, select: str = "cluster/mIoU") -> tuple[list[dict], dict, Any]:
-    """Run ``update(step)`` for steps 1..``steps``; every ``val_every`` steps and at the last,
-    ``validate()`` and keep ``snapshot()`` of the step with the best val ``select`` (the cluster
-    mIoU: the paper's protocol; the linear one when the cluster probe does not train).
-
-    Returns (history, best row, best snapshot); each history row is the step, what ``update``
-    returned at it and the validation metrics.
-    """
-    history, best, best_snapshot = [], None, None
-    with progress_bar("step", show_progress) as bar:
-        task = bar.add_task(label, total=steps)
-        for step in range(1, steps + 1):
-            logged = update(step)
-            if step % val_every == 0 or step == steps:
-                row = {"step": step, **logged, **validate()}
-                history.append(row)
-                if best is None or row[select] > best[select]:
-                    best, best_snapshot = row, snapshot()
-            bar.advance(task)
-    return history, best, best_snapshot
+# -- logging ---------------------------------------------------------------------------------
 
 
 class TrainingLog:
@@ -542,8 +502,10 @@ class TrainingLog:
         """Scalars are logged as they are, tensors by their mean (and histogram when due)."""
         row: dict[str, Any] = {"step": step}
         tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor) and v.numel() > 1}
+        means = [v.detach().float().mean() for v in values.values() if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack(means).tolist() if means else [])  # one copy to the host for the whole row
         for name, value in values.items():
-            row[name] = value.mean().item() if isinstance(value, torch.Tensor) else float(value)
+            row[name] = next(read) if isinstance(value, torch.Tensor) else float(value)
         if step % self.hist_every == 0 and tensors:
             row["hist"] = {k: np.histogram(v.detach().cpu().numpy(), 40, (-1, 1))[0].tolist() for k, v in tensors.items()}
         if self.remote:

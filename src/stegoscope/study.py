@@ -31,7 +31,7 @@ from .data import write_synthetic
 from .heads.base import HeadRun
 from .models.backbone import RANDOM_PREFIX, parse_backbone
 from .storage import as_path
-from .pipeline import (COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_stage, stage_lock,
+from .pipeline import (COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_group, stage_lock,
                        without_seeds)
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.hierarchy import HierarchyStage
@@ -68,15 +68,19 @@ class Node:
     seed: int | None = None
     result: bool = False  # its artefact holds metrics (a probe or a head)
 
-    def upstream(self) -> set[int]:
-        seen: set[int] = set()
-        todo = list(self.deps)
+    def upstream_nodes(self) -> list[Node]:
+        """Every node upstream of this one."""
+        seen, todo, out = set(), list(self.deps), []
         while todo:
             node = todo.pop()
             if id(node) not in seen:
                 seen.add(id(node))
+                out.append(node)
                 todo.extend(node.deps)
-        return seen
+        return out
+
+    def upstream(self) -> set[int]:
+        return {id(node) for node in self.upstream_nodes()}
 
 
 class StudyContext:
@@ -93,9 +97,10 @@ class StudyContext:
 
     def __init__(self, preset: Preset, cache_root: Path, data_root: Path | None = None, *, device: str | None = None,
                  scheduler: str | None = None, show_progress: bool = True, workers: int | None = None, crf_workers: int = 2,
-                 extract_options: dict[str, Any] | None = None):
+                 extract_options: dict[str, Any] | None = None, group: bool | None = None):
         self.preset, self.cache_root, self._data_root = preset, as_path(cache_root), data_root
         self.device, self.scheduler = device or preset.device, scheduler or preset.scheduler
+        self.group = preset.train.group if group is None else group
         self.show_progress, self.workers, self.crf_workers = show_progress, workers, crf_workers
         self.extract_options = dict(extract_options or {})
         self._built: dict[tuple, Stage] = {}
@@ -108,7 +113,7 @@ class StudyContext:
         """The same cache, data and options for another preset (a sweep point, the base)."""
         return StudyContext(preset, self.cache_root, self._data_root, device=self.device, scheduler=self.scheduler,
                             show_progress=self.show_progress, workers=self.workers, crf_workers=self.crf_workers,
-                            extract_options=self.extract_options)
+                            extract_options=self.extract_options, group=self.group)
 
     @cached_property
     def base(self) -> StudyContext:
@@ -360,24 +365,8 @@ class StudyContext:
 
     def run(self, graph: list[Node], progress: Callable[[Node], None] | None = None, force: list[Stage] = (),
             wait: bool = True, on_wait: Callable[[Node, str], None] | None = None) -> list[tuple[Node, RunResult]]:
-        """Run every node that is not complete, those in ``force``, and every complete one whose
-        upstream reran (a re-extraction rewrites the same key's tokens, so it forces nothing);
-        then record the study. Returns each node's run result."""
-        ran: set[int] = set()
-        forced = {id(stage) for stage in force}
-        out = []
-        with dask_scheduler(self.scheduler):
-            for node in graph:
-                again = id(node.stage) in forced or (node.stage.state() == COMPLETE and any(u in ran for u in node.upstream()))
-                if progress is not None:
-                    progress(node)
-                result = run_stage(node.stage, force=again, wait=wait,
-                                   on_wait=None if on_wait is None else lambda holder, node=node: on_wait(node, holder))
-                if not result.skipped and not isinstance(node.stage, ExtractStage):
-                    ran.add(id(node))
-                out.append((node, result))
-        self.record(graph)
-        return out
+        """:func:`run_studies` of this context's ``graph`` alone."""
+        return run_studies([(self, graph)], progress, force, wait, on_wait)[0]
 
     def command_for(self, stage: Stage) -> str:
         """The command that makes ``stage`` with this context's preset."""
@@ -442,6 +431,72 @@ class StudyContext:
                       "updated": time.time(), "nodes": nodes}
             atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
         return path
+
+
+def run_studies(plans: list[tuple[StudyContext, list[Node]]], progress: Callable[[Node], None] | None = None,
+                force: list[Stage] = (), wait: bool = True,
+                on_wait: Callable[[Node, str], None] | None = None) -> list[list[tuple[Node, RunResult]]]:
+    """Run the graphs of several contexts (the experiments of a sweep, the ``future`` families)
+    as one: every stage once, groups across them (:func:`run_order`); then record each study.
+
+    A node runs when it is not complete, is in ``force``, or is complete but its upstream reran
+    (a re-extraction rewrites the same key's tokens, so it forces nothing). Returns each
+    graph's (node, result) in its order; a stage two graphs share counts as run in the first."""
+    nodes: dict[str, Node] = {}  # one node per stage key, the first graph's
+    for _, graph in plans:
+        for node in graph:
+            nodes.setdefault(node.stage.key, node)
+    upstream = {key: {up.stage.key for up in node.upstream_nodes()} for key, node in nodes.items()}
+    forced, ran, results = {stage.key for stage in force}, set(), {}
+    group = all(ctx.group for ctx, _ in plans)
+    with dask_scheduler(plans[0][0].scheduler):
+        for batch in run_order(list(nodes.values()), group):
+            again = {n.stage.key for n in batch if n.stage.key in forced
+                     or (n.stage.state() == COMPLETE and upstream[n.stage.key] & ran)}
+            for node in batch:
+                if progress is not None:
+                    progress(node)
+            for members in ([n for n in batch if n.stage.key in again], [n for n in batch if n.stage.key not in again]):
+                if not members:
+                    continue
+                waiting = None if on_wait is None else lambda holder, node=members[0]: on_wait(node, holder)
+                for node, result in zip(members, run_group([n.stage for n in members], force=members[0].stage.key in again,
+                                                           wait=wait, on_wait=waiting)):
+                    if not result.skipped and not isinstance(node.stage, ExtractStage):
+                        ran.add(node.stage.key)
+                    results[node.stage.key] = result
+    out, reported = [], set()
+    for ctx, graph in plans:
+        ctx.record(graph)
+        rows = []
+        for node in graph:
+            result = results[node.stage.key]
+            if node.stage.key in reported and not result.skipped:
+                result = RunResult(node.stage, True, 0.0)  # it ran for an earlier graph
+            reported.add(node.stage.key)
+            rows.append((node, result))
+        out.append(rows)
+    return out
+
+
+def run_order(graph: list[Node], group: bool = True) -> list[list[Node]]:
+    """The nodes in the order they run, nodes that run together in one list. Without ``group``:
+    each alone, in graph order. With it: whatever runs alone runs as soon as its upstream is done;
+    a node with a group key waits until nothing else is ready, then runs with every ready node
+    of its key (so the probes of every reducer wait for every fit, and train as one group)."""
+    if not group:
+        return [[node] for node in graph]
+    order, remaining = [], list(graph)
+    keys = {id(node): node.stage.group_key() for node in graph}
+    while remaining:
+        pending = {node.stage.key for node in remaining}
+        ready = [n for n in remaining if not any(d.stage.key in pending for d in n.deps)]
+        alone = [n for n in ready if keys[id(n)] is None]
+        nodes = alone[:1] or [n for n in ready if keys[id(n)] == keys[id(ready[0])]]
+        order.append(nodes)
+        taken = {id(n) for n in nodes}
+        remaining = [n for n in remaining if id(n) not in taken]
+    return order
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -35,9 +35,10 @@ from torch import nn
 
 from ..cache_schema import IMAGES, LABELS, TOKENS, TOKENS_FLIP, FeatureStore
 from ..ops.kmeans import FixedCentroids
-from ..probing import (BatchOrder, CodeSource, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate, evaluate_with_crf,
-                       train_validated)
+from ..ops.transfer import to_device
+from ..probing import CodeSource, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate, evaluate_with_crf
 from ..reducers import Reducer
+from ..training import Member, Schedule, SharedBatch, Trained, optimise, train_group
 
 
 @dataclass(frozen=True)
@@ -165,83 +166,134 @@ class HeadTrainer(ABC):
             resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True, label: str = "train",
             extras: dict[str, np.ndarray] | None = None) -> HeadResult:
         """Train on ``train`` (kNN rows ``nns``; ``extras``: further arrays with a row per train
-        image, from other artefacts), validate on ``val``; seeded by ``run.seed``."""
+        image, from other artefacts), validate on ``val``; seeded by ``run.seed``. A group of one:
+        :func:`fit_heads`."""
+        return fit_heads([HeadJob(self, log, extras or {}, label)], train, val, nns, device, resident_bytes, crf_workers,
+                         show_progress)[0]
+
+    def schedule(self, nns: np.ndarray | None) -> Schedule:
+        """The batch schedule it trains on: heads with equal schedules train in one group."""
         p, run = self.params, self.run
-        torch.manual_seed(run.seed)
-        generator = torch.Generator().manual_seed(run.seed)
-        rng = np.random.default_rng(run.seed)
-        loading = time.perf_counter()
-        data = TokenBatches(train, device, resident_bytes, self.row_arrays)
-        extras = extras or {}
-        for name, array in extras.items():
+        neighbours = min(p.knn_neighbors, nns.shape[1] - 1) if nns is not None else 0
+        return Schedule(p.steps, p.batch_size, run.val_every, run.seed, neighbours)
+
+    def exported(self, head: nn.Module, train_after: bool = True) -> Reducer:
+        """The head in eval mode as a reducer, from a CPU copy: the live head stays where it trains."""
+        head.eval()
+        reducer = self.export(copy.deepcopy(head).cpu())
+        if train_after:
+            head.train()
+        return reducer
+
+
+@dataclass
+class HeadJob:
+    """One head of a group: its trainer, its log, its further per-row arrays and its label."""
+
+    trainer: HeadTrainer
+    log: TrainingLog
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    label: str = "train"
+
+
+class HeadMember(Member):
+    """A head and the probes trained alongside it, as one member of a group: STEGO's step (the
+    head's loss plus both probes on the detached code, one backward of the sum), validation of
+    the head exported as a reducer, and the best step's head and probes."""
+
+    def __init__(self, job: HeadJob, data: TokenBatches, val_arrays: StoreArrays, device: torch.device):
+        trainer, run = job.trainer, job.trainer.run
+        super().__init__(run.seed)
+        self.trainer, self.log, self.extras, self.label = trainer, job.log, job.extras, job.label
+        self.data, self.device = data, device
+        self.val_arrays = val_arrays
+        for name, array in self.extras.items():
             if len(array) != len(data):
                 raise ValueError(f"{name}: {len(array)} rows for a train store of {len(data)} images")
-        head = self.make_head().to(device)
-        self.begin(head, data, generator)
-        probes = Probes(run.dim, run.n_classes, run.extra_clusters).to(device)
-        optimizers = [self.optimizer(head), *probes.optimizers(run.probe_lr, run.probe_lr)]
-        batches = BatchOrder(len(data), p.batch_size, rng)
-        neighbours = min(p.knn_neighbors, nns.shape[1] - 1) if nns is not None else 0
-        val_arrays = StoreArrays(val, (TOKENS, TOKENS_FLIP, LABELS, *((IMAGES,) if run.crf else ())), device=device)
-        val_codes = lambda reducer: CodeSource(val_arrays, reducer, flip=True)  # noqa: E731  flip TTA when val has flips
-        seconds = {"load": time.perf_counter() - loading}
+        self.generator = torch.Generator().manual_seed(run.seed)
+        with self.random.active():
+            self.head = trainer.make_head().to(device)
+            trainer.begin(self.head, data, self.generator)
+            self.probes = Probes(run.dim, run.n_classes, run.extra_clusters).to(device)
+        self.optimizers = [trainer.optimizer(self.head), *self.probes.optimizers(run.probe_lr, run.probe_lr)]
+        self.current: dict[str, Any] = {}
 
-        def update(step: int) -> dict:
-            rows = batches.next()
-            partners = nns[rows, rng.integers(1, neighbours + 1, size=len(rows))] if nns is not None else None
-            feats, labels = data(rows)
-            further = {name: data.extra(name, rows) for name in self.row_arrays}
-            further |= {name: torch.from_numpy(np.asarray(array[rows])).to(device) for name, array in extras.items()}
-            batch = TokenBatch(rows, feats, labels, data(partners)[0] if partners is not None else None, further, step)
-            code, loss, logged = self.loss(head, batch, generator)
-            loss_linear, loss_cluster = probes.losses(code.detach(), labels)
-            total = loss + loss_linear + loss_cluster
-            for opt in optimizers:
-                opt.zero_grad()
-            total.backward()
-            self.after_backward(head)
-            for opt in optimizers:
-                opt.step()
-            self.after_step(head, step)
-            if log.due(step):
-                log.write(step, {**logged, "loss/linear": loss_linear, "loss/cluster": loss_cluster, "loss/total": total})
-            return {}
+    def step(self, shared: SharedBatch) -> None:
+        trainer, rows = self.trainer, shared.rows
+        further = {name: self.data.extra(name, rows) for name in trainer.row_arrays}
+        further |= {name: to_device(torch.from_numpy(np.asarray(array[rows])), self.device) for name, array in self.extras.items()}
+        partner_feats = shared.partner_feats if trainer.uses_knn else None
+        batch = TokenBatch(rows, shared.feats, shared.labels, partner_feats, further, shared.step)
+        code, loss, logged = trainer.loss(self.head, batch, self.generator)
+        loss_linear, loss_cluster = self.probes.losses(code.detach(), shared.labels)
+        total = loss + loss_linear + loss_cluster
+        optimise(self.optimizers, total, lambda: trainer.after_backward(self.head))
+        trainer.after_step(self.head, shared.step)
+        if self.log.due(shared.step):
+            self.log.write(shared.step, {**logged, "loss/linear": loss_linear, "loss/cluster": loss_cluster, "loss/total": total})
 
-        current: dict[str, Any] = {}
+    def val_codes(self, reducer: Reducer) -> CodeSource:
+        return CodeSource(self.val_arrays, reducer, flip=True)  # flip TTA when val has flips
 
-        def evaluated() -> Probes:  # the probes, with the head's own cluster assignment when it has one
-            own = self.clusters(head)
-            return probes if own is None else probes.with_cluster(own)
+    def evaluated(self) -> Probes:
+        """The probes, with the head's own cluster assignment when it has one."""
+        own = self.trainer.clusters(self.head)
+        return self.probes if own is None else self.probes.with_cluster(own)
 
-        def validate() -> dict:
-            current["head"], current["probes"] = self._exported(head, device), evaluated()
-            return evaluate(val_codes(current["head"]), current["probes"], device, run.extra_as_errors)
+    def validate(self) -> dict[str, Any]:
+        self.current["head"], self.current["probes"] = self.trainer.exported(self.head), self.evaluated()
+        return evaluate(self.val_codes(self.current["head"]), self.current["probes"], self.device,
+                        self.trainer.run.extra_as_errors)
 
-        def snapshot() -> tuple:
-            return current["head"], current["probes"].snapshot(), current["probes"].cluster
+    def snapshot(self) -> tuple:
+        return self.current["head"], self.current["probes"].snapshot(), self.current["probes"].cluster
 
-        training = time.perf_counter()
-        history, best, (best_head, best_probes, best_cluster) = train_validated(
-            p.steps, run.val_every, update, validate, snapshot, label, show_progress)
-        seconds["train"] = time.perf_counter() - training
-        final_head, final_probes = self._exported(head, torch.device("cpu"), train_after=False), evaluated().snapshot()
-        best_crf = None
+    def finish(self, trained: Trained, crf_workers: int, show_progress: bool) -> tuple[HeadResult, float]:
+        """The run's result: the best and the final head, and the best evaluated with the CRF
+        when the run asks for it; and the seconds the CRF took."""
+        run, probes = self.trainer.run, self.probes
+        best_head, best_probes, best_cluster = trained.best_snapshot
+        final_head = self.trainer.exported(self.head, train_after=False)
+        final_probes = self.evaluated().snapshot()
+        best_crf, seconds = None, 0.0
         if run.crf:
             probes.linear.load_state_dict(best_probes["linear"])
             best_probes_on = probes.with_cluster(best_cluster) if best_cluster is not probes.cluster else probes.restore(best_probes)
             refining = time.perf_counter()
-            best_crf = {"step": best["step"], **evaluate_with_crf(val_codes(best_head), best_probes_on, device, run.extra_as_errors,
-                                                                  crf_workers, show_progress)}
-            seconds["crf"] = time.perf_counter() - refining
-        return HeadResult(history, best, best_head, best_probes, final_head, final_probes, best_crf, data.resident, seconds)
+            best_crf = {"step": trained.best["step"], **evaluate_with_crf(self.val_codes(best_head), best_probes_on, self.device,
+                                                                          run.extra_as_errors, crf_workers, show_progress)}
+            seconds = time.perf_counter() - refining
+        result = HeadResult(trained.history, trained.best, best_head, best_probes, final_head, final_probes, best_crf,
+                            self.data.resident, {})
+        return result, seconds
 
-    def _exported(self, head: nn.Module, device: torch.device, train_after: bool = True) -> Reducer:
-        head.eval()
-        reducer = self.export(head.cpu())
-        head.to(device)
-        if train_after:
-            head.train()
-        return reducer
+
+def fit_heads(jobs: list[HeadJob], train: FeatureStore, val: FeatureStore, nns: np.ndarray | None, device: torch.device,
+              resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True) -> list[HeadResult]:
+    """Train the heads of ``jobs`` as one group: one batch schedule (they must agree on steps,
+    batch size, kNN ranks, validation and seed), each batch gathered once, every head stepping
+    on it with its own random state; each head's result is what it would be alone."""
+    schedules = {job.trainer.schedule(nns) for job in jobs}
+    if len(schedules) != 1:
+        raise ValueError(f"heads of one group must share a batch schedule, not {sorted(map(str, schedules))}")
+    schedule = schedules.pop()
+    loading = time.perf_counter()
+    row_arrays = tuple(dict.fromkeys(name for job in jobs for name in job.trainer.row_arrays))
+    data = TokenBatches(train, device, resident_bytes, row_arrays)
+    crf = any(job.trainer.run.crf for job in jobs)
+    val_arrays = StoreArrays(val, (TOKENS, TOKENS_FLIP, LABELS, *((IMAGES,) if crf else ())), device=device)
+    members = [HeadMember(job, data, val_arrays, device) for job in jobs]
+    load = time.perf_counter() - loading
+    training = time.perf_counter()
+    label = jobs[0].label if len(jobs) == 1 else f"{len(jobs)} heads"
+    trained = train_group(members, schedule, len(data), data, nns, label, show_progress)
+    train_seconds = time.perf_counter() - training
+    results = []
+    for member, run in zip(members, trained):
+        result, crf_seconds = member.finish(run, crf_workers, show_progress)
+        result.seconds.update(load=load, train=train_seconds, **({"crf": crf_seconds} if member.trainer.run.crf else {}))
+        results.append(result)
+    return results
 
 
 class ModuleReducer(Reducer):

@@ -35,7 +35,8 @@ from ..cache_schema import MASK_IDS, PROBES, load_mask_ids
 from ..ops.ema import ema_update
 from ..ops.kmeans import ClusterLookup, FixedCentroids
 from ..ops.primaps import class_weighted_ce, ema_decay, majority_labels
-from ..probing import BatchOrder, TokenBatches, load_reducer
+from ..probing import TokenBatches, load_reducer
+from ..training import BatchOrder
 from ..reducers import IdentityReducer, Reducer
 from .base import HeadParams, HeadTrainer, TokenBatch
 

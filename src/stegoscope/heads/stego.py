@@ -37,6 +37,7 @@ class StegoParams(HeadParams, CorrelationLossConfig):
 
 class StegoTrainer(HeadTrainer):
     params_class = StegoParams
+    version = 2  # 2: the correlation loss in batched kernels (the same terms, summed in another order: within 1e-6)
 
     def __init__(self, params: StegoParams, run, channels: int):
         super().__init__(params, run, channels)

@@ -16,19 +16,34 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from .transfer import to_device
 
-def norm(t: torch.Tensor) -> torch.Tensor:
-    return F.normalize(t, dim=1, eps=1e-10)
+
+def norm(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    return F.normalize(t, dim=dim, eps=1e-10)
 
 
 def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[B, h, w, i, j]: Σ_c a[b, c, h, w] · b[b, c, i, j]."""
-    return torch.einsum("nchw,ncij->nhwij", a, b)
+    """[…, B, h, w, i, j]: Σ_c a[…, b, c, h, w] · b[…, b, c, i, j] (leading dims broadcast)."""
+    return torch.einsum("...nchw,...ncij->...nhwij", a, b)
 
 
 def sample(t: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of map t (B, C, H, W) at coords (B, S, S, 2) in [-1, 1] → (B, C, S, S)."""
     return F.grid_sample(t, coords.permute(0, 2, 1, 3), padding_mode="border", align_corners=True)
+
+
+def sample_partners(t: torch.Tensor, coords: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """(N, B, C, S, S): map ``perms[n, i]`` of t (B, C, H, W) sampled at ``coords[i]``, for every
+    draw n, in one sampling kernel: every map is sampled at every image's points (the images
+    folded into the channels), then the needed pairs are picked. It reads B·C·B·S² values, as
+    many as the N·B permuted full maps it replaces (B·S² ≈ N·H·W at STEGO's sizes)."""
+    b, c, h, w = t.shape
+    s = coords.shape[1]
+    grid = coords.permute(0, 2, 1, 3).reshape(1, b * s, s, 2)  # as :func:`sample`'s grid, the images stacked along y
+    every = F.grid_sample(t.reshape(1, b * c, h, w), grid, padding_mode="border", align_corners=True)
+    every = every.reshape(b, c, b, s, s)  # [map j, channel, points of image i, y, x]
+    return every[perms, :, torch.arange(b, device=t.device)]
 
 
 def super_perm(size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -38,19 +53,29 @@ def super_perm(size: int, generator: torch.Generator | None = None, device=None)
     return torch.where(perm == ident, (ident + 1) % size, perm)
 
 
-def correlation_term(f1, f2, c1, c2, shift: float, pointwise: bool = True, zero_clamp: bool = True,
-                     readd_global_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-wise loss [B, S, S, S, S] of one pair of sampled maps, and the code correspondence S."""
+def super_perms(n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, size): ``n`` draws of :func:`super_perm` on the host generator, in the same order."""
+    if n == 0:
+        return torch.zeros(0, size, dtype=torch.long)
+    return torch.stack([super_perm(size, generator) for _ in range(n)])
+
+
+def correlation_terms(f1, f2, c1, c2, shifts: torch.Tensor, pointwise: bool = True, zero_clamp: bool = True,
+                      readd_global_mean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise losses [T, B, S, S, S, S] of T pairs of sampled, normalised maps at once, and
+    the code correspondences S. ``f1``/``c1`` (B, C/D, S, S) are the query maps, ``f2``/``c2``
+    (T, B, C/D, S, S) their partners, ``shifts`` (T,) each pair's b; the pointwise centring
+    re-adds each pair's own global mean (as one call per pair in the original)."""
     with torch.no_grad():
-        fd = tensor_correlation(norm(f1), norm(f2))
+        fd = tensor_correlation(f1, f2)
         if pointwise:
-            old_mean = fd.mean()
-            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+            old_mean = fd.mean(dim=(1, 2, 3, 4, 5), keepdim=True)
+            fd = fd - fd.mean(dim=(4, 5), keepdim=True)
             if readd_global_mean:
                 fd = fd + old_mean
-    cd = tensor_correlation(norm(c1), norm(c2))
+    cd = tensor_correlation(c1, c2)
     clamped = cd.clamp(min=0.0) if zero_clamp else cd.clamp(min=-9999.0)
-    return -clamped * (fd - shift), cd
+    return -clamped * (fd - shifts.view(-1, 1, 1, 1, 1, 1)), cd
 
 
 @dataclass(frozen=True)
@@ -86,21 +111,27 @@ class CorrelationLoss(CorrelationLossConfig):
 
     def __call__(self, feats, feats_pos, code, code_pos, coords1=None, coords2=None, perms=None, generator=None) -> dict:
         """Loss terms of a batch. ``feats``/``code`` (B, C/D, h, w) of the images, ``*_pos`` of
-        their kNN partners. Coordinates and negative permutations are drawn unless given."""
+        their kNN partners. Coordinates and negative permutations (a list of (B,) or an (N, B)
+        tensor) are drawn on the host ``generator`` unless given, and copied without blocking.
+
+        Each sampled map is normalised once; the self, kNN and every negative term are one
+        batched correlation (the negatives sampled by :func:`sample_partners`)."""
         b, device, s = feats.shape[0], feats.device, self.feature_samples
         if coords1 is None:
-            coords1 = torch.rand(b, s, s, 2, generator=generator).to(device) * 2 - 1
+            coords1 = torch.rand(b, s, s, 2, generator=generator) * 2 - 1
         if coords2 is None:
-            coords2 = torch.rand(b, s, s, 2, generator=generator).to(device) * 2 - 1
+            coords2 = torch.rand(b, s, s, 2, generator=generator) * 2 - 1
         if perms is None:
-            perms = [super_perm(b, generator, device) for _ in range(self.neg_samples)]
-        f1, c1 = sample(feats, coords1), sample(code, coords1)
-        f2, c2 = sample(feats_pos, coords2), sample(code_pos, coords2)
-        opts = dict(pointwise=self.pointwise, zero_clamp=self.zero_clamp, readd_global_mean=self.readd_global_mean)
-        self_loss, self_cd = correlation_term(f1, f1, c1, c1, self.b_self, **opts)
-        knn_loss, knn_cd = correlation_term(f1, f2, c1, c2, self.b_knn, **opts)
-        neg = [correlation_term(f1, sample(feats[p], coords2), c1, sample(code[p], coords2), self.b_rand, **opts) for p in perms]
-        rand_loss, rand_cd = torch.cat([n[0] for n in neg]), torch.cat([n[1] for n in neg])
-        terms = {"self": self_loss.mean(), "knn": knn_loss.mean(), "rand": rand_loss.mean()}
+            perms = super_perms(self.neg_samples, b, generator)
+        elif not isinstance(perms, torch.Tensor):
+            perms = torch.stack(list(perms)) if len(perms) else torch.zeros(0, b, dtype=torch.long)
+        coords1, coords2, perms = (to_device(t, device) for t in (coords1, coords2, perms))
+        f1, c1 = norm(sample(feats, coords1)), norm(sample(code, coords1))
+        f2 = torch.cat([f1[None], norm(sample(feats_pos, coords2))[None], norm(sample_partners(feats, coords2, perms), dim=2)])
+        c2 = torch.cat([c1[None], norm(sample(code_pos, coords2))[None], norm(sample_partners(code, coords2, perms), dim=2)])
+        shifts = to_device(torch.tensor([self.b_self, self.b_knn, *[self.b_rand] * len(perms)], dtype=f1.dtype), device)
+        loss, cd = correlation_terms(f1, f2, c1, c2, shifts, self.pointwise, self.zero_clamp, self.readd_global_mean)
+        means = loss.mean(dim=(1, 2, 3, 4, 5))
+        terms = {"self": means[0], "knn": means[1], "rand": means[2:].mean() if len(perms) else means.new_zeros(())}
         total = self.lambda_self * terms["self"] + self.lambda_knn * terms["knn"] + self.lambda_rand * terms["rand"]
-        return {"total": total, **terms, "cd_self": self_cd, "cd_knn": knn_cd, "cd_rand": rand_cd}
+        return {"total": total, **terms, "cd_self": cd[0], "cd_knn": cd[1], "cd_rand": cd[2:].flatten(0, 1)}

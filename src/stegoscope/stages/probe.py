@@ -26,9 +26,9 @@ from ..atomic import atomic_write_bytes
 from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
-from ..probing import (FIT_TOKENS, BatchOrder, CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf,
-                       load_reducer, sample_codes, train_validated)
+from ..probing import FIT_TOKENS, CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf, load_reducer, sample_codes
 from ..reducers import IdentityReducer
+from ..training import Member, Schedule, SharedBatch, Trained, optimise, train_group
 
 
 
@@ -90,64 +90,100 @@ class ProbeStage(Stage):
     def state(self) -> str:
         return artefact_state(self.output)
 
+    def group_key(self) -> tuple:
+        """Probes of every reducer, D and clusterer read the same train rows when they share the
+        stores and the batch schedule."""
+        p = self.p
+        return ("probe", self.train.key, self.val.key, p.steps, p.batch_size, p.val_every, p.seed, self.device)
+
     def execute(self, force: bool) -> dict:
+        return self.execute_group([self], force)[0]
+
+    @classmethod
+    def execute_group(cls, stages: list[ProbeStage], force: bool) -> list[dict]:
+        """Train the probes of every stage in one pass over the train batches (each member on
+        its own reducer's codes, bit for bit what it trains alone), then evaluate each best step
+        with the CRF where asked and write each artefact."""
         started = time.time()
-        p, device = self.p, resolve_device(self.device)
-        train, val = open_complete_store(self.train.output), open_complete_store(self.val.output)
+        first = stages[0]
+        device = resolve_device(first.device)
+        train, val = open_complete_store(first.train.output), open_complete_store(first.val.output)
         for store in (train, val):
             if LABELS not in store:
                 raise StoreError(f"{store.path}: no labels; probes need a labelled dataset")
-        reducer = load_reducer(self.reducer.output, self.dim) if self.reducer is not None else IdentityReducer()
         loading = time.perf_counter()
-        train_derived, val_derived = ((StoreArrays(open_complete_store(s.output), (TOKENS,), device=device) for s in self.derived)
-                                      if self.derived else (None, None))
-        tokens = () if self.derived else (TOKENS, TOKENS_FLIP)  # precomputed codes stand in for the tokens
-        images = (IMAGES,) if p.crf else ()
-        train_arrays = StoreArrays(train, (*tokens[:1], LABELS), device=device)
-        train_codes = CodeSource(train_arrays, reducer, train_derived)
-        val_codes = CodeSource(StoreArrays(val, (*tokens, LABELS, *images), device=device), reducer, val_derived, flip=p.flip_tta)
-        seconds = {"load": time.perf_counter() - loading}
-        torch.manual_seed(p.seed)
-        rng = np.random.default_rng(p.seed)
-        dim = train_codes(np.array([0])).shape[-1]
-        probes = Probes(dim, p.n_classes, p.extra_clusters, p.clusterer).to(device)
-        if not probes.learnt:
-            probes.fit_clusters(sample_codes(train_codes, FIT_TOKENS, np.random.default_rng(p.seed), device), p.seed)
-        optimizers = probes.optimizers(p.linear_lr, p.cluster_lr)
-        batches = BatchOrder(len(train), p.batch_size, rng)
-
-        def update(step: int) -> dict:
-            rows = np.sort(batches.next())
-            codes = train_codes.tensor(rows, device).permute(0, 3, 1, 2)
-            labels = train_arrays.tensor(LABELS, rows, device).long()
-            loss_linear, loss_cluster = probes.losses(codes, labels)
-            for opt in optimizers:
-                opt.zero_grad()
-            (loss_linear + loss_cluster).backward()
-            for opt in optimizers:
-                opt.step()
-            return {"loss_linear": loss_linear.item(), "loss_cluster": loss_cluster.item()}
-
+        members = [ProbeMember(stage, train, val, device) for stage in stages]
+        load = time.perf_counter() - loading
         training = time.perf_counter()
-        history, best, best_state = train_validated(
-            p.steps, p.val_every, update, lambda: evaluate(val_codes, probes, device, p.extra_as_errors),
-            probes.snapshot, f"probe {self.method}{self.dim or ''}", self.show_progress,
-            select="cluster/mIoU" if probes.learnt else "linear/mIoU")
-        seconds["train"] = time.perf_counter() - training
-        metrics: dict[str, Any] = {"history": history, "best": best, "final": history[-1], "n_classes": p.n_classes}
-        final_state = probes.snapshot()
+        arrays = members[0].train_codes.arrays  # every member's train arrays hold the labels
+        gather = lambda rows: (None, arrays.tensor(LABELS, rows, device).long())  # noqa: E731  each member gathers its codes
+        label = f"probe {first.method}{first.dim or ''}" if len(stages) == 1 else "probes"
+        schedule = Schedule(first.p.steps, first.p.batch_size, first.p.val_every, first.p.seed, sort_rows=True)
+        trained = train_group(members, schedule, len(train), gather, label=label, show_progress=first.show_progress)
+        train_seconds = time.perf_counter() - training
+        return [member.finish(run, started, {"load": load, "train": train_seconds}) for member, run in zip(members, trained)]
+
+
+class ProbeMember(Member):
+    """The probes of one :class:`ProbeStage` as a member of a group: a head whose code is its
+    reducer's, frozen."""
+
+    def __init__(self, stage: ProbeStage, train, val, device: torch.device):
+        super().__init__(stage.p.seed)
+        p, self.stage, self.device = stage.p, stage, device
+        self.label = f"probe {stage.method}{stage.dim or ''}"
+        reducer = load_reducer(stage.reducer.output, stage.dim) if stage.reducer is not None else IdentityReducer()
+        train_derived, val_derived = ((StoreArrays(open_complete_store(s.output), (TOKENS,), device=device) for s in stage.derived)
+                                      if stage.derived else (None, None))
+        tokens = () if stage.derived else (TOKENS, TOKENS_FLIP)  # precomputed codes stand in for the tokens
+        images = (IMAGES,) if p.crf else ()
+        self.train_codes = CodeSource(StoreArrays(train, (*tokens[:1], LABELS), device=device), reducer, train_derived)
+        self.val_codes = CodeSource(StoreArrays(val, (*tokens, LABELS, *images), device=device), reducer, val_derived,
+                                    flip=p.flip_tta)
+        self.dim = self.train_codes(np.array([0])).shape[-1]
+        with self.random.active():
+            self.probes = Probes(self.dim, p.n_classes, p.extra_clusters, p.clusterer).to(device)
+            if not self.probes.learnt:
+                self.probes.fit_clusters(sample_codes(self.train_codes, FIT_TOKENS, np.random.default_rng(p.seed), device), p.seed)
+        self.select = "cluster/mIoU" if self.probes.learnt else "linear/mIoU"
+        self.optimizers = self.probes.optimizers(p.linear_lr, p.cluster_lr)
+        self.losses: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def step(self, batch: SharedBatch) -> None:
+        codes = self.train_codes.tensor(batch.rows, self.device).permute(0, 3, 1, 2)
+        loss_linear, loss_cluster = self.probes.losses(codes, batch.labels)
+        optimise(self.optimizers, loss_linear + loss_cluster)
+        self.losses = (loss_linear.detach(), loss_cluster.detach())  # read at validation, not every step
+
+    def validate(self) -> dict[str, Any]:
+        loss_linear, loss_cluster = torch.stack(self.losses).tolist()
+        p = self.stage.p
+        return {"loss_linear": loss_linear, "loss_cluster": loss_cluster,
+                **evaluate(self.val_codes, self.probes, self.device, p.extra_as_errors)}
+
+    def snapshot(self) -> dict:
+        return self.probes.snapshot()
+
+    def finish(self, trained: Trained, started: float, seconds: dict[str, float]) -> dict:
+        """The CRF on the best step where asked, then the artefact (manifest last)."""
+        stage, p = self.stage, self.stage.p
+        metrics: dict[str, Any] = {"history": trained.history, "best": trained.best, "final": trained.history[-1],
+                                   "n_classes": p.n_classes}
+        final_state = self.probes.snapshot()
+        seconds = dict(seconds)
         if p.crf:
-            probes.restore(best_state)
+            self.probes.restore(trained.best_snapshot)
             refining = time.perf_counter()
-            metrics["best_crf"] = {"step": best["step"], **evaluate_with_crf(val_codes, probes, device, p.extra_as_errors,
-                                                                             self.crf_workers, self.show_progress)}
+            metrics["best_crf"] = {"step": trained.best["step"], **evaluate_with_crf(
+                self.val_codes, self.probes, self.device, p.extra_as_errors, stage.crf_workers, stage.show_progress)}
             seconds["crf"] = time.perf_counter() - refining
         metrics["seconds"] = seconds
-        begin_artefact(self.output)
-        atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
+        begin_artefact(stage.output)
+        atomic_write_bytes(stage.output / METRICS, json.dumps(metrics, indent=1).encode())
         buffer = io.BytesIO()
-        torch.save({"best": best_state, "final": final_state}, buffer)
-        atomic_write_bytes(self.output / PROBES, buffer.getvalue())
-        write_manifest(self.output, self.manifest(started, dataset=train.attrs["params"]["dataset"], method=self.method,
-                                                  code_dim=dim, seed=p.seed))
+        torch.save({"best": trained.best_snapshot, "final": final_state}, buffer)
+        atomic_write_bytes(stage.output / PROBES, buffer.getvalue())
+        train = self.train_codes.arrays.store
+        write_manifest(stage.output, stage.manifest(started, dataset=train.attrs["params"]["dataset"], method=stage.method,
+                                                    code_dim=self.dim, seed=p.seed))
         return metrics

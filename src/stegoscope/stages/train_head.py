@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .. import cache_schema
 from .. import methods as registry
 from ..atomic import atomic_write_bytes, atomic_write_npz
 from ..cache_schema import open_complete_store
-from ..heads.base import HeadRun
+from ..heads.base import HeadJob, HeadResult, HeadRun, fit_heads
 from ..models import resolve_device
 from ..cache_schema import FINAL, METRICS, NNS, PROBES
 from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, write_manifest
@@ -68,23 +69,43 @@ class TrainHeadStage(Stage):
     def state(self) -> str:
         return artefact_state(self.output)
 
+    def group_key(self) -> tuple:
+        """Heads of every D, λ, b (and method) read the same batches when they share the stores,
+        the kNN pairs and the batch schedule."""
+        p, run = self.p, self.run
+        return ("train", self.train.key, self.val.key, self.knn.key if self.knn is not None else None, p.steps, p.batch_size,
+                p.knn_neighbors, run.val_every, run.seed, self.device, self.resident_bytes)
+
     def execute(self, force: bool) -> dict:
+        return self.execute_group([self], force)[0]
+
+    @classmethod
+    def execute_group(cls, stages: list[TrainHeadStage], force: bool) -> list[dict]:
+        """Train the heads of every stage in one pass over the train batches (each bit for bit
+        what it trains alone), then write each artefact."""
         started = time.time()
-        train, val = open_complete_store(self.train.output), open_complete_store(self.val.output)
+        first = stages[0]
+        train, val = open_complete_store(first.train.output), open_complete_store(first.val.output)
         nns = None
-        if self.knn is not None:
-            nns = load_npz(self.knn.output)[NNS]
+        if first.knn is not None:
+            nns = load_npz(first.knn.output)[NNS]
             if len(nns) != len(train):
-                raise cache_schema.StoreError(f"{self.knn.output}: kNN rows ({len(nns)}) do not match the train store ({len(train)})")
-        trainer = self.trainer_cls(self.p, self.run, train.layout.channels)
-        extras = trainer.load_inputs({name: stage.output for name, stage in self.inputs_.items()})
-        begin_artefact(self.output)
-        log = TrainingLog(self.output)
-        try:
-            result = trainer.fit(train, val, nns, resolve_device(self.device), log, self.resident_bytes, self.crf_workers,
-                                 self.show_progress, f"{self.name} D={self.run.dim}", extras)
-        finally:
-            log.close()
+                raise cache_schema.StoreError(f"{first.knn.output}: kNN rows ({len(nns)}) do not match the train store ({len(train)})")
+        jobs = []
+        with ExitStack() as logs:
+            for stage in stages:
+                trainer = stage.trainer_cls(stage.p, stage.run, train.layout.channels)
+                extras = trainer.load_inputs({name: up.output for name, up in stage.inputs_.items()})
+                begin_artefact(stage.output)
+                log = TrainingLog(stage.output)
+                logs.callback(log.close)
+                jobs.append(HeadJob(trainer, log, extras, f"{stage.name} D={stage.run.dim}"))
+            results = fit_heads(jobs, train, val, nns, resolve_device(first.device), first.resident_bytes, first.crf_workers,
+                                first.show_progress)
+        return [stage.save(result, train, started) for stage, result in zip(stages, results)]
+
+    def save(self, result: HeadResult, train, started: float) -> dict:
+        """The artefact of a trained head (manifest last); returns its metrics."""
         atomic_write_npz(self.output / FINAL, result.final_head.state_dict())
         atomic_write_npz(self.output / cache_schema.PAYLOAD, result.best_head.state_dict())
         buffer = io.BytesIO()

@@ -1,0 +1,69 @@
+"""The demo's sweep on this machine, grouped against each member alone, in one run.
+
+Runs `stegoscope study demo` once for what the sweep reads (extraction, kNN, PCA / RP fits), then
+the sweep's trained stages twice from the same cache: the probes on raw DINO and on PCA / RP at
+every D, and the STEGO heads at every D (``--sweep`` adds a λ/b grid), first with ``--group`` then
+with ``--no-group`` (their artefacts deleted before each), and prints each run's seconds, the
+ratio, and whether every member's metrics came out identical.
+
+    python benchmarks/cpu_sweep.py [--cache /tmp/stegoscope-cpu-sweep] [--sweep stego.lambda_rand=0.3,0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("dino", "pca", "rp", "stego")
+TRAINED = ("artefacts/probe", "artefacts/train_stego")
+
+
+def study(cache: Path, *args: str) -> float:
+    command = [sys.executable, "-m", "stegoscope.cli", "study", "demo", "--cache", str(cache), "--no-progress",
+               *(f"--only={m}" for m in METHODS), *args]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return time.perf_counter() - start
+
+
+def trained_metrics(cache: Path) -> dict[str, dict]:
+    out = {}
+    for where in TRAINED:
+        for folder in sorted((cache / where).glob("*")):
+            metrics = json.loads((folder / "metrics.json").read_text())
+            metrics.pop("seconds")
+            out[folder.name] = metrics
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/stegoscope-cpu-sweep"))
+    parser.add_argument("--sweep", action="append", default=[], help="a --sweep of the study, e.g. stego.lambda_rand=0.3,0.9")
+    args = parser.parse_args()
+    sweeps = [f"--sweep={s}" for s in args.sweep]
+    shutil.rmtree(args.cache, ignore_errors=True)
+    print(f"upstream (extraction, kNN, fits, and a first pass of the trained stages): {study(args.cache, *sweeps):.1f} s")
+    seconds, metrics = {}, {}
+    for mode in ("--group", "--no-group"):
+        for where in TRAINED:
+            shutil.rmtree(args.cache / where, ignore_errors=True)
+        seconds[mode] = study(args.cache, *sweeps, mode)
+        metrics[mode] = trained_metrics(args.cache)
+    members = len(metrics["--group"])
+    print(f"the sweep's {members} trained stages (probes on {', '.join(METHODS[:3])} at every D, STEGO at every D"
+          f"{', ' + ', '.join(args.sweep) if args.sweep else ''}), study wall time with its start-up:")
+    for mode, s in seconds.items():
+        print(f"  {mode:11s} {s:7.1f} s")
+    print(f"  grouped / alone: {seconds['--group'] / seconds['--no-group']:.2f}")
+    print(f"  every member's metrics identical: {metrics['--group'] == metrics['--no-group']}")
+
+
+if __name__ == "__main__":
+    main()
