@@ -3,17 +3,19 @@ hyper-parameter class) loads without Lightning and evaluates on a val store."""
 
 import itertools
 import json
+import re
 import sys
 import types
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from stegoscope import cache_schema
 from stegoscope.cli import app
-from stegoscope.models.stego_head import StegoHead
+from stegoscope.models.stego_head import StegoHead, read_stego_checkpoint
 
 
 def write_stego_ckpt(path, in_dim=96, dim=6, n_classes=3, seed=0):
@@ -27,22 +29,28 @@ def write_stego_ckpt(path, in_dim=96, dim=6, n_classes=3, seed=0):
         "linear_probe.weight": torch.randn(n_classes, dim, 1, 1), "linear_probe.bias": torch.randn(n_classes),
         "decoder.weight": torch.randn(in_dim, dim, 1, 1), "decoder.bias": torch.zeros(in_dim),
     }
-    # A hyper-parameter object whose class will not be importable when the checkpoint is read.
-    module = types.ModuleType("fake_omegaconf")
+    # Hyper-parameters as Lightning and omegaconf save them, whose classes are not importable here.
+    saved = {name: types.ModuleType(name) for name in ("omegaconf", "omegaconf.dictconfig", "pytorch_lightning",
+                                                       "pytorch_lightning.utilities", "pytorch_lightning.utilities.parsing")}
 
     class DictConfig:
         def __init__(self, content):
             self._content = content
 
-    DictConfig.__module__, DictConfig.__qualname__ = "fake_omegaconf", "DictConfig"
-    module.DictConfig = DictConfig
-    sys.modules["fake_omegaconf"] = module
+    class AttributeDict(dict):
+        pass
+
+    for cls, module in ((DictConfig, "omegaconf.dictconfig"), (AttributeDict, "pytorch_lightning.utilities.parsing")):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(saved[module], cls.__name__, cls)
+    sys.modules.update(saved)
     try:
         cfg = DictConfig({"model_type": "vit_small", "dim": dim, "dino_patch_size": 8})
         torch.save({"epoch": 3, "global_step": 7000, "pytorch-lightning_version": "1.4.9", "state_dict": state,
-                    "hyper_parameters": {"n_classes": n_classes, "cfg": cfg}}, path)
+                    "hyper_parameters": AttributeDict(n_classes=n_classes, cfg=cfg)}, path)
     finally:
-        del sys.modules["fake_omegaconf"]
+        for name in saved:
+            del sys.modules[name]
     return head.eval(), state
 
 
@@ -88,3 +96,95 @@ def test_not_a_stego_checkpoint_is_a_clear_error(tmp_path, directory_dataset):
 
     with pytest.raises(ValueError, match="x.ckpt: not a STEGO checkpoint"):
         read_stego_checkpoint(tmp_path / "x.ckpt")
+
+
+# -- checkpoints that try to run code ------------------------------------------------------------
+
+
+class Gadget:
+    """Pickles as a call of ``function(*args)``: what a hostile checkpoint holds."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def gadgets(marker, tmp_path):
+    import copyreg
+    import os
+
+    import numpy.testing._private.utils as np_utils
+
+    hub = tmp_path / "hub"
+    hub.mkdir(exist_ok=True)
+    (hub / "hubconf.py").write_text(f"open({str(marker)!r}, 'w')\ndef entry():\n    return 1\n")
+    write = f"open({str(marker)!r}, 'w')"
+    return {
+        "numpy.testing._private.utils.runstring": Gadget(np_utils.runstring, write, {}),
+        "builtins.eval": Gadget(eval, write),
+        "builtins.exec": Gadget(exec, write),
+        "builtins.getattr": Gadget(getattr, str(marker), "upper"),
+        "posix.system": Gadget(os.system, f"touch {marker}"),
+        "copyreg._reconstructor": Gadget(copyreg._reconstructor, Gadget, object, None),
+        "torch.hub._load_local": Gadget(torch.hub._load_local, str(hub), "entry"),
+        "torch.utils.cpp_extension.load_inline": Gadget(torch.utils.cpp_extension.load_inline, "x", f"// {write}"),
+    }
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_checkpoint_that_names_any_other_global_is_refused_and_runs_nothing(tmp_path, zipped):
+    import torch.utils.cpp_extension  # noqa: F401  (its entry point must be importable to be pickled)
+
+    marker = tmp_path / "PWNED"
+    head, state = write_stego_ckpt(tmp_path / "real.ckpt")
+    for name, gadget in gadgets(marker, tmp_path).items():
+        path = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": state, "hyper_parameters": {"cfg": gadget}}, path, _use_new_zipfile_serialization=zipped)
+        with pytest.raises(ValueError, match=rf"{path.name}: refused: it names {re.escape(name)}") as refused:
+            read_stego_checkpoint(path)
+        assert "\n" not in str(refused.value)
+        assert not marker.exists(), name
+
+
+def test_a_settings_class_is_read_into_a_stand_in_even_where_a_module_of_its_name_runs_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    saved = {name: types.ModuleType(name) for name in ("omegaconf", "omegaconf.dictconfig")}
+
+    class DictConfig:
+        def __setstate__(self, state):  # what a module of that name could do when imported
+            open(marker, "w")
+
+    DictConfig.__module__, DictConfig.__qualname__ = "omegaconf.dictconfig", "DictConfig"
+    saved["omegaconf.dictconfig"].DictConfig = DictConfig
+    cfg = DictConfig()
+    cfg._content = {"dim": 3}
+    head, state = write_stego_ckpt(tmp_path / "real.ckpt")
+    sys.modules.update(saved)
+    try:
+        torch.save({"state_dict": state, "hyper_parameters": {"cfg": cfg}}, tmp_path / "x.ckpt")
+        ckpt = read_stego_checkpoint(tmp_path / "x.ckpt")  # the hostile module is importable while it loads
+    finally:
+        for name in saved:
+            del sys.modules[name]
+    assert not marker.exists()
+    assert type(ckpt["hyper_parameters"]["cfg"]).__name__ == "DictConfig" and ckpt["hyper_parameters"]["cfg"].state == {"_content": {"dim": 3}}
+
+
+def test_import_stego_refuses_a_hostile_checkpoint_with_one_line_and_writes_nothing(tmp_path, directory_dataset):
+    import numpy.testing._private.utils as np_utils
+
+    marker = tmp_path / "PWNED"
+    head, state = write_stego_ckpt(tmp_path / "real.ckpt")
+    torch.save({"state_dict": state, "hyper_parameters": Gadget(np_utils.runstring, f"open({str(marker)!r}, 'w')", {})},
+               tmp_path / "hostile.ckpt")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: p\ndataset: directory\nbackbone: random:vit_micro_patch8\nn_classes: 3\n"
+                      "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 48, store_images: true}\n")
+    common = ["--preset", str(preset), "--data-root", str(directory_dataset), "--cache", str(tmp_path / "c"), "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["extract", *common, "--workers", "0"]).exit_code == 0
+    out = runner.invoke(app, ["import-stego", str(tmp_path / "hostile.ckpt"), *common, "--no-flip"], env={"COLUMNS": "300"})
+    assert out.exit_code == 2 and "refused: it names numpy.testing._private.utils.runstring" in out.output, out.output
+    assert not marker.exists() and not (tmp_path / "c" / "artefacts" / "import_stego").exists()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import pickle
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,9 @@ class StegoHead(nn.Module):
 
 # -- released checkpoints ------------------------------------------------------------------------
 
-_SAFE_BUILTINS = {"set", "frozenset", "dict", "list", "tuple", "int", "float", "complex", "bytes", "bytearray",
-                  "slice", "range", "bool", "str", "object"}
-_TRUSTED_MODULES = ("torch", "collections", "numpy", "_codecs", "copyreg")
-
-
 class Unresolved:
-    """Stands in for a class that is not importable here (Lightning, omegaconf, …); keeps its state."""
+    """Stands in for a settings class of a released checkpoint (omegaconf, Lightning) that is not
+    imported here; keeps its constructor arguments and state, runs nothing."""
 
     _module = _name = ""
     args: tuple = ()
@@ -57,32 +54,42 @@ class Unresolved:
         return f"<unresolved {self._module}.{self._name}>"
 
 
-class _LenientUnpickler(pickle.Unpickler):
-    """Resolves torch / numpy / collections classes; anything else becomes an inert stand-in, so
-    a Lightning checkpoint loads without Lightning and without running foreign code."""
-
-    def find_class(self, module: str, name: str):
-        if module == "builtins" and name in _SAFE_BUILTINS:
-            return super().find_class(module, name)
-        if module.split(".")[0] in _TRUSTED_MODULES:
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                pass
-        return type(name, (Unresolved,), {"_module": module, "_name": name})
+# Besides tensors and plain containers (torch's weights-only loader), the globals a released STEGO
+# checkpoint (Lightning 1.4, omegaconf 2.1) names, each read into an inert stand-in. Exact names,
+# no prefixes: anything else is refused before it is called.
+CHECKPOINT_CLASSES = (
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata", "omegaconf.nodes.AnyNode", "omegaconf.nodes.StringNode", "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode", "omegaconf.nodes.BooleanNode", "typing.Any",
+)
+CHECKPOINT_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+                    "lightning.fabric.utilities.data.AttributeDict")  # dict subclasses: read as ordered dicts
 
 
-class _PickleModule:
-    Unpickler = _LenientUnpickler
-    load = staticmethod(lambda f, **kw: _LenientUnpickler(f, **kw).load())
+def _stand_ins() -> list[tuple[type, str]]:
+    out: list[tuple[type, str]] = [(OrderedDict, name) for name in CHECKPOINT_DICTS]  # the loader fills only plain dicts
+    for name in CHECKPOINT_CLASSES:
+        module, _, cls = name.rpartition(".")
+        out.append((type(cls, (Unresolved,), {"_module": module, "_name": cls}), name))
+    return out
 
 
 def read_stego_checkpoint(path: Path) -> dict[str, Any]:
-    """``state_dict`` and ``hyper_parameters`` of an original STEGO ``.ckpt`` (Lightning pickle)."""
+    """``state_dict`` and ``hyper_parameters`` of an original STEGO ``.ckpt`` (Lightning pickle),
+    read by torch's weights-only loader with the stand-ins above: no code in the file runs, and
+    a file that names any other global is refused, naming it."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read the checkpoint ({exc})") from exc
+        with torch.serialization.safe_globals(_stand_ins()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's loader raises UnpicklingError, RuntimeError … for a bad file
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        if refused:
+            name = refused.group(1) if "." in refused.group(1) else f"builtins.{refused.group(1)}"  # torch drops "builtins."
+            raise ValueError(f"{path}: refused: it names {name}, which a STEGO checkpoint does not hold "
+                             "(only tensors, containers and Lightning/omegaconf settings are read; nothing in it was run)") from None
+        text = str(exc).split("WeightsUnpickler error:")[-1]  # torch's own detail, without its advice to load unsafely
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"{path}: cannot read the checkpoint ({first})") from None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or "net.cluster1.0.weight" not in state:
         raise ValueError(f"{path}: not a STEGO checkpoint (no state_dict with net.cluster1.*)")
