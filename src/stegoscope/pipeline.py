@@ -179,7 +179,26 @@ def _parse_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]
             raise ValueError("not a JSON object")
     except ValueError as exc:
         return None, f"{path} does not parse ({exc})"
+    wrong = manifest_problem(manifest)
+    if wrong:
+        return None, f"{path} is a damaged manifest ({wrong})"
     return manifest, None
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What in a parsed manifest does not have the shape every stage writes (None: nothing):
+    checked before any of it is used, so a damaged or hostile one is an error, not a traceback."""
+    if not isinstance(manifest.get("files"), dict):
+        return f"files is {type(manifest.get('files')).__name__}, not dict"
+    for name, kind in (("key", str), ("stage", str), ("params", dict), ("inputs", list)):  # where a stage writes them
+        if name in manifest and not isinstance(manifest[name], kind):
+            return f"{name} is {type(manifest[name]).__name__}, not {kind.__name__}"
+    for name, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            return f"its entry for {name!r} is not {{bytes: int, sha256: str}}"
+        if name.startswith("/") or ".." in name.split("/"):
+            return f"it lists {name!r}, outside its folder"
+    return None
 
 
 def _fix_hint(directory: Path, manifest: dict[str, Any] | None, force: bool = False) -> str:

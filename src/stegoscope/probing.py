@@ -232,7 +232,10 @@ def load_reducer(artefact: Path, n_components: int | None = None) -> Reducer:
     if manifest is None:
         raise StoreError(f"{artefact}: no manifest, so the run that makes it did not finish; run it (again)")
     cls = Reducer.by_name(manifest.get("reducer_class", manifest["method"]))
-    reducer = cls.from_state(manifest["reducer"], load_npz(artefact))
+    try:
+        reducer = cls.from_state(manifest["reducer"], load_npz(artefact))
+    except ValueError as exc:
+        raise StoreError(f"{artefact}: {exc}") from None
     if n_components is not None and cls.serves_every_dim:
         reducer = reducer.with_components(n_components)
     return reducer

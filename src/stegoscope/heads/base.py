@@ -21,11 +21,10 @@ A head is a small subclass of :class:`HeadTrainer` that supplies ``make_head()``
 from __future__ import annotations
 
 import copy
-import pickle
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -131,7 +130,7 @@ class HeadTrainer(ABC):
 
     def export(self, head: nn.Module) -> Reducer:
         """The head in eval mode as a reducer (tokens → code)."""
-        return ModuleReducer.from_module(head, self.run.dim)
+        return ModuleReducer.of(self, head)
 
     @classmethod
     def inputs_of(cls, params: HeadParams) -> tuple[str, ...]:
@@ -299,19 +298,27 @@ def fit_heads(jobs: list[HeadJob], train: FeatureStore, val: FeatureStore, nns: 
 class ModuleReducer(Reducer):
     """Any trained head module as a reducer: tokens (…, C) → codes (…, D), in eval mode on the CPU.
 
-    The module is stored pickled (like h-NNE's model), so its class must be importable when the
-    artefact is read.
+    Stored as data: the module's state dict and what rebuilds it — the registered method, its
+    parameters, the run and the token channels; :meth:`from_state` makes the head through the
+    registry and loads the arrays (nothing is unpickled).
     """
 
     method = "module"
     needs_fit = False
 
-    def __init__(self, n_components: int | None = None):
-        self.n_components = n_components
+    def __init__(self, n_components: int | None = None, head: dict[str, Any] | None = None):
+        self.n_components, self.head = n_components, head
 
     @classmethod
-    def from_module(cls, module: nn.Module, n_components: int) -> ModuleReducer:
-        reducer = cls(n_components)
+    def of(cls, trainer: HeadTrainer, module: nn.Module) -> ModuleReducer:
+        """The head ``module`` that ``trainer`` made (a CPU copy in eval mode)."""
+        from .. import methods
+
+        names = [m.name for m in methods.METHODS.values() if m.cls is type(trainer)]
+        if not names:
+            raise ValueError(f"{type(trainer).__name__} is not registered; register it in methods.py to export its head")
+        head = {"method": names[0], "params": asdict(trainer.params), "run": asdict(trainer.run), "channels": trainer.channels}
+        reducer = cls(trainer.run.dim, head)
         reducer.module_ = copy.deepcopy(module).cpu().eval()
         return reducer
 
@@ -339,13 +346,24 @@ class ModuleReducer(Reducer):
         return copies[device]
 
     def params(self) -> dict[str, Any]:
-        return {"n_components": self.n_components}
+        return {"n_components": self.n_components, "head": self.head}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"module_": np.frombuffer(pickle.dumps(self.module_), dtype=np.uint8)}
+        return {f"module.{key}": value.detach().numpy() for key, value in self.module_.state_dict().items()}
 
     @classmethod
     def from_state(cls, params: dict[str, Any], state: dict[str, np.ndarray]) -> ModuleReducer:
-        reducer = cls(**params)
-        reducer.module_ = pickle.loads(state["module_"].tobytes())
+        from .. import methods
+
+        if "module_" in state or not params.get("head"):
+            raise ValueError("a head exported by an earlier version (its module pickled, which is never read); "
+                             "retrain it: its stage's version changed, so `stegoscope study` or `train` does")
+        head = params["head"]
+        spec = methods.get(head["method"])
+        trainer = spec.cls(spec.params(**head["params"]), HeadRun(**head["run"]), head["channels"])
+        with torch.random.fork_rng(devices=[]):  # its random initialisation, overwritten next, draws nothing of the caller's
+            module = trainer.make_head()
+        module.load_state_dict({key.removeprefix("module."): torch.from_numpy(np.array(value)) for key, value in state.items()})
+        reducer = cls(params["n_components"], head)
+        reducer.module_ = module.eval()
         return reducer

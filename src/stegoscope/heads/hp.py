@@ -98,6 +98,7 @@ class HPHead(nn.Module):
 
 class HPTrainer(HeadTrainer):
     params_class = HPParams
+    version = 2  # 2: the exported head is its state dict and parameters, not a pickled module
     uses_knn = False
 
     def __init__(self, params: HPParams, run, channels: int):

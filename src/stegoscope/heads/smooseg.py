@@ -66,6 +66,7 @@ class SmooSegHead(nn.Module):
 
 class SmooSegTrainer(HeadTrainer):
     params_class = SmooSegParams
+    version = 2  # 2: the exported head is its state dict and parameters, not a pickled module
     uses_knn = False
 
     def make_head(self) -> SmooSegHead:
