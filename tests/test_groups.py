@@ -4,6 +4,7 @@ pass, and every member's artefact is bit for bit the one it gets alone."""
 import json
 import shutil
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -124,3 +125,15 @@ def test_a_random_state_resumes_its_own_draws_whatever_runs_between():
             got.append(torch.rand(3))
         torch.rand(7)  # another member's draws
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_step_of_a_probe_or_head_waits_on_the_host_on_cuda(tmp_path, monkeypatch):
+    from stegoscope import training
+
+    monkeypatch.setattr(training, "CHECK_SYNCS", True)  # set_sync_debug_mode("error") around every member's step
+    # HP is left out: its loss keeps anchors by boolean indexing and renews its pools with a blocking copy (not yet mended)
+    heads = "smooseg: {steps: 6, batch_size: 4, dim: 4}\n"
+    preset = write_micro_preset(tmp_path / "micro.yaml", extra=EXTRA.replace("stego]", "stego, smooseg]") + heads)
+    out = CliRunner().invoke(app, ["study", str(preset), "--cache", str(tmp_path / "c"), "--no-progress", "--device", "cuda"])
+    assert out.exit_code == 0, out.output

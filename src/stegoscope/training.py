@@ -15,6 +15,7 @@ the group it trained in (tested).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -152,6 +153,10 @@ class Member(ABC):
     def snapshot(self) -> Any:
         """What is kept of the best step."""
 
+    def flush(self) -> None:
+        """After every member's step: read what the step left to log (the one place a step's
+        values reach the host, every N steps)."""
+
 
 def optimise(optimizers: list[torch.optim.Optimizer], loss: torch.Tensor, before_step: Callable[[], None] | None = None) -> None:
     """One backward of ``loss`` and a step of every optimiser (``before_step`` between them:
@@ -174,6 +179,24 @@ class Trained:
     best_snapshot: Any
 
 
+CHECK_SYNCS = os.environ.get("STEGOSCOPE_CHECK_SYNCS") == "1"  # on CUDA: a step that waits on the host is an error
+
+
+@contextmanager
+def host_syncs_refused(check: bool) -> Iterator[None]:
+    """With ``check`` on CUDA, any operation inside that makes the host wait for the device raises
+    (``torch.cuda.set_sync_debug_mode("error")``); elsewhere nothing."""
+    if not (check and torch.cuda.is_available() and torch.cuda.is_initialized()):
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
 def train_group(members: list[Member], schedule: Schedule, n_rows: int, gather, nns: np.ndarray | None = None,
                 label: str = "train", show_progress: bool = True) -> list[Trained]:
     """Train every member on the schedule's batches; every ``val_every`` steps and at the last,
@@ -186,9 +209,12 @@ def train_group(members: list[Member], schedule: Schedule, n_rows: int, gather, 
         task = bar.add_task(label + (f" ({len(members)} together)" if len(members) > 1 else ""), total=schedule.steps)
         for step, rows, partners in schedule.batches(n_rows, nns):
             batch = SharedBatch(step, rows, partners, gather)
+            with host_syncs_refused(CHECK_SYNCS):
+                for member in members:
+                    with member.random.active():
+                        member.step(batch)
             for member in members:
-                with member.random.active():
-                    member.step(batch)
+                member.flush()
             if schedule.validates(step):
                 for i, member in enumerate(members):
                     with member.random.active():

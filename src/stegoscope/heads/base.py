@@ -216,6 +216,7 @@ class HeadMember(Member):
             self.probes = Probes(run.dim, run.n_classes, run.extra_clusters).to(device)
         self.optimizers = [trainer.optimizer(self.head), *self.probes.optimizers(run.probe_lr, run.probe_lr)]
         self.current: dict[str, Any] = {}
+        self.pending: tuple[int, dict] | None = None
 
     def step(self, shared: SharedBatch) -> None:
         trainer, rows = self.trainer, shared.rows
@@ -228,8 +229,13 @@ class HeadMember(Member):
         total = loss + loss_linear + loss_cluster
         optimise(self.optimizers, total, lambda: trainer.after_backward(self.head))
         trainer.after_step(self.head, shared.step)
-        if self.log.due(shared.step):
-            self.log.write(shared.step, {**logged, "loss/linear": loss_linear, "loss/cluster": loss_cluster, "loss/total": total})
+        if self.log.due(shared.step):  # written by flush(), outside the step
+            self.pending = (shared.step, {**logged, "loss/linear": loss_linear, "loss/cluster": loss_cluster, "loss/total": total})
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.log.write(*self.pending)
+            self.pending = None
 
     def val_codes(self, reducer: Reducer) -> CodeSource:
         return CodeSource(self.val_arrays, reducer, flip=True)  # flip TTA when val has flips
