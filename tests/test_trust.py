@@ -75,3 +75,61 @@ def test_a_manifest_of_the_wrong_shape_is_a_damaged_manifest_with_the_fix(tmp_pa
         (folder / "manifest.json").write_text(json.dumps(good | damage))
         with pytest.raises(StoreError, match=r"damaged manifest .*rerun the `stegoscope probe`"):
             read_manifest(folder)
+
+
+def bomb_png(path, width=30_000, height=30_000):
+    """A PNG whose header declares width × height grey pixels, with almost no data (the check
+    must refuse it from the header, before anything is decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_hostile_images_are_named_refused_or_skipped_with_memory_bounded(tmp_path, directory_dataset):
+    import resource
+
+    from conftest import write_directory_dataset
+    from stegoscope.data.base import MAX_PIXELS, DatasetError, read_label_png, read_rgb
+
+    assert MAX_PIXELS < 12_000 * 10_000 < 2 * 89_478_485 < 30_000 * 30_000  # ours refuses the first, PIL's the second
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for bomb in (bomb_png(tmp_path / "bomb.png"), bomb_png(tmp_path / "big.png", 12_000, 10_000)):
+        for reader in (read_rgb, read_label_png):
+            try:
+                reader(bomb)
+            except DatasetError as exc:
+                assert str(exc).startswith(str(bomb)) and "decompression bomb" in str(exc)
+            else:
+                raise AssertionError(f"{bomb.name} was read")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing near 360 MB was decoded
+    root = write_directory_dataset(tmp_path / "hostile", n_train=6, n_val=2)
+    images = sorted((root / "imgs" / "train").iterdir())
+    bomb_png(images[0].with_suffix(".png"))
+    images[0].unlink() if images[0].suffix != ".png" else None
+    images[1].write_bytes(b"")  # a 0-byte file
+    images[2].write_bytes(b"not an image at all")
+    cache = tmp_path / "c"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: p\ndataset: directory\nbackbone: random:vit_micro_patch8\nn_classes: 3\n"
+                      "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 32}\n")
+    common = ["extract", "--preset", str(preset), "--data-root", str(root), "--cache", str(cache), "--split", "train",
+              "--workers", "0", "--no-progress"]
+    runner = CliRunner()
+    refused = runner.invoke(app, common, env={"COLUMNS": "300"})
+    assert refused.exit_code == 2 and "decompression bomb" in refused.output, refused.output
+    assert not list(cache.glob("features/*.zarr/zarr.json")) or "complete" not in "".join(
+        p.read_text() for p in cache.glob("features/*.zarr/zarr.json"))
+    fresh = tmp_path / "c2"
+    common[common.index(str(cache))] = str(fresh)
+    skipped = runner.invoke(app, [*common, "--skip-bad"], env={"COLUMNS": "300"})
+    assert skipped.exit_code == 0, skipped.output
+    import zarr
+
+    (store,) = fresh.glob("features/*.zarr")
+    assert zarr.open_group(str(store), mode="r")["tokens"].shape[0] == 3  # the three hostile files skipped

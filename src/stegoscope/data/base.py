@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -175,10 +176,38 @@ def require_file(path: Path, what: str, fix: str = SKIP_HINT) -> Path:
     return path
 
 
+MAX_PIXELS = 100_000_000  # an image or label over this is refused from its header, before it is decoded
+
+
+def check_pixels(path: Path, size: tuple[int, int]) -> None:
+    """Refuse an image whose header declares more than ``MAX_PIXELS`` pixels (a decompression
+    bomb, or far larger than any dataset's), so that memory stays bounded."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise DatasetError(path, f"its header declares {width} × {height} pixels, over the {MAX_PIXELS:,}-pixel limit "
+                                 "(a decompression bomb, or far larger than any dataset's images)", SKIP_HINT)
+
+
+def _open(path: Path) -> Image.Image:
+    """The image at ``path``, opened lazily (header only) and checked against ``MAX_PIXELS``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as exc:  # over twice PIL's own limit: refused while opening
+            raise DatasetError(path, f"refused as a decompression bomb ({exc})", SKIP_HINT) from None
+    try:
+        check_pixels(path, img.size)
+    except DatasetError:
+        img.close()
+        raise
+    return img
+
+
 def read_rgb(path: Path) -> Image.Image:
     """Open an image fully (so truncation is caught here) and convert it to RGB."""
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
@@ -188,7 +217,7 @@ def read_rgb(path: Path) -> Image.Image:
 def read_label_png(path: Path) -> np.ndarray:
     """A single-channel 8-bit PNG of class ids (mode L or P) as an int array."""
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             img.load()
             if img.mode not in ("L", "P"):
                 raise DatasetError(

@@ -10,12 +10,14 @@ The geometry is the CPU path's (:mod:`.transforms`), so ``nearest`` gives the sa
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .base import SegmentationDataset, require_file
+from .base import MAX_PIXELS, SegmentationDataset, require_file
 from .crops import five_crop_boxes
 from .transforms import transform_images
 
@@ -28,7 +30,14 @@ def encoded_jpeg(dataset: SegmentationDataset, index: int) -> torch.Tensor | Non
         return None  # a reader of its own (e.g. Potsdam's .mat): let it decode
     path = require_file(dataset.paths(index)[0], f"image of sample {dataset.ids[index]!r}")
     data = path.read_bytes()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data[:3] == JPEG_MAGIC else None
+    if data[:3] != JPEG_MAGIC:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # the header only: a bomb is refused by the reader, not decoded here
+            too_large = header.width * header.height > MAX_PIXELS
+    except Exception:  # not a JPEG PIL can read: the dataset's reader names the file
+        return None
+    return None if too_large else torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
