@@ -54,14 +54,20 @@ def write_stego_ckpt(path, in_dim=96, dim=6, n_classes=3, seed=0):
     return head.eval(), state
 
 
-def test_import_and_evaluate_released_checkpoint(tmp_path, directory_dataset):
-    head, state = write_stego_ckpt(tmp_path / "cocostuff27_vit_base_5.ckpt")
+def extracted(tmp_path, directory_dataset) -> list[str]:
+    """The options of a cache holding the extracted train and val tokens of the directory dataset."""
     preset = tmp_path / "p.yaml"
     preset.write_text("name: p\ndataset: directory\nbackbone: random:vit_micro_patch8\nn_classes: 3\n"
                       "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 48, store_images: true}\n")
     common = ["--preset", str(preset), "--data-root", str(directory_dataset), "--cache", str(tmp_path / "c"), "--no-progress"]
+    assert CliRunner().invoke(app, ["extract", *common, "--workers", "0"]).exit_code == 0
+    return common
+
+
+def test_import_and_evaluate_released_checkpoint(tmp_path, directory_dataset):
+    head, state = write_stego_ckpt(tmp_path / "cocostuff27_vit_base_5.ckpt")
+    common = extracted(tmp_path, directory_dataset)
     runner = CliRunner()
-    assert runner.invoke(app, ["extract", *common, "--workers", "0"]).exit_code == 0
     result = runner.invoke(app, ["import-stego", str(tmp_path / "cocostuff27_vit_base_5.ckpt"), *common, "--no-flip",
                                  "--crf-workers", "1"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -179,12 +185,8 @@ def test_import_stego_refuses_a_hostile_checkpoint_with_one_line_and_writes_noth
     head, state = write_stego_ckpt(tmp_path / "real.ckpt")
     torch.save({"state_dict": state, "hyper_parameters": Gadget(np_utils.runstring, f"open({str(marker)!r}, 'w')", {})},
                tmp_path / "hostile.ckpt")
-    preset = tmp_path / "p.yaml"
-    preset.write_text("name: p\ndataset: directory\nbackbone: random:vit_micro_patch8\nn_classes: 3\n"
-                      "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 48, store_images: true}\n")
-    common = ["--preset", str(preset), "--data-root", str(directory_dataset), "--cache", str(tmp_path / "c"), "--no-progress"]
+    common = extracted(tmp_path, directory_dataset)
     runner = CliRunner()
-    assert runner.invoke(app, ["extract", *common, "--workers", "0"]).exit_code == 0
     out = runner.invoke(app, ["import-stego", str(tmp_path / "hostile.ckpt"), *common, "--no-flip"], env={"COLUMNS": "300"})
     assert out.exit_code == 2 and "refused: it names numpy.testing._private.utils.runstring" in out.output, out.output
     assert not marker.exists() and not (tmp_path / "c" / "artefacts" / "import_stego").exists()
