@@ -262,3 +262,26 @@ def test_a_stage_sigkilled_on_s3_before_its_manifest_reruns_to_the_local_result(
     (reference,) = (local / "artefacts" / "reduce").iterdir()
     assert s3.cat(f"{fit}/payload.npz") == (reference / "payload.npz").read_bytes()
     assert json.loads(s3.cat(f"{fit}/manifest.json"))["files"] == json.loads((reference / "manifest.json").read_text())["files"]
+
+
+def test_no_credential_reaches_a_record_a_log_an_output_or_an_error(s3, tmp_path, monkeypatch):
+    import s3fs
+
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIASTEGOSCOPEFAKE01", "AWS_SECRET_ACCESS_KEY": "stegoscopeFakeSecret0123456789xyz",
+               "AWS_SESSION_TOKEN": "stegoscopeFakeSessionToken42"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    preset = write_micro_preset(tmp_path / "micro.yaml", name="secrets")
+    url = f"s3://{BUCKET}/secrets"
+    outputs = [invoke("study", preset, "--cache", url, "--no-progress", "--only", "pca", "--set", "eval.crf=none"),
+               invoke("status", "--preset", preset, "--cache", url), invoke("status", "--cache", url),
+               invoke("figures", "--study", "secrets", "--cache", url),
+               invoke("status", "--cache", f"s3://no-such-bucket-{BUCKET}/x")]  # an error about the bucket
+    assert [out.exit_code for out in outputs] == [0, 0, 0, 0, 2], [out.output for out in outputs]
+    remote = _download(s3, url, tmp_path / "remote")
+    texts = [out.output for out in outputs] + [path.read_bytes().decode("latin-1") for path in remote.rglob("*") if path.is_file()]
+    assert len(texts) > 30
+    for value in secrets.values():
+        assert not [text[:200] for text in texts if value in text]
