@@ -135,7 +135,6 @@ class Member(ABC):
     """One configuration trained in a group. Subclasses build their modules in ``__init__``
     (inside :attr:`random`) and implement :meth:`step`, :meth:`validate` and :meth:`snapshot`."""
 
-    label: str = "member"
     select: str = "cluster/mIoU"  # the validation metric whose best step is kept
 
     def __init__(self, seed: int):

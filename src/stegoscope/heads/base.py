@@ -203,7 +203,7 @@ class HeadMember(Member):
     def __init__(self, job: HeadJob, data: TokenBatches, val_arrays: StoreArrays, device: torch.device):
         trainer, run = job.trainer, job.trainer.run
         super().__init__(run.seed)
-        self.trainer, self.log, self.extras, self.label = trainer, job.log, job.extras, job.label
+        self.trainer, self.log, self.extras = trainer, job.log, job.extras
         self.data, self.device = data, device
         self.val_arrays = val_arrays
         for name, array in self.extras.items():
@@ -253,24 +253,23 @@ class HeadMember(Member):
     def snapshot(self) -> tuple:
         return self.current["head"], self.current["probes"].snapshot(), self.current["probes"].cluster
 
-    def finish(self, trained: Trained, crf_workers: int, show_progress: bool) -> tuple[HeadResult, float]:
+    def finish(self, trained: Trained, crf_workers: int, show_progress: bool, seconds: dict[str, float]) -> HeadResult:
         """The run's result: the best and the final head, and the best evaluated with the CRF
-        when the run asks for it; and the seconds the CRF took."""
+        when the run asks for it; ``seconds`` (load, train) gains the CRF's."""
         run, probes = self.trainer.run, self.probes
         best_head, best_probes, best_cluster = trained.best_snapshot
         final_head = self.trainer.exported(self.head, train_after=False)
         final_probes = self.evaluated().snapshot()
-        best_crf, seconds = None, 0.0
+        best_crf, seconds = None, dict(seconds)
         if run.crf:
             probes.linear.load_state_dict(best_probes["linear"])
             best_probes_on = probes.with_cluster(best_cluster) if best_cluster is not probes.cluster else probes.restore(best_probes)
             refining = time.perf_counter()
             best_crf = {"step": trained.best["step"], **evaluate_with_crf(self.val_codes(best_head), best_probes_on, self.device,
                                                                           run.extra_as_errors, crf_workers, show_progress)}
-            seconds = time.perf_counter() - refining
-        result = HeadResult(trained.history, trained.best, best_head, best_probes, final_head, final_probes, best_crf,
-                            self.data.resident, {})
-        return result, seconds
+            seconds["crf"] = time.perf_counter() - refining
+        return HeadResult(trained.history, trained.best, best_head, best_probes, final_head, final_probes, best_crf,
+                          self.data.resident, seconds)
 
 
 def fit_heads(jobs: list[HeadJob], train: FeatureStore, val: FeatureStore, nns: np.ndarray | None, device: torch.device,
@@ -293,12 +292,8 @@ def fit_heads(jobs: list[HeadJob], train: FeatureStore, val: FeatureStore, nns: 
     label = jobs[0].label if len(jobs) == 1 else f"{len(jobs)} heads"
     trained = train_group(members, schedule, len(data), data, nns, label, show_progress)
     train_seconds = time.perf_counter() - training
-    results = []
-    for member, run in zip(members, trained):
-        result, crf_seconds = member.finish(run, crf_workers, show_progress)
-        result.seconds.update(load=load, train=train_seconds, **({"crf": crf_seconds} if member.trainer.run.crf else {}))
-        results.append(result)
-    return results
+    seconds = {"load": load, "train": train_seconds}
+    return [member.finish(run, crf_workers, show_progress, seconds) for member, run in zip(members, trained)]
 
 
 class ModuleReducer(Reducer):

@@ -131,7 +131,6 @@ class ProbeMember(Member):
     def __init__(self, stage: ProbeStage, train, val, device: torch.device):
         super().__init__(stage.p.seed)
         p, self.stage, self.device = stage.p, stage, device
-        self.label = f"probe {stage.method}{stage.dim or ''}"
         reducer = load_reducer(stage.reducer.output, stage.dim) if stage.reducer is not None else IdentityReducer()
         train_derived, val_derived = ((StoreArrays(open_complete_store(s.output), (TOKENS,), device=device) for s in stage.derived)
                                       if stage.derived else (None, None))
