@@ -125,6 +125,51 @@ def test_pca_on_a_local_dask_cluster_equals_single_process(tmp_path):
     np.testing.assert_allclose(clustered.explained_variance_ratio_, single.explained_variance_ratio_, atol=1e-12)
 
 
+# -- h-NNE stored as arrays -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [2, 4])  # 2: with hnne's per-anchor inflation; 4: without
+def test_the_hnne_map_from_arrays_equals_hnne_own_transform(dim):
+    from hnne import HNNE as Reference
+
+    from stegoscope.ops.hnne_map import HNNEMap, nearest_anchor_exact, project
+
+    rng = np.random.default_rng(0)
+    fit = (rng.normal(size=(600, 12)) + rng.integers(0, 5, size=(600, 1)) * 3).astype(np.float32)
+    new = (rng.normal(size=(250, 12)) * 1.5 + 4).astype(np.float32)
+    model = Reference(n_components=dim, metric="cosine", random_state=0, hnne_version="v1")
+    model.fit(fit)
+    expected = model.transform(new.copy())
+    m = HNNEMap.from_model(model)
+    assert (len(m.inflation_rotations) > 0) == (dim <= 3)
+    arrays = m.to_arrays("map_")
+    assert all(a.dtype != object for a in arrays.values())
+    np.testing.assert_array_equal(project(new, nearest_anchor_exact(new, m.anchors, "cosine"),
+                                          HNNEMap.from_arrays(arrays, "map_")), expected)
+
+
+def test_an_hnne_fit_round_trips_through_npz_and_its_index_path_finds_the_same_anchors(monkeypatch):
+    import io
+
+    import stegoscope.reducers as reducers
+    from stegoscope.reducers import HNNE
+
+    tokens = dino_like_tokens(n_images=24).reshape(-1, 24)
+    fitted = HNNE(n_components=3, fit_tokens=400, seed=1).fit(tokens)
+    buffer = io.BytesIO()
+    np.savez(buffer, **fitted.state_dict())
+    buffer.seek(0)
+    with np.load(buffer, allow_pickle=False) as payload:
+        rebuilt = HNNE.from_state(fitted.params(), {key: payload[key] for key in payload.files})
+    exact = fitted.transform(tokens[:100])
+    np.testing.assert_array_equal(rebuilt.transform(tokens[:100]), exact)
+    z = rebuilt._standardized(tokens[:100], center_when_none=False)
+    monkeypatch.setattr(reducers, "needs_index", lambda n_points, n_anchors: True)  # as hnne above 400e6 pairs
+    agree = rebuilt._nearest(z) == reducers.nearest_anchor_exact(z, rebuilt.map_.anchors, "cosine")
+    assert agree.mean() >= 0.98
+    with pytest.raises(ValueError, match="never read"):
+        HNNE.from_state(fitted.params(), {"mean_": fitted.mean_, "scale_": fitted.scale_, "model_": np.zeros(3, np.uint8)})
+
+
 # -- the reduce stage through the CLI -----------------------------------------------------------
 
 def run(args):

@@ -35,6 +35,15 @@ def test_a_head_reducer_round_trips_through_arrays_and_json_and_computes_the_hea
     assert all(array.dtype != object for array in state.values())
 
 
+def plant(artefact, **arrays) -> None:
+    """A hostile writer: ``payload.npz`` replaced by ``arrays``, the manifest made to agree."""
+    np.savez(artefact / "payload.npz", **arrays)
+    manifest = json.loads((artefact / "manifest.json").read_text())
+    data = (artefact / "payload.npz").read_bytes()
+    manifest["files"]["payload.npz"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (artefact / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_pickle_planted_in_a_head_artefact_is_refused_with_the_artefact_named_and_never_run(tmp_path):
     import numpy.testing._private.utils as np_utils
 
@@ -46,16 +55,37 @@ def test_a_pickle_planted_in_a_head_artefact_is_refused_with_the_artefact_named_
     (artefact,) = (cache / "artefacts" / "train_smooseg").iterdir()
     # a hostile writer: the payload as an earlier version wrote it, a pickle inside, and a manifest that agrees
     gadget = pickle.dumps(Gadget(np_utils.runstring, f"open({str(marker)!r}, 'w')", {}))
-    np.savez(artefact / "payload.npz", module_=np.frombuffer(gadget, dtype=np.uint8))
-    manifest = json.loads((artefact / "manifest.json").read_text())
-    data = (artefact / "payload.npz").read_bytes()
-    manifest["files"]["payload.npz"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (artefact / "manifest.json").write_text(json.dumps(manifest))
+    plant(artefact, module_=np.frombuffer(gadget, dtype=np.uint8))
     probe = runner.invoke(app, ["probe", "--preset", str(preset), "--cache", str(cache), "--reducer", str(artefact),
                                 "--steps", "3", "--no-crf", "--no-progress"], env={"COLUMNS": "300"})
     assert probe.exit_code == 2, probe.output
     assert str(artefact) in probe.output and "never read" in probe.output
     assert not marker.exists()
+
+
+def test_a_pickle_planted_in_an_hnne_fit_is_refused_with_the_artefact_named_and_never_run(tmp_path):
+    import numpy.testing._private.utils as np_utils
+
+    preset = write_micro_preset(tmp_path / "micro.yaml")
+    cache, marker = tmp_path / "c", tmp_path / "PWNED"
+    common = ["--preset", str(preset), "--cache", str(cache), "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["extract", *common, "--no-flip"]).exit_code == 0
+    out = runner.invoke(app, ["reduce", *common, "--method", "hnne", "--dim", "3", "--fit-tokens", "300"])
+    assert out.exit_code == 0, out.output
+    (artefact,) = (cache / "artefacts" / "reduce").iterdir()
+    state = dict(np.load(artefact / "payload.npz", allow_pickle=False))
+    assert all(array.dtype != object for array in state.values())
+    gadget = Gadget(np_utils.runstring, f"open({str(marker)!r}, 'w')", {})
+    # as an earlier version stored the fit (pickled bytes), and as an object array (np.save pickles it)
+    for payload, said in (({**state, "model_": np.frombuffer(pickle.dumps(gadget), dtype=np.uint8)}, "never read"),
+                          ({**state, "map_anchors": np.array([gadget], dtype=object)}, "allow_pickle=False")):
+        plant(artefact, **payload)
+        probe = runner.invoke(app, ["probe", *common, "--reducer", str(artefact), "--steps", "3", "--no-crf"],
+                              env={"COLUMNS": "300"})
+        assert probe.exit_code == 2, probe.output
+        assert str(artefact) in probe.output and said in probe.output
+        assert not marker.exists()
 
 
 def test_a_manifest_of_the_wrong_shape_is_a_damaged_manifest_with_the_fix(tmp_path):

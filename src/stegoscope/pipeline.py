@@ -269,7 +269,7 @@ def load_npz(directory: Path, name: str = cache_schema.PAYLOAD, keys: Iterable[s
     checking it against the manifest."""
     import numpy as np
 
-    with artefact_file(directory, name).open("rb") as fh, np.load(fh) as payload:
+    with artefact_file(directory, name).open("rb") as fh, np.load(fh, allow_pickle=False) as payload:
         return {key: payload[key] for key in payload.files if keys is None or key in keys}
 
 

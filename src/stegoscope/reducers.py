@@ -18,7 +18,6 @@ Standardisation (``standardize``):
 from __future__ import annotations
 
 import inspect
-import pickle
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -27,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .ops.hnne_map import ANN_NEIGHBOURS, HNNEMap, nearest_anchor_exact, needs_index, project
 from .ops.streaming import batch_standardize, eigh_descending, moments_from_gram, safe_scale, shifted_gram
 
 STANDARDIZE = ("train", "batch", "none")
@@ -386,16 +386,21 @@ class HNNE(_Standardized):
     fitted on a seeded sample of ``fit_tokens`` tokens.
 
     Its transform is expensive (nearest finest-level anchor, then a piecewise-affine map), so the
-    study projects whole stores once; see ``stages/reduce.py``.
+    study projects whole stores once; see ``stages/reduce.py``. The fit keeps only the arrays that
+    map reads (:class:`~stegoscope.ops.hnne_map.HNNEMap`) and the hierarchy's levels, so its
+    artefact is arrays, never a pickled ``hnne.HNNE``.
 
     Attributes
     ----------
-    model_ : the fitted ``hnne.HNNE``.
+    map_ : the fitted map of new points (anchors, scaler, PCA, inflation, placement).
+    anchor_levels_ : (K, L) each finest-level anchor's cluster at every level of the hierarchy.
+    level_sizes_ : (L,) clusters per level.
     mean_, scale_ : statistics of the fit sample (``standardize="train"``).
     """
 
     method = "hnne"
     precompute_codes = True
+    state_format = "arrays"  # part of the fit's key: fits stored as a pickled hnne.HNNE are refitted
 
     def __init__(
         self, n_components: int, fit_tokens: int = 1_000_000, seed: int = 0, standardize: str = "train",
@@ -417,21 +422,38 @@ class HNNE(_Standardized):
         z = batch_standardize(sample) if self.standardize != "none" else sample
         # Parity settings: hnne 0.1.x defaults (radius 0.4, ann_threshold 40000) and its v1 algorithm.
         version = {"hnne_version": "v1"} if int(hnne_version().split(".")[0]) >= 2 else {}
-        self.model_ = _HNNE(
+        model = _HNNE(
             n_components=self.n_components, metric="cosine", radius=self.radius, ann_threshold=self.ann_threshold,
             random_state=self.seed, **version,
         )
-        self.model_.fit(z)
+        model.fit(z)
+        self.map_ = HNNEMap.from_model(model)
+        partitions = np.asarray(model.hierarchy_parameters.partitions)
+        first_member = np.unique(partitions[:, 0], return_index=True)[1]  # anchor i is cluster i of the finest level
+        self.anchor_levels_ = partitions[first_member].astype(np.int64)
+        self.level_sizes_ = np.array([len(np.unique(level)) for level in partitions.T], dtype=np.int64)
         return self
 
     def transform(self, tokens: np.ndarray) -> np.ndarray:
         x = np.asarray(tokens)
         z = self._standardized(x, center_when_none=False).reshape(-1, x.shape[-1])
-        return np.asarray(self.model_.transform(z), dtype=np.float32).reshape(*x.shape[:-1], self.n_components)
+        return np.asarray(project(z, self._nearest(z), self.map_), dtype=np.float32).reshape(*x.shape[:-1], self.n_components)
+
+    def _nearest(self, z: np.ndarray) -> np.ndarray:
+        """Each point's nearest anchor (cosine), through an approximate index where hnne uses one
+        (built once per reducer, as hnne caches it)."""
+        if not needs_index(len(z), len(self.map_.anchors)):
+            return nearest_anchor_exact(z, self.map_.anchors, "cosine")
+        if getattr(self, "_anchor_index", None) is None:
+            from pynndescent import NNDescent  # the index and settings hnne's transform uses
+
+            self._anchor_index = NNDescent(self.map_.anchors, n_neighbors=ANN_NEIGHBOURS, metric="cosine")
+            self._anchor_index.prepare()
+        return self._anchor_index.query(z, k=ANN_NEIGHBOURS)[0][:, 0]
 
     @classmethod
     def fit_info(cls) -> dict[str, Any]:
-        return {"hnne": hnne_version(), "algorithm": "v1", "metric": "cosine"}
+        return {"hnne": hnne_version(), "algorithm": "v1", "metric": "cosine", "state": cls.state_format}
 
     def params(self) -> dict[str, Any]:
         return {
@@ -440,14 +462,18 @@ class HNNE(_Standardized):
         }
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        model = np.frombuffer(pickle.dumps(self.model_), dtype=np.uint8)
-        return {"mean_": self.mean_, "scale_": self.scale_, "model_": model}
+        return {"mean_": self.mean_, "scale_": self.scale_, "anchor_levels_": self.anchor_levels_,
+                "level_sizes_": self.level_sizes_, **self.map_.to_arrays("map_")}
 
     @classmethod
     def from_state(cls, params: dict[str, Any], state: dict[str, np.ndarray]) -> HNNE:
+        if "model_" in state:
+            raise ValueError("an h-NNE fit stored by an earlier version (a pickled hnne.HNNE, which is never read); "
+                             "refit it: rerun the command that made it (its key has changed, so a study refits it)")
         reducer = cls(**params)
         reducer.mean_, reducer.scale_ = state["mean_"], state["scale_"]
-        reducer.model_ = pickle.loads(state["model_"].tobytes())
+        reducer.anchor_levels_, reducer.level_sizes_ = state["anchor_levels_"], state["level_sizes_"]
+        reducer.map_ = HNNEMap.from_arrays(state, "map_")
         return reducer
 
 

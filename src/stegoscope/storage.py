@@ -114,8 +114,8 @@ def read_npy(path, mmap: bool = True):
     import numpy as np
 
     if is_remote(path):
-        return np.load(io.BytesIO(path.read_bytes()))
-    return np.load(path, mmap_mode="r" if mmap else None)
+        return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def file_sizes(root) -> dict[str, int]:

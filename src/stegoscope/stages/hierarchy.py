@@ -35,11 +35,7 @@ MODES = ("drop", "errors", "many_to_one")
 def hierarchy_of(reducer) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(finest-level centroids (n0, C), each one's cluster at every level (n0, L), clusters per
     level) of a fitted h-NNE reducer."""
-    fitted = reducer.model_.hierarchy_parameters
-    partitions = np.asarray(fitted.partitions)
-    first_member = np.unique(partitions[:, 0], return_index=True)[1]  # centroid i is cluster i of the finest level
-    sizes = [len(np.unique(partitions[:, level])) for level in range(partitions.shape[1])]
-    return np.asarray(fitted.lowest_level_centroids, dtype=np.float32), partitions[first_member], sizes
+    return np.asarray(reducer.map_.anchors, dtype=np.float32), np.asarray(reducer.anchor_levels_), reducer.level_sizes_.tolist()
 
 
 @torch.no_grad()
