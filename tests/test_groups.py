@@ -132,8 +132,7 @@ def test_no_step_of_a_probe_or_head_waits_on_the_host_on_cuda(tmp_path, monkeypa
     from stegoscope import training
 
     monkeypatch.setattr(training, "CHECK_SYNCS", True)  # set_sync_debug_mode("error") around every member's step
-    # HP is left out: its loss keeps anchors by boolean indexing and renews its pools with a blocking copy (not yet mended)
-    heads = "smooseg: {steps: 6, batch_size: 4, dim: 4}\n"
-    preset = write_micro_preset(tmp_path / "micro.yaml", extra=EXTRA.replace("stego]", "stego, smooseg]") + heads)
+    heads = "smooseg: {steps: 6, batch_size: 4, dim: 4}\nhp: {steps: 6, batch_size: 4, dim: 4, renew_every: 3, local_positives: false}\n"
+    preset = write_micro_preset(tmp_path / "micro.yaml", extra=EXTRA.replace("stego]", "stego, smooseg, hp]") + heads)
     out = CliRunner().invoke(app, ["study", str(preset), "--cache", str(tmp_path / "c"), "--no-progress", "--device", "cuda"])
     assert out.exit_code == 0, out.output

@@ -22,6 +22,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing import get_context
@@ -372,6 +373,22 @@ class CRFPool:
             self.pool = None
 
 
+@dataclass
+class Evaluation:
+    """Probes to score on a source's codes of the val store (cluster unmatched pixels as errors
+    with ``extra_as_errors``)."""
+
+    source: CodeSource
+    probes: Probes
+    extra_as_errors: bool = False
+
+    def counters(self) -> tuple[SegmentationMetrics, SegmentationMetrics]:
+        """Empty (linear, cluster) confusion counts."""
+        n_classes = self.probes.n_classes
+        return (SegmentationMetrics(n_classes),
+                SegmentationMetrics(n_classes, self.probes.extra_clusters, hungarian=True, extra_as_errors=self.extra_as_errors))
+
+
 @torch.no_grad()
 def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_errors: bool = False,
              crf: CRFPool | None = None, batch: int = 8, progress=None) -> dict[str, Any]:
@@ -383,8 +400,7 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
     local-cluster|tcp://…``), as one task per batch that reads its rows from the store by its
     path and runs the CRF itself, each within ``crf.timeout`` per image; the confusion counts
     are the same either way."""
-    lin = SegmentationMetrics(probes.n_classes)
-    clu = SegmentationMetrics(probes.n_classes, probes.extra_clusters, hungarian=True, extra_as_errors=extra_as_errors)
+    lin, clu = Evaluation(source, probes, extra_as_errors).counters()
     n = len(source.arrays)
     batches = [np.arange(start, min(start + batch, n)) for start in range(0, n, batch)]
     workers = distributed_workers() if device.type != "cuda" else 0
@@ -404,6 +420,32 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
             _count(source, probes, device, rows, lin, clu, crf)
             if progress is not None:
                 progress(len(rows))
+    return _scored(lin, clu)
+
+
+@torch.no_grad()
+def evaluate_together(evaluations: list[Evaluation], device: torch.device, batch: int = 8) -> list[dict[str, Any]]:
+    """:func:`evaluate` (without the CRF) of every evaluation in one pass over the val rows: each
+    batch's labels gathered once per store, every evaluation counted where its scores are, the
+    counts read once at the end. Under dask.distributed, each evaluation as :func:`evaluate`'s tasks."""
+    if device.type != "cuda" and distributed_workers():
+        return [evaluate(e.source, e.probes, device, e.extra_as_errors, batch=batch) for e in evaluations]
+    n = len(evaluations[0].source.arrays)
+    if any(len(e.source.arrays) != n for e in evaluations):
+        raise ValueError("evaluations read val stores of different lengths")
+    counters = [e.counters() for e in evaluations]
+    for start in range(0, n, batch):
+        rows = np.arange(start, min(start + batch, n))
+        labels: dict[str, torch.Tensor] = {}  # by store path: the group's members read one val store
+        for e, (lin, clu) in zip(evaluations, counters):
+            store = str(e.source.arrays.store.path)
+            if store not in labels:
+                labels[store] = e.source.arrays.tensor(LABELS, rows, device)
+            _count(e.source, e.probes, device, rows, lin, clu, labels=labels[store])
+    return [_scored(lin, clu) for lin, clu in counters]
+
+
+def _scored(lin: SegmentationMetrics, clu: SegmentationMetrics) -> dict[str, Any]:
     out = flat({"linear": lin.compute(), "cluster": clu.compute()})
     modes = clu.compute_modes()  # the other mappings of clusters to classes, from the same confusion
     for mode, prefix in (("errors", "cluster_extra_as_errors"), ("many_to_one", "cluster_many_to_one")):
@@ -412,10 +454,12 @@ def evaluate(source: CodeSource, probes: Probes, device: torch.device, extra_as_
 
 
 def _count(source: CodeSource, probes: Probes, device: torch.device, rows: np.ndarray, lin: SegmentationMetrics,
-           clu: SegmentationMetrics, crf: CRFPool | None = None) -> None:
-    """Add one batch's linear and cluster predictions (± the CRF) to the confusion counts."""
+           clu: SegmentationMetrics, crf: CRFPool | None = None, labels: torch.Tensor | None = None) -> None:
+    """Add one batch's linear and cluster predictions (± the CRF) to the confusion counts
+    (``labels``: the rows' labels on ``device``, when already gathered)."""
     store = source.arrays
-    labels = store.tensor(LABELS, rows, device)
+    if labels is None:
+        labels = store.tensor(LABELS, rows, device)
     codes = source.tensor(rows, device).permute(0, 3, 1, 2)
     logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
     if crf is None:  # counted where the scores are (a GPU, without copying label maps back)

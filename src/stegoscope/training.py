@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .probing import Evaluation, evaluate_together
 from .progress import progress_bar
 
 
@@ -133,7 +134,7 @@ class RandomState:
 
 class Member(ABC):
     """One configuration trained in a group. Subclasses build their modules in ``__init__``
-    (inside :attr:`random`) and implement :meth:`step`, :meth:`validate` and :meth:`snapshot`."""
+    (inside :attr:`random`) and implement :meth:`step`, :meth:`evaluation` and :meth:`snapshot`."""
 
     select: str = "cluster/mIoU"  # the validation metric whose best step is kept
 
@@ -145,8 +146,12 @@ class Member(ABC):
         """One optimisation step on the shared batch; nothing here waits on the device."""
 
     @abstractmethod
-    def validate(self) -> dict[str, Any]:
-        """The validation row of the current weights (its losses and val metrics)."""
+    def evaluation(self) -> Evaluation:
+        """What to score over val for the current weights (the group scores every member's in one pass)."""
+
+    def validated(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The validation row of the current weights, from their val ``metrics``."""
+        return metrics
 
     @abstractmethod
     def snapshot(self) -> Any:
@@ -196,11 +201,12 @@ def host_syncs_refused(check: bool) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(before)
 
 
-def train_group(members: list[Member], schedule: Schedule, n_rows: int, gather, nns: np.ndarray | None = None,
-                label: str = "train", show_progress: bool = True) -> list[Trained]:
+def train_group(members: list[Member], schedule: Schedule, n_rows: int, gather, device: torch.device,
+                nns: np.ndarray | None = None, label: str = "train", show_progress: bool = True) -> list[Trained]:
     """Train every member on the schedule's batches; every ``val_every`` steps and at the last,
-    validate each and keep the snapshot of its best step by its ``select`` metric (the cluster
-    mIoU: the paper's protocol). One progress bar counts the group's steps."""
+    validate every member in one pass over val and keep the snapshot of each one's best step by
+    its ``select`` metric (the cluster mIoU: the paper's protocol). One progress bar counts the
+    group's steps."""
     histories: list[list[dict]] = [[] for _ in members]
     best: list[dict | None] = [None] * len(members)
     snapshots: list[Any] = [None] * len(members)
@@ -215,9 +221,12 @@ def train_group(members: list[Member], schedule: Schedule, n_rows: int, gather, 
             for member in members:
                 member.flush()
             if schedule.validates(step):
-                for i, member in enumerate(members):
+                evaluations = []
+                for member in members:
                     with member.random.active():
-                        row = {"step": step, **member.validate()}
+                        evaluations.append(member.evaluation())
+                for i, (member, metrics) in enumerate(zip(members, evaluate_together(evaluations, device))):
+                    row = {"step": step, **member.validated(metrics)}
                     histories[i].append(row)
                     if best[i] is None or row[member.select] > best[i][member.select]:
                         best[i] = row

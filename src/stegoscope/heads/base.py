@@ -35,7 +35,7 @@ from torch import nn
 from ..cache_schema import IMAGES, LABELS, TOKENS, TOKENS_FLIP, FeatureStore
 from ..ops.kmeans import FixedCentroids
 from ..ops.transfer import to_device
-from ..probing import CodeSource, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate, evaluate_with_crf
+from ..probing import CodeSource, Evaluation, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate_with_crf
 from ..reducers import Reducer
 from ..training import Member, Schedule, SharedBatch, Trained, optimise, train_group
 
@@ -245,10 +245,9 @@ class HeadMember(Member):
         own = self.trainer.clusters(self.head)
         return self.probes if own is None else self.probes.with_cluster(own)
 
-    def validate(self) -> dict[str, Any]:
+    def evaluation(self) -> Evaluation:
         self.current["head"], self.current["probes"] = self.trainer.exported(self.head), self.evaluated()
-        return evaluate(self.val_codes(self.current["head"]), self.current["probes"], self.device,
-                        self.trainer.run.extra_as_errors)
+        return Evaluation(self.val_codes(self.current["head"]), self.current["probes"], self.trainer.run.extra_as_errors)
 
     def snapshot(self) -> tuple:
         return self.current["head"], self.current["probes"].snapshot(), self.current["probes"].cluster
@@ -290,7 +289,7 @@ def fit_heads(jobs: list[HeadJob], train: FeatureStore, val: FeatureStore, nns: 
     load = time.perf_counter() - loading
     training = time.perf_counter()
     label = jobs[0].label if len(jobs) == 1 else f"{len(jobs)} heads"
-    trained = train_group(members, schedule, len(data), data, nns, label, show_progress)
+    trained = train_group(members, schedule, len(data), data, device, nns, label, show_progress)
     train_seconds = time.perf_counter() - training
     seconds = {"load": load, "train": train_seconds}
     return [member.finish(run, crf_workers, show_progress, seconds) for member, run in zip(members, trained)]

@@ -32,6 +32,7 @@ from torch import nn
 from ..cache_schema import ATTENTION
 from ..models.stego_head import StegoHead
 from ..ops.ema import ema_update
+from ..ops.transfer import to_device
 from ..ops.hidden_positives import hidden_positive_loss, lambda_ramp, neighbour_mix
 from ..probing import TokenBatches
 from .base import HeadParams, HeadTrainer, TokenBatch
@@ -98,7 +99,7 @@ class HPHead(nn.Module):
 
 class HPTrainer(HeadTrainer):
     params_class = HPParams
-    version = 2  # 2: the exported head is its state dict and parameters, not a pickled module
+    version = 3  # 2: the exported head is arrays, not a pickled module; 3: dropped anchors masked, not indexed out (no host wait)
     uses_knn = False
 
     def __init__(self, params: HPParams, run, channels: int):
@@ -128,7 +129,7 @@ class HPTrainer(HeadTrainer):
         for chunk in rows.split(64):
             maps = encode(self.data(np.sort(chunk.numpy()))[0])  # (b, ·, h, w)
             flat = maps.flatten(2)
-            patch = torch.randint(flat.shape[2], (len(chunk),), generator=self.generator).to(flat.device)
+            patch = to_device(torch.randint(flat.shape[2], (len(chunk),), generator=self.generator), flat.device)
             out.append(F.normalize(flat[torch.arange(len(chunk), device=flat.device), :, patch].float(), dim=1))
         return torch.cat(out)
 

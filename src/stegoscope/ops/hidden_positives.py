@@ -131,27 +131,27 @@ def _block_loss(z: torch.Tensor, z_mix: torch.Tensor, feats: torch.Tensor, ema: 
     with torch.no_grad():
         m_ag = _pair_mask(feats[rows] @ feats.T, r[rows], r, self_cols)
         m_sp = _pair_mask(ema[rows] @ ema.T, r_ema[rows], r_ema, self_cols)
-        keep = m_ag.any(dim=1)  # [QUIRK] anchors without task-agnostic positives are dropped
-    if not bool(keep.any()):
-        # The original takes the mean of an empty set (NaN); here an empty block contributes 0 (still
-        # attached to the graph, so backward works even if every block is empty).
-        return (z[rows].sum() + z_mix[rows].sum()) * 0.0
-    with torch.no_grad():
+        # [QUIRK] anchors without task-agnostic positives are dropped: masked to weight 0 rather than
+        # indexed out, so no step waits for the host to learn how many are left. The original takes
+        # the mean of an empty set (NaN); here a block without a kept anchor contributes 0.
+        keep = m_ag.any(dim=1)
         # [QUIRK] the same ρ-draw for every block; M_sp is not part of the denominator set
         den = m_ag | random_negatives.repeat(k, 1)
         den[every, self_cols] = False
-        den, weight = den[keep], (m_ag.to(z.dtype) + lam * m_sp.to(z.dtype))[keep]
-        wsum, owner = weight.sum(dim=1), block[keep]
-        kept = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, owner, torch.ones_like(wsum))
-        mean_w = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, owner, wsum) / kept.clamp(min=1)
-        omega = wsum / mean_w[owner] if reweighting else torch.ones_like(wsum)
+        den |= ~keep.unsqueeze(1)  # a dropped anchor's row: any finite denominator (its term is zeroed)
+        weight = (m_ag.to(z.dtype) + lam * m_sp.to(z.dtype)) * keep.unsqueeze(1)
+        wsum = weight.sum(dim=1)
+        kept = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, block, keep.to(z.dtype))
+        mean_w = torch.zeros(k, dtype=z.dtype, device=z.device).index_add_(0, block, wsum) / kept.clamp(min=1)
+        omega = torch.where(keep, wsum / mean_w[block].clamp(min=1e-30), 0.0) if reweighting else keep.to(z.dtype)
+        divisor = torch.where(keep, wsum, 1.0)
     total = z.new_zeros(())
     for x in (z, z_mix):
-        logits = (x[rows][keep] @ x.T) / tau
+        logits = (x[rows] @ x.T) / tau
         # logsumexp subtracts the row max over the denominator set (float32 at least, see caller)
         lse = torch.logsumexp(logits.masked_fill(~den, float("-inf")), dim=1, keepdim=True)
-        ell = (weight * (logits - lse)).sum(dim=1) / wsum
-        per_block = torch.zeros(k, dtype=ell.dtype, device=z.device).index_add(0, owner, omega * ell) / kept.clamp(min=1)
+        ell = (weight * (logits - lse)).sum(dim=1) / divisor
+        per_block = torch.zeros(k, dtype=ell.dtype, device=z.device).index_add(0, block, omega * ell) / kept.clamp(min=1)
         total = total - (tau / base_temperature) * per_block.sum()  # blocks without a kept anchor add 0
     return total
 

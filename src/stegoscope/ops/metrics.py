@@ -15,24 +15,24 @@ from scipy.optimize import linear_sum_assignment
 
 
 def confusion(preds: np.ndarray, target: np.ndarray, n_classes: int, n_predicted: int | None = None,
-              extra_as_errors: bool = False) -> np.ndarray:
+              extra_as_errors: bool = False) -> np.ndarray | torch.Tensor:
     """(n_predicted, n_classes) int64 counts, rows = prediction, columns = truth.
 
     ``preds`` and ``target`` are numpy arrays or torch tensors; tensors are counted on their own
-    device (a GPU) and only the counts come back.
+    device (a GPU) into a tensor there, without waiting for it: pixels that do not count go to one
+    bin past the end, which is dropped, instead of being removed by a boolean index.
     """
     n_predicted = n_predicted or n_classes
-    tensors = isinstance(preds, torch.Tensor)
-    if tensors:  # the same arithmetic, without copying label maps to the host
-        preds, target = preds.reshape(-1).long(), target.reshape(-1).long()
-    else:
-        preds, target = np.asarray(preds).ravel().astype(np.int64), np.asarray(target).ravel().astype(np.int64)
     limit = n_predicted if extra_as_errors else n_classes
+    if isinstance(preds, torch.Tensor):
+        preds, target = preds.reshape(-1).long(), target.reshape(-1).long()
+        keep = (target >= 0) & (target < n_classes) & (preds >= 0) & (preds < limit)
+        flat = torch.where(keep, preds * n_classes + target, n_predicted * n_classes)
+        counts = torch.zeros(n_predicted * n_classes + 1, dtype=torch.int64, device=flat.device)
+        return counts.index_add_(0, flat, torch.ones_like(flat))[:-1].view(n_predicted, n_classes)
+    preds, target = np.asarray(preds).ravel().astype(np.int64), np.asarray(target).ravel().astype(np.int64)
     keep = (target >= 0) & (target < n_classes) & (preds >= 0) & (preds < limit)
-    flat = preds[keep] * n_classes + target[keep]
-    if tensors:
-        return torch.bincount(flat, minlength=n_predicted * n_classes).cpu().numpy().reshape(n_predicted, n_classes)
-    return np.bincount(flat, minlength=n_predicted * n_classes).reshape(n_predicted, n_classes)
+    return np.bincount(preds[keep] * n_classes + target[keep], minlength=n_predicted * n_classes).reshape(n_predicted, n_classes)
 
 
 def hungarian(stats: np.ndarray) -> np.ndarray:
@@ -104,7 +104,16 @@ class SegmentationMetrics:
 
     def __init__(self, n_classes: int, extra_clusters: int = 0, hungarian: bool = False, extra_as_errors: bool = False):
         self.n_classes, self.extra, self.use_hungarian, self.extra_as_errors = n_classes, extra_clusters, hungarian, extra_as_errors
-        self.all_stats = np.zeros((n_classes + extra_clusters, n_classes), dtype=np.int64)
+        self._counts = np.zeros((n_classes + extra_clusters, n_classes), dtype=np.int64)
+        self._device_counts: torch.Tensor | None = None  # counts of tensors, where they were counted
+
+    @property
+    def all_stats(self) -> np.ndarray:
+        """Every cluster's confusion row; counts kept on a device are read here, once."""
+        if self._device_counts is not None:
+            self._counts = self._counts + self._device_counts.cpu().numpy()
+            self._device_counts = None
+        return self._counts
 
     @property
     def stats(self) -> np.ndarray:
@@ -116,12 +125,20 @@ class SegmentationMetrics:
         stats[self.n_classes :] = 0
         return stats
 
-    def update(self, preds: np.ndarray, target: np.ndarray) -> None:
-        self.all_stats += confusion(preds, target, self.n_classes, self.n_classes + self.extra, extra_as_errors=True)
+    def update(self, preds: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
+        counts = confusion(preds, target, self.n_classes, self.n_classes + self.extra, extra_as_errors=True)
+        if isinstance(counts, torch.Tensor):
+            self._device_counts = counts if self._device_counts is None else self._device_counts + counts
+        else:
+            self._counts = self._counts + counts
 
     def merge(self, other: SegmentationMetrics) -> SegmentationMetrics:
-        self.all_stats += other.all_stats
+        self._counts = self.all_stats + other.all_stats
         return self
+
+    def __getstate__(self) -> dict:  # sent between dask processes: the counts on the host
+        _ = self.all_stats
+        return vars(self)
 
     def compute(self) -> dict:
         if not self.use_hungarian:

@@ -26,7 +26,7 @@ from ..atomic import atomic_write_bytes
 from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
-from ..probing import FIT_TOKENS, CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf, load_reducer, sample_codes
+from ..probing import FIT_TOKENS, CodeSource, Evaluation, Probes, StoreArrays, evaluate_with_crf, load_reducer, sample_codes
 from ..reducers import IdentityReducer
 from ..training import Member, Schedule, SharedBatch, Trained, optimise, train_group
 
@@ -119,7 +119,7 @@ class ProbeStage(Stage):
         gather = lambda rows: (None, arrays.tensor(LABELS, rows, device).long())  # noqa: E731  each member gathers its codes
         label = f"probe {first.method}{first.dim or ''}" if len(stages) == 1 else "probes"
         schedule = Schedule(first.p.steps, first.p.batch_size, first.p.val_every, first.p.seed, sort_rows=True)
-        trained = train_group(members, schedule, len(train), gather, label=label, show_progress=first.show_progress)
+        trained = train_group(members, schedule, len(train), gather, device, label=label, show_progress=first.show_progress)
         train_seconds = time.perf_counter() - training
         return [member.finish(run, started, {"load": load, "train": train_seconds}) for member, run in zip(members, trained)]
 
@@ -154,11 +154,12 @@ class ProbeMember(Member):
         optimise(self.optimizers, loss_linear + loss_cluster)
         self.losses = (loss_linear.detach(), loss_cluster.detach())  # read at validation, not every step
 
-    def validate(self) -> dict[str, Any]:
+    def evaluation(self) -> Evaluation:
+        return Evaluation(self.val_codes, self.probes, self.stage.p.extra_as_errors)
+
+    def validated(self, metrics: dict[str, Any]) -> dict[str, Any]:
         loss_linear, loss_cluster = torch.stack(self.losses).tolist()
-        p = self.stage.p
-        return {"loss_linear": loss_linear, "loss_cluster": loss_cluster,
-                **evaluate(self.val_codes, self.probes, self.device, p.extra_as_errors)}
+        return {"loss_linear": loss_linear, "loss_cluster": loss_cluster, **metrics}
 
     def snapshot(self) -> dict:
         return self.probes.snapshot()
