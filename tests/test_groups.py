@@ -127,6 +127,37 @@ def test_a_random_state_resumes_its_own_draws_whatever_runs_between():
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_merged_optimisers_give_every_parameter_the_path_of_its_own_optimiser():
+    from stegoscope.training import merged
+
+    def members(seed):
+        torch.manual_seed(seed)
+        modules = [torch.nn.Linear(5, 3), torch.nn.Linear(5, 3), torch.nn.Linear(5, 2)]
+        optimizers = [torch.optim.Adam(modules[0].parameters(), lr=1e-2),
+                      torch.optim.Adam([{"params": [modules[1].weight], "lr": 1e-2}, {"params": [modules[1].bias], "lr": 3e-2}]),
+                      torch.optim.AdamW(modules[2].parameters(), lr=1e-2, weight_decay=0.1)]
+        return modules, optimizers
+
+    x = torch.randn(7, 5)
+    alone, own = members(0)
+    together, theirs = members(0)
+    joined = merged(theirs)
+    assert [type(o) for o in joined] == [torch.optim.Adam, torch.optim.AdamW] and len(joined[0].param_groups) == 2
+    for _ in range(4):
+        for module, optimizer in zip(alone, own):  # each alone: zero, backward, step
+            optimizer.zero_grad()
+            module(x).square().sum().backward()
+            optimizer.step()
+        for optimizer in joined:  # the group: zero all, every backward, one update
+            optimizer.zero_grad()
+        for module in together:
+            module(x).square().sum().backward()
+        for optimizer in joined:
+            optimizer.step()
+    for a, b in zip(alone, together):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_step_of_a_probe_or_head_waits_on_the_host_on_cuda(tmp_path, monkeypatch):
     from stegoscope import training

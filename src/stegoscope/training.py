@@ -133,17 +133,24 @@ class RandomState:
 
 
 class Member(ABC):
-    """One configuration trained in a group. Subclasses build their modules in ``__init__``
-    (inside :attr:`random`) and implement :meth:`step`, :meth:`evaluation` and :meth:`snapshot`."""
+    """One configuration trained in a group. Subclasses build their modules and optimisers in
+    ``__init__`` (inside :attr:`random`) and implement :meth:`backward`, :meth:`evaluation` and
+    :meth:`snapshot`."""
 
     select: str = "cluster/mIoU"  # the validation metric whose best step is kept
 
     def __init__(self, seed: int):
         self.random = RandomState(seed)
 
+    optimizers: list[torch.optim.Optimizer]  # stepped by the group (see :func:`merged`), not by the member
+
     @abstractmethod
-    def step(self, batch: SharedBatch) -> None:
-        """One optimisation step on the shared batch; nothing here waits on the device."""
+    def backward(self, batch: SharedBatch) -> None:
+        """The step's loss on the shared batch and its backward pass (and what must come between
+        it and the optimiser step, such as gradient clipping); nothing here waits on the device."""
+
+    def after_update(self, step: int) -> None:
+        """After the optimisers' step ``step`` (EMA teachers, renewed pools)."""
 
     @abstractmethod
     def evaluation(self) -> Evaluation:
@@ -162,16 +169,27 @@ class Member(ABC):
         values reach the host, every N steps)."""
 
 
-def optimise(optimizers: list[torch.optim.Optimizer], loss: torch.Tensor, before_step: Callable[[], None] | None = None) -> None:
-    """One backward of ``loss`` and a step of every optimiser (``before_step`` between them:
-    gradient clipping)."""
+PER_PARAMETER = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)  # no coupling between parameters
+
+
+def merged(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """The members' optimisers as few as they can be: one per class, each parameter group with
+    the same settings as another joined to it, so one foreach (or fused) update spans every
+    member. These optimisers update each parameter from its own gradient and state alone, so
+    every parameter follows the path its own optimiser gives it; others are kept as they are.
+    Call before the first step (the state starts empty)."""
+    out: list[torch.optim.Optimizer] = []
+    by_class: dict[type, dict[tuple, dict]] = {}
     for optimizer in optimizers:
-        optimizer.zero_grad()
-    loss.backward()
-    if before_step is not None:
-        before_step()
-    for optimizer in optimizers:
-        optimizer.step()
+        if type(optimizer) not in PER_PARAMETER or optimizer.state:
+            out.append(optimizer)
+            continue
+        groups = by_class.setdefault(type(optimizer), {})
+        for group in optimizer.param_groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            joined = groups.setdefault(tuple(sorted((k, repr(v)) for k, v in settings.items())), {**settings, "params": []})
+            joined["params"].extend(group["params"])
+    return out + [cls(list(groups.values())) for cls, groups in by_class.items()]
 
 
 @dataclass
@@ -207,6 +225,7 @@ def train_group(members: list[Member], schedule: Schedule, n_rows: int, gather, 
     validate every member in one pass over val and keep the snapshot of each one's best step by
     its ``select`` metric (the cluster mIoU: the paper's protocol). One progress bar counts the
     group's steps."""
+    optimizers = merged([optimizer for member in members for optimizer in member.optimizers])
     histories: list[list[dict]] = [[] for _ in members]
     best: list[dict | None] = [None] * len(members)
     snapshots: list[Any] = [None] * len(members)
@@ -214,10 +233,17 @@ def train_group(members: list[Member], schedule: Schedule, n_rows: int, gather, 
         task = bar.add_task(label + (f" ({len(members)} together)" if len(members) > 1 else ""), total=schedule.steps)
         for step, rows, partners in schedule.batches(n_rows, nns):
             batch = SharedBatch(step, rows, partners, gather)
-            with host_syncs_refused(CHECK_SYNCS):
+            with host_syncs_refused(CHECK_SYNCS):  # one step of the group: zero, every backward, one update
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
                 for member in members:
                     with member.random.active():
-                        member.step(batch)
+                        member.backward(batch)
+                for optimizer in optimizers:
+                    optimizer.step()
+                for member in members:
+                    with member.random.active():
+                        member.after_update(step)
             for member in members:
                 member.flush()
             if schedule.validates(step):

@@ -37,7 +37,7 @@ from ..ops.kmeans import FixedCentroids
 from ..ops.transfer import to_device
 from ..probing import CodeSource, Evaluation, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate_with_crf
 from ..reducers import Reducer
-from ..training import Member, Schedule, SharedBatch, Trained, optimise, train_group
+from ..training import Member, Schedule, SharedBatch, Trained, train_group
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ class HeadMember(Member):
         self.current: dict[str, Any] = {}
         self.pending: tuple[int, dict] | None = None
 
-    def step(self, shared: SharedBatch) -> None:
+    def backward(self, shared: SharedBatch) -> None:
         trainer, rows = self.trainer, shared.rows
         further = {name: self.data.extra(name, rows) for name in trainer.row_arrays}
         further |= {name: to_device(torch.from_numpy(np.asarray(array[rows])), self.device) for name, array in self.extras.items()}
@@ -227,10 +227,13 @@ class HeadMember(Member):
         code, loss, logged = trainer.loss(self.head, batch, self.generator)
         loss_linear, loss_cluster = self.probes.losses(code.detach(), shared.labels)
         total = loss + loss_linear + loss_cluster
-        optimise(self.optimizers, total, lambda: trainer.after_backward(self.head))
-        trainer.after_step(self.head, shared.step)
+        total.backward()
+        trainer.after_backward(self.head)
         if self.log.due(shared.step):  # written by flush(), outside the step
             self.pending = (shared.step, {**logged, "loss/linear": loss_linear, "loss/cluster": loss_cluster, "loss/total": total})
+
+    def after_update(self, step: int) -> None:
+        self.trainer.after_step(self.head, step)
 
     def flush(self) -> None:
         if self.pending is not None:

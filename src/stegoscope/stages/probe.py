@@ -28,7 +28,7 @@ from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import FIT_TOKENS, CodeSource, Evaluation, Probes, StoreArrays, evaluate_with_crf, load_reducer, sample_codes
 from ..reducers import IdentityReducer
-from ..training import Member, Schedule, SharedBatch, Trained, optimise, train_group
+from ..training import Member, Schedule, SharedBatch, Trained, train_group
 
 
 
@@ -148,10 +148,10 @@ class ProbeMember(Member):
         self.optimizers = self.probes.optimizers(p.linear_lr, p.cluster_lr)
         self.losses: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def step(self, batch: SharedBatch) -> None:
+    def backward(self, batch: SharedBatch) -> None:
         codes = self.train_codes.tensor(batch.rows, self.device).permute(0, 3, 1, 2)
         loss_linear, loss_cluster = self.probes.losses(codes, batch.labels)
-        optimise(self.optimizers, loss_linear + loss_cluster)
+        (loss_linear + loss_cluster).backward()
         self.losses = (loss_linear.detach(), loss_cluster.detach())  # read at validation, not every step
 
     def evaluation(self) -> Evaluation:
