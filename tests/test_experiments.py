@@ -81,6 +81,27 @@ def test_overrides_per_dim_parameters_and_sweeps_resolve_from_the_file(tmp_path)
         parse_assignment("stego.lambda_rand")
 
 
+@pytest.mark.parametrize("key, value, said", [
+    ("eval.flip", "no", "eval.flip: 'no' \\(str\\), expected true or false"),
+    ("stego.lambda_rand", "0.5x", "stego.lambda_rand: '0.5x' \\(str\\), expected a number"),
+    ("probe.steps", 10.5, "probe.steps: 10.5 \\(float\\), expected an integer"),
+    ("train.group", 1, "train.group: 1 \\(int\\), expected true or false"),
+    ("dims", [4, "16"], "dims: \\[4, '16'\\] \\(list\\), expected a list of integers"),
+    ("seed", True, "seed: True \\(bool\\), expected an integer"),
+    ("reduce.hnne.fit_tokens", "many", "reduce.hnne.fit_tokens: 'many' \\(str\\), expected an integer"),
+    ("extract.splits.val.store_images", "yes please", "store_images: 'yes please' \\(str\\), expected true or false"),
+])
+def test_a_preset_value_of_the_wrong_type_names_the_file_the_key_the_value_and_the_type(key, value, said):
+    with pytest.raises(ConfigError, match=said) as info:
+        load_preset("demo", {key: value})
+    assert str(info.value).startswith(str(load_preset("demo").path))
+
+
+def test_preset_values_of_the_right_type_pass_as_yaml_writes_them():
+    preset = load_preset("demo", {"stego.lambda_rand": 1, "eval.flip": False, "dims": (4, 16), "data_root": None})
+    assert preset.method_params("stego", 4).lambda_rand == 1 and preset.dims == (4, 16) and preset.eval.flip is False
+
+
 # -- results keyed by configuration --------------------------------------------------------------
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import types
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
@@ -28,6 +30,7 @@ CRF_WHERE = ("table2", "all", "none")
 DEFAULT_HEAD_DIM = 70
 CONFIG_STRUCTURE = {"params", "inputs"}  # levels of a stage's config tree, left out of labels
 EXTRACT_KEYS = ("splits", "interpolation", "batch_size", "shard_images")  # live under ``extract:``
+SECTIONS = {"probe", "eval", "train", "future", "reduce", "sweep"}  # checked by their own parsers
 
 
 class ConfigError(ValueError):
@@ -210,6 +213,7 @@ class Preset:
         unknown = sorted(set(merged) - known - set(head_names))
         if unknown:
             raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known | set(head_names))}")
+        check_types(cls, {k: v for k, v in merged.items() if k in known - SECTIONS}, "", where)
         try:
             kwargs: dict[str, Any] = {k: v for k, v in merged.items() if k in known}
             kwargs["splits"] = {name: _section(SplitConfig, cfg, f"extract.splits.{name}", where) for name, cfg in splits.items()}
@@ -288,10 +292,62 @@ def _section(cls, values, name: str, where) -> Any:
     if unknown:
         hint = " (flip TTA is eval.flip)" if "flip" in unknown else ""
         raise ConfigError(f"{where}: unknown keys {unknown} in {name}{hint}; known: {sorted(f.name for f in fields(cls))}")
+    check_types(cls, values, f"{name}.", where)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {name}: {exc}") from exc
+
+
+def check_types(cls, values: dict[str, Any], prefix: str, where) -> None:
+    """Each value against its field's annotation in ``cls``; the first that does not conform is a
+    ConfigError naming the file, the key, the value and the type expected."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key, Any)
+        if not conforms(value, hint):
+            raise ConfigError(f"{where}: {prefix}{key}: {value!r} ({type(value).__name__}), expected {type_name(hint)}")
+
+
+def conforms(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits an annotation: an int is a float (not a bool), a list is a tuple,
+    and a bare ``tuple`` takes one value or a list (a grid's values)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is tuple:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        items = args[:1] if len(args) == 2 and args[1] is Ellipsis or origin is list else args
+        return isinstance(value, (list, tuple)) and all(conforms(v, items[0] if len(items) == 1 else t)
+                                                        for v, t in zip(value, items * len(value)))
+    if origin is dict or hint is dict:
+        key_hint, value_hint = args or (Any, Any)
+        return isinstance(value, dict) and all(conforms(k, key_hint) and conforms(v, value_hint) for k, v in value.items())
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def type_name(hint: Any) -> str:
+    """An annotation as a preset's author reads it: ``true or false``, ``an integer``, ``a list of
+    integers``, ``a string or nothing (null)``."""
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "nothing (null)",
+             dict: "a mapping"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(arg) for arg in args)
+    if origin in (tuple, list):
+        return f"a list of {type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _reducer_sections(sections: dict[str, Any], where) -> dict[str, Any]:
