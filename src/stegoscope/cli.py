@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib.util
 import logging
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,14 +21,28 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import cache_schema, storage
 from . import methods as registry
+from . import storage
 from .config import ConfigError, load_preset, parse_assignment, parse_sweep
-from .data import DatasetError
-from .models.backbone import BackboneError
-from .pipeline import LockHeld, read_json, run_stage
-from .probing import CRFError
 from .progress import console
+
+
+def lazy_module(name: str) -> types.ModuleType:
+    """The module ``name``, executed on its first attribute access (importlib's LazyLoader)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# Nothing is imported above that imports torch, zarr or dask, so `--help` and shell completion start
+# in well under a second; a command loads them when it runs.
+cache_schema = lazy_module("stegoscope.cache_schema")
+pipeline = lazy_module("stegoscope.pipeline")
 
 class _QuietDestroyedTasks(logging.Filter):
     """When a read fails, zarr's event loop leaves sibling reads pending; asyncio then logs a
@@ -42,8 +59,30 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, LockHeld, storage.LeaseLost, CRFError, ValueError,
-               FileNotFoundError)
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"stegoscope {version('stegoscope')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print stegoscope's version and exit.")] = False,
+) -> None:
+    """Reproduce, extend and trust STEGO unsupervised segmentation on cached DINO tokens."""
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """The errors a user can fix from the message (imported when an error is being handled)."""
+    from .data import DatasetError
+    from .models.backbone import BackboneError
+    from .probing import CRFError
+
+    return (DatasetError, BackboneError, ConfigError, cache_schema.StoreError, pipeline.LockHeld, storage.LeaseLost, CRFError, ValueError,
+            FileNotFoundError)
 
 
 # Write errors the user can fix (full disk, quota, read-only or failing disk, permissions).
@@ -57,7 +96,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except user_error_types() as exc:
             message = str(exc)
         except OSError as exc:
             if exc.errno not in DISK_ERRNOS and not isinstance(exc, PermissionError):  # s3fs: a 403 has no errno
@@ -73,7 +112,7 @@ def user_errors(fn):
 def _run(stage, force: bool, no_wait: bool, label: str | None = None):
     """Run a stage under its key's lock, saying so when another process holds it."""
     label = label or stage.name
-    return run_stage(stage, force=force, wait=not no_wait,
+    return pipeline.run_stage(stage, force=force, wait=not no_wait,
                      on_wait=lambda holder: console.print(f"{label}: waiting for {holder} (same key)"))
 
 
@@ -383,7 +422,7 @@ def probe(
                    scheduler=scheduler)
     stage = ctx.probe(method, dim, seed, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
-    metrics = read_json(stage.output, cache_schema.METRICS)
+    metrics = pipeline.read_json(stage.output, cache_schema.METRICS)
     title = f"{stage.method}{dim or ''}{' ' + stage.label if stage.label else ''} — {'cached' if result.skipped else f'{result.seconds:.0f} s'}"
     console.print(_metrics_table(title, metrics))
     print(stage.output)
@@ -411,7 +450,7 @@ def import_stego(
                    crf_workers=crf_workers)
     stage = ctx.import_stego(checkpoint, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
-    metrics = read_json(stage.output, cache_schema.METRICS)
+    metrics = pipeline.read_json(stage.output, cache_schema.METRICS)
     table = Table(title=f"{checkpoint.name} — {'cached' if result.skipped else 'evaluated'}")
     for column in ("probe", "CRF", "mIoU", "Accuracy"):
         table.add_column(column)
@@ -473,7 +512,7 @@ def train(
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, scheduler=scheduler, show_progress=progress)
     stage = ctx.head(method, dim, seed, crf)
     _run_targets(ctx, [stage], force, no_wait, prepare=[stage.knn] if stage.knn else [])
-    metrics = read_json(stage.output, cache_schema.METRICS)
+    metrics = pipeline.read_json(stage.output, cache_schema.METRICS)
     for name in ("best", "best_crf", "final"):
         if name not in metrics:
             continue

@@ -22,7 +22,6 @@ from typing import Any, Union
 import yaml
 
 from . import methods as registry
-from .ops.kmeans import CLUSTERERS
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # wheel installs (force-included)
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # editable installs
@@ -103,6 +102,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.crf not in CRF_WHERE:
             raise ValueError(f"crf must be one of {CRF_WHERE}, not {self.crf!r}")
+        from .ops.kmeans import CLUSTERERS
+
         if self.clusterer not in CLUSTERERS:
             raise ValueError(f"clusterer must be one of {', '.join(CLUSTERERS)}, not {self.clusterer!r}")
         if self.extra_clusters < 0 or self.val_every < 1:
@@ -133,6 +134,8 @@ class FutureConfig:
         for name in ("clusterers", "clusterer_methods", "extra_clusters"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "loss_grid", {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in self.loss_grid.items()})
+        from .ops.kmeans import CLUSTERERS
+
         unknown = [c for c in self.clusterers if c not in CLUSTERERS]
         if unknown:
             raise ValueError(f"clusterers {unknown} unknown; known: {', '.join(CLUSTERERS)}")

@@ -12,15 +12,18 @@ The parameter dataclass is the method's preset section: ``reduce.<name>`` for re
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
-
-from .heads.base import HeadTrainer
-from .heads.hp import HPParams, HPTrainer
-from .heads.primaps import PrimapsParams, PrimapsTrainer, StegoPrimapsParams
-from .heads.smooseg import SmooSegParams, SmooSegTrainer
-from .heads.stego import StegoParams, StegoTrainer
-from .reducers import HNNE, PCA, HNNEParams, IdentityParams, IdentityReducer, PCAParams, RandomProjection, Reducer, RPParams
+from functools import cached_property
+from importlib import import_module
 
 REDUCER, HEAD = "reducer", "head"
+
+
+def _resolve(ref: type | str) -> type:
+    """A class, or ``"module:Name"`` imported on first use (so listing methods imports no torch)."""
+    if isinstance(ref, type):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -31,21 +34,24 @@ class Method:
     ----------
     name : how presets, the CLI and artefacts call it.
     kind : ``reducer`` or ``head``.
-    params : its frozen parameter dataclass (its preset section).
-    cls : a :class:`~stegoscope.reducers.Reducer` (reducer) or
-        :class:`~stegoscope.heads.base.HeadTrainer` (head) subclass.
+    params_ref : its frozen parameter dataclass (its preset section), or ``"module:Name"``.
+    cls_ref : a :class:`~stegoscope.reducers.Reducer` (reducer) or
+        :class:`~stegoscope.heads.base.HeadTrainer` (head) subclass, or ``"module:Name"``.
     title : its name in figures and tables.
     marker : its matplotlib marker.
     table2 : a row of Table 2, evaluated with the dense CRF at its headline D.
     help : one line for the commands' help.
     paper : one of the paper's methods (drawn in its Fig. 4); the successors of STEGO are drawn
         beside them in the "beyond STEGO" figure.
+
+    The classes are imported, and checked, when first used (:attr:`params`, :attr:`cls`): the
+    registry's names, titles and help cost no import of torch.
     """
 
     name: str
     kind: str
-    params: type
-    cls: type
+    params_ref: type | str
+    cls_ref: type | str
     title: str
     marker: str = "o"
     table2: bool = False
@@ -53,15 +59,31 @@ class Method:
     paper: bool = True
 
     def __post_init__(self):
-        base = {REDUCER: Reducer, HEAD: HeadTrainer}.get(self.kind)
-        if base is None:
+        if self.kind not in (REDUCER, HEAD):
             raise ValueError(f"method {self.name!r}: kind must be {REDUCER!r} or {HEAD!r}, not {self.kind!r}")
-        if not (isinstance(self.cls, type) and issubclass(self.cls, base)):
-            raise TypeError(f"method {self.name!r}: a {self.kind} needs a {base.__name__} subclass, not {self.cls!r}")
-        if not is_dataclass(self.params):
-            raise TypeError(f"method {self.name!r}: params must be a dataclass, not {self.params!r}")
-        if self.kind == HEAD and not issubclass(self.params, self.cls.params_class):
-            raise TypeError(f"method {self.name!r}: params must extend {self.cls.params_class.__name__}")
+
+    @cached_property
+    def _classes(self) -> tuple[type, type]:
+        from .heads.base import HeadTrainer
+        from .reducers import Reducer
+
+        params, cls = _resolve(self.params_ref), _resolve(self.cls_ref)
+        base = {REDUCER: Reducer, HEAD: HeadTrainer}[self.kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"method {self.name!r}: a {self.kind} needs a {base.__name__} subclass, not {cls!r}")
+        if not is_dataclass(params):
+            raise TypeError(f"method {self.name!r}: params must be a dataclass, not {params!r}")
+        if self.kind == HEAD and not issubclass(params, cls.params_class):
+            raise TypeError(f"method {self.name!r}: params must extend {cls.params_class.__name__}")
+        return params, cls
+
+    @property
+    def params(self) -> type:
+        return self._classes[0]
+
+    @property
+    def cls(self) -> type:
+        return self._classes[1]
 
     @property
     def field_names(self) -> set[str]:
@@ -93,16 +115,18 @@ def describe(kind: str | None = None) -> str:
     return "; ".join(f"{m.name}: {m.help}" if m.help else m.name for m in METHODS.values() if kind is None or m.kind == kind)
 
 
-register(Method("dino", REDUCER, IdentityParams, IdentityReducer, "DINO", "*", table2=True, help="raw DINO tokens"))
-register(Method("pca", REDUCER, PCAParams, PCA, "PCA", "s", help="exact streamed PCA, one fit for every D"))
-register(Method("rp", REDUCER, RPParams, RandomProjection, "RP", "^", help="seeded random projection"))
-register(Method("hnne", REDUCER, HNNEParams, HNNE, "h-NNE", "D", help="h-NNE (v1), stores projected once"))
-register(Method("stego", HEAD, StegoParams, StegoTrainer, "STEGO", "o", table2=True, help="STEGO head trained from the cache"))
-register(Method("smooseg", HEAD, SmooSegParams, SmooSegTrainer, "SmooSeg", "P", table2=True, paper=False,
+R, H = "stegoscope.reducers:", "stegoscope.heads."
+register(Method("dino", REDUCER, R + "IdentityParams", R + "IdentityReducer", "DINO", "*", table2=True, help="raw DINO tokens"))
+register(Method("pca", REDUCER, R + "PCAParams", R + "PCA", "PCA", "s", help="exact streamed PCA, one fit for every D"))
+register(Method("rp", REDUCER, R + "RPParams", R + "RandomProjection", "RP", "^", help="seeded random projection"))
+register(Method("hnne", REDUCER, R + "HNNEParams", R + "HNNE", "h-NNE", "D", help="h-NNE (v1), stores projected once"))
+register(Method("stego", HEAD, H + "stego:StegoParams", H + "stego:StegoTrainer", "STEGO", "o", table2=True,
+                help="STEGO head trained from the cache"))
+register(Method("smooseg", HEAD, H + "smooseg:SmooSegParams", H + "smooseg:SmooSegTrainer", "SmooSeg", "P", table2=True, paper=False,
                 help="SmooSeg (projector, EMA teacher prototypes, smoothness loss) from the cache"))
-register(Method("hp", HEAD, HPParams, HPTrainer, "HP", "h", table2=True, paper=False,
+register(Method("hp", HEAD, H + "hp:HPParams", H + "hp:HPTrainer", "HP", "h", table2=True, paper=False,
                 help="HP (hidden positives, attention-weighted local positives) from the cache"))
-register(Method("primaps", HEAD, PrimapsParams, PrimapsTrainer, "PriMaPs-EM", "X", table2=True, paper=False,
-                help="PriMaPs-EM (mask proposals, EM with an EMA teacher) on raw DINO tokens, from the cache"))
-register(Method("stego-primaps", HEAD, StegoPrimapsParams, PrimapsTrainer, "STEGO+PriMaPs-EM", "x", table2=True, paper=False,
-                help="PriMaPs-EM on a trained STEGO head's codes"))
+register(Method("primaps", HEAD, H + "primaps:PrimapsParams", H + "primaps:PrimapsTrainer", "PriMaPs-EM", "X", table2=True,
+                paper=False, help="PriMaPs-EM (mask proposals, EM with an EMA teacher) on raw DINO tokens, from the cache"))
+register(Method("stego-primaps", HEAD, H + "primaps:StegoPrimapsParams", H + "primaps:PrimapsTrainer", "STEGO+PriMaPs-EM", "x",
+                table2=True, paper=False, help="PriMaPs-EM on a trained STEGO head's codes"))
