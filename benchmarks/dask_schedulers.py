@@ -38,7 +38,8 @@ def main() -> None:
 
     shutil.rmtree(args.dir, ignore_errors=True)
     rng = np.random.default_rng(0)
-    zarr.create_array(str(args.dir / "pooled.zarr"), data=rng.normal(size=(args.n, args.dim)).astype(np.float32), chunks=(args.block, args.dim))
+    zarr.create_array(str(args.dir / "pooled.zarr"), data=rng.normal(size=(args.n, args.dim)).astype(np.float32),
+                      chunks=(args.block, args.dim))
     rows = int(args.tokens_gb * 1e9 // (args.dim * 2))
     tokens = zarr.create_array(str(args.dir / "tokens.zarr"), shape=(rows, args.dim), dtype="float16", chunks=(16384, args.dim))
     for start in range(0, rows, 16384):

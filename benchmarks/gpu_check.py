@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gpu_extract import make_jpegs
 from stegoscope import cache_schema
 from stegoscope.data import DatasetError
 from stegoscope.pipeline import run_stage
 from stegoscope.stages.extract import ExtractParams, ExtractStage
-
-from gpu_extract import make_jpegs
 
 
 def extract(data: Path, cache: Path, args, device: str, decode: str):

@@ -32,7 +32,8 @@ def extract(data: Path, cache: Path, args, rank: int | None = None) -> subproces
     """A process running what `stegoscope extract … [--rank I --world 2]` runs (without the CLI's
     own dependencies, which the device machine lacks)."""
     cmd = [sys.executable, __file__, "--arch", args.arch, "--res", str(args.res), "--batch", str(args.batch),
-           "--workers", str(args.workers), "--device", args.device, "--decode", args.decode, "--child", str(data), str(cache), str(-1 if rank is None else rank)]
+           "--workers", str(args.workers), "--device", args.device, "--decode", args.decode,
+           "--child", str(data), str(cache), str(-1 if rank is None else rank)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -71,7 +71,8 @@ def main() -> None:
             start = time.perf_counter()
             for shard in range(layout.n_shards):
                 rows = layout.shard_slice(shard)
-                store.write_shard(shard, {cache_schema.TOKENS: tokens[rows], cache_schema.POOLED: tokens[rows].mean((1, 2)).astype(np.float32),
+                store.write_shard(shard, {cache_schema.TOKENS: tokens[rows],
+                                          cache_schema.POOLED: tokens[rows].mean((1, 2)).astype(np.float32),
                                           cache_schema.IDS: np.array([str(i) for i in range(rows.start, rows.stop)])})
             store.mark_complete()
             print(f"{where:5s} write {mb / (time.perf_counter() - start):8.1f} MB/s")

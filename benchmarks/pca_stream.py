@@ -113,7 +113,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         results[which] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[which]
-        print(f"{which:5s} {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.1f} s = {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_gb']:.2f} GB")
+        print(f"{which:5s} {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.1f} s = {r['gb_per_s']:.3f} GB/s, "
+              f"peak RSS {r['peak_rss_gb']:.2f} GB")
     ratio = results["fit"]["gb_per_s"] / results["read"]["gb_per_s"]
     print(f"PCA fit throughput / raw read throughput = {ratio:.2f}; fit peak RSS {results['fit']['peak_rss_gb']:.2f} GB")
     print(f"PCA fit through the shard reader / through zarr's chunk reader = "

@@ -20,7 +20,8 @@ def write_cocostuff(root: Path, n_train=3, n_val=2, size=(48, 40), seed=0) -> Pa
         ids = [f"{(1000 if split == 'train' else 2000) + i:012d}" for i in range(count)]
         # an unlisted image must be ignored
         for image_id in [*ids, "999999999999"]:
-            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(base / "images" / folder / f"{image_id}.jpg", quality=90)
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+                base / "images" / folder / f"{image_id}.jpg", quality=90)
             fine = rng.choice([0, 5, 17, 105, 170, 181, 255], size=(size[1], size[0])).astype(np.uint8)
             Image.fromarray(fine, mode="L").save(base / "annotations" / folder / f"{image_id}.png")
         (base / "curated" / folder / list_name).write_text("\n".join(ids) + "\n")

@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import write_micro_preset
 from stegoscope import cache_schema
 from stegoscope import methods as registry
 from stegoscope.cli import app
@@ -22,8 +23,6 @@ from stegoscope.heads.base import HeadParams, HeadTrainer
 from stegoscope.probing import load_reducer
 from stegoscope.reducers import Reducer, ReducerParams
 from stegoscope.stages.figures import collect, figure3, metric_figure, table2
-
-from conftest import write_micro_preset
 
 
 def invoke(*args):
@@ -248,7 +247,8 @@ class LinearHead(HeadTrainer):
 
     def loss(self, head, batch, generator):
         code, partner = head(batch.feats), head(batch.partner_feats)
-        loss = -torch.cosine_similarity(code.mean((2, 3)), partner.mean((2, 3))).mean() + self.params.weight_decay * head.weight.square().sum()
+        loss = (-torch.cosine_similarity(code.mean((2, 3)), partner.mean((2, 3))).mean()
+                + self.params.weight_decay * head.weight.square().sum())
         return code, loss, {"loss/pull": loss}
 
 

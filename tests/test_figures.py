@@ -20,7 +20,8 @@ def fake_result(cache, dataset, method, dim, seed, linear_miou, cluster_miou, cr
     """A finished probe / head artefact (metrics + manifest with its configuration), recorded in
     ``study``'s ``experiment`` the way `stegoscope study` records it."""
     stage = STAGE_OF.get(method, "probe")
-    config = {"stage": stage, "params": {"method": method, "dim": dim, "seed": seed, **params}, "inputs": {"train": {"stage": "extract", "params": {"dataset": dataset}}}}
+    config = {"stage": stage, "params": {"method": method, "dim": dim, "seed": seed, **params},
+              "inputs": {"train": {"stage": "extract", "params": {"dataset": dataset}}}}
     key = hashlib.sha256(f"{study}{seed}{dim}{method}{dataset}{sorted(params.items())}".encode()).hexdigest()
     directory = cache_schema.artefact_dir(cache, stage, f"{method}{dim}", key)
     directory.mkdir(parents=True)

@@ -9,12 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_micro_preset
-from test_reliability import crash
 from stegoscope.cli import app
 from stegoscope.stages.probe import ProbeStage
 from stegoscope.stages.train_head import TrainHeadStage
 from stegoscope.study import Node, run_order
 from stegoscope.training import RandomState
+from test_reliability import crash
 
 EXTRA = "methods: [dino, pca, rp, stego]\ndims: [2, 4]\n"
 SWEEP = ["--sweep", "stego.lambda_rand=0.3,0.9"]  # STEGO heads at two D and two λ

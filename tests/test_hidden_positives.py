@@ -339,4 +339,5 @@ def test_gradients_reach_only_projections():
     assert torch.autograd.gradcheck(lambda a, b: hidden_positive_loss(a, b, **rest, lam=0.4, tau=0.6), (zz, zm))
     # no-grad evaluation gives the same value
     with torch.no_grad():
-        assert hidden_positive_loss(**{k: v.detach() for k, v in case.items()}, lam=0.4, tau=0.6).item() == pytest.approx(out.item(), rel=1e-12)
+        assert (hidden_positive_loss(**{k: v.detach() for k, v in case.items()}, lam=0.4, tau=0.6).item()
+                == pytest.approx(out.item(), rel=1e-12))

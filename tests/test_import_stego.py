@@ -97,8 +97,9 @@ def test_import_and_evaluate_released_checkpoint(tmp_path, directory_dataset):
 
 def test_not_a_stego_checkpoint_is_a_clear_error(tmp_path, directory_dataset):
     torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "x.ckpt")
-    from stegoscope.models.stego_head import read_stego_checkpoint
     import pytest
+
+    from stegoscope.models.stego_head import read_stego_checkpoint
 
     with pytest.raises(ValueError, match="x.ckpt: not a STEGO checkpoint"):
         read_stego_checkpoint(tmp_path / "x.ckpt")
@@ -175,7 +176,8 @@ def test_a_settings_class_is_read_into_a_stand_in_even_where_a_module_of_its_nam
         for name in saved:
             del sys.modules[name]
     assert not marker.exists()
-    assert type(ckpt["hyper_parameters"]["cfg"]).__name__ == "DictConfig" and ckpt["hyper_parameters"]["cfg"].state == {"_content": {"dim": 3}}
+    assert (type(ckpt["hyper_parameters"]["cfg"]).__name__ == "DictConfig"
+            and ckpt["hyper_parameters"]["cfg"].state == {"_content": {"dim": 3}})
 
 
 def test_import_stego_refuses_a_hostile_checkpoint_with_one_line_and_writes_nothing(tmp_path, directory_dataset):

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_directory_dataset, write_micro_preset
 from stegoscope import cache_schema, storage
 from stegoscope.storage import Lease, LeaseHeld
-
-from conftest import write_directory_dataset, write_micro_preset
 from test_reliability import assert_same_store, crash, extract_args, invoke, store_of
 
 s3fs = pytest.importorskip("s3fs")
@@ -121,7 +120,7 @@ def _without_times(value):
 
 @pytest.mark.parametrize("url, expected", [
     ("nosuchscheme://bucket/cache", "unknown scheme nosuchscheme://"),
-    (f"s3://no-such-bucket-{os.getpid()}/cache", "bucket 'no-such-bucket"),
+    ("s3://no-such-bucket-stegoscope-test/cache", "bucket 'no-such-bucket"),
 ])
 def test_a_bad_cache_url_is_refused_with_the_fix_before_anything_is_written(s3, tmp_path, monkeypatch, url, expected):
     monkeypatch.chdir(tmp_path)

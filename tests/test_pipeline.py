@@ -9,7 +9,16 @@ import pytest
 
 from stegoscope import cache_schema
 from stegoscope.pipeline import (
-    COMPLETE, PARTIAL, FileHashMemo, LockHeld, artefact_file, artefact_state, fingerprint_files, read_manifest, stage_key, stage_lock,
+    COMPLETE,
+    PARTIAL,
+    FileHashMemo,
+    LockHeld,
+    artefact_file,
+    artefact_state,
+    fingerprint_files,
+    read_manifest,
+    stage_key,
+    stage_lock,
     write_manifest,
 )
 

@@ -7,13 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from stegoscope import cache_schema
+from stegoscope import cache_schema, probing
 from stegoscope.cli import app
 from stegoscope.data.transforms import normalize
 from stegoscope.models.backbone import build_backbone
-from stegoscope import probing
-from stegoscope.reducers import PCA, IdentityReducer
 from stegoscope.probing import CodeSource, Probes, StoreArrays, evaluate
+from stegoscope.reducers import PCA, IdentityReducer
 
 
 def invoke(args):

@@ -57,4 +57,5 @@ def test_a_flipped_bit_in_a_raw_shard_is_found_and_named(tmp_path):
         store[TOKENS][4:8]
     with pytest.raises(ValueError, match="inner chunk 0 fails its crc32c"):
         ShardLayout.of(store.group[TOKENS]).decode(bytes(data), 4)
-    np.testing.assert_array_equal(ShardLayout.of(store.group[TOKENS]).decode(b"".join(ShardLayout.of(store.group[TOKENS]).encode(x[:4])), 4), x[:4])
+    np.testing.assert_array_equal(
+        ShardLayout.of(store.group[TOKENS]).decode(b"".join(ShardLayout.of(store.group[TOKENS]).encode(x[:4])), 4), x[:4])

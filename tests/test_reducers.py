@@ -28,7 +28,8 @@ def dino_like_tokens(n_images=24, grid=(4, 5), channels=24, seed=0):
 
 def make_store(path, tokens, shard=5):
     n, h, w, c = tokens.shape
-    store = cache_schema.create_feature_store(path, StoreLayout(n, (h, w), c, (h * 8, w * 8), False, False, shard), {"key": "k" * 64, "spec": {}})
+    store = cache_schema.create_feature_store(path, StoreLayout(n, (h, w), c, (h * 8, w * 8), False, False, shard),
+                                              {"key": "k" * 64, "spec": {}})
     for s in range(store.layout.n_shards):
         sl = store.layout.shard_slice(s)
         store.write_shard(s, {cache_schema.TOKENS: tokens[sl], cache_schema.POOLED: tokens[sl].mean((1, 2)).astype(np.float32),
@@ -52,7 +53,8 @@ def test_streamed_pca_equals_scikit_learn(tmp_path, standardize):
     in_memory = PCA(standardize=standardize).fit(flat)
     reference = SkPCA().fit(StandardScaler().fit_transform(flat) if standardize == "train" else flat)
     np.testing.assert_allclose(streamed.explained_variance_ratio_, reference.explained_variance_ratio_, atol=1e-4)
-    np.testing.assert_allclose(streamed.explained_variance_ / reference.explained_variance_[0], reference.explained_variance_ / reference.explained_variance_[0], atol=1e-4)
+    np.testing.assert_allclose(streamed.explained_variance_ / reference.explained_variance_[0],
+                               reference.explained_variance_ / reference.explained_variance_[0], atol=1e-4)
     k = 10  # the well-separated leading axes
     assert_same_axes(streamed.components_[:k], reference.components_[:k])
     np.testing.assert_allclose(streamed.components_, in_memory.components_, atol=1e-4)

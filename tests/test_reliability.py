@@ -19,12 +19,11 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+from conftest import write_directory_dataset, write_micro_preset
 from stegoscope import cache_schema
 from stegoscope.cli import app
 from stegoscope.pipeline import lock_held
 from stegoscope.pipeline import stage_lock as pipeline_lock
-
-from conftest import write_directory_dataset, write_micro_preset
 
 CRASH_AT = Path(__file__).with_name("crash_at.py")
 MICRO = "random:vit_micro_patch8"
@@ -357,7 +356,8 @@ def _flip_a_byte(path: Path) -> None:
 def test_a_flipped_byte_in_any_array_is_named_by_verify_and_repaired_by_a_plain_extract(extracted, tmp_path, split, array):
     preset, cache, _ = _copy(extracted, tmp_path)
     store = store_of_split(cache, split)
-    before = {name: cache_schema.open_feature_store(store)[name][:] for name in DATA_ARRAYS if name in cache_schema.open_feature_store(store)}
+    before = {name: cache_schema.open_feature_store(store)[name][:]
+              for name in DATA_ARRAYS if name in cache_schema.open_feature_store(store)}
     chunk = [p for p in sorted((store / array / "c").rglob("*")) if p.is_file()][-1]  # of the last shard
     shard = cache_schema.shard_of(chunk.relative_to(store).as_posix())
     _flip_a_byte(chunk)

@@ -98,7 +98,8 @@ def test_knn_on_hand_made_descriptors_and_blocked_equals_dense():
     assert nns[4, 1] in (2, 3) and nns[0, 2] == 3
     rng = np.random.default_rng(0)
     many = rng.normal(size=(300, 16)).astype(np.float32)
-    dense = np.argsort(-(many / np.linalg.norm(many, axis=1, keepdims=True)) @ (many / np.linalg.norm(many, axis=1, keepdims=True)).T, axis=1)[:, :30]
+    dense = np.argsort(-(many / np.linalg.norm(many, axis=1, keepdims=True)) @ (many / np.linalg.norm(many, axis=1, keepdims=True)).T,
+                       axis=1)[:, :30]
     np.testing.assert_array_equal(knn_blocked(many, 30, block=7), dense)
     np.testing.assert_array_equal(knn_tree(many, 30, block=7, split_every=3), dense)  # dask tasks, a tree of merges
 

@@ -52,8 +52,8 @@ def test_status_of_a_fresh_cache_lists_the_whole_graph(tmp_path):
 def test_official_weights_folder_is_used_by_every_command(tmp_path, monkeypatch):
     import torch
 
-    from stegoscope.models.backbone import build_backbone
     from fixtures import write_potsdam
+    from stegoscope.models.backbone import build_backbone
 
     folder = tmp_path / "weights"
     folder.mkdir()

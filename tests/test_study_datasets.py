@@ -11,17 +11,18 @@ from PIL import Image
 from scipy.io import savemat
 from typer.testing import CliRunner
 
+from fixtures import write_cityscapes, write_cocostuff, write_potsdam, write_potsdamraw
 from stegoscope import cache_schema
 from stegoscope.cli import app
 from stegoscope.data import DatasetError, open_dataset
 from stegoscope.data.cityscapes import map_label_ids
-from stegoscope.data.cocostuff import FINE_TO_COARSE, CLASS_NAMES as COCO_NAMES
+from stegoscope.data.cocostuff import CLASS_NAMES as COCO_NAMES
+from stegoscope.data.cocostuff import FINE_TO_COARSE
 from stegoscope.data.crops import five_crop_boxes
-from stegoscope.data.potsdam import FINE_TO_COARSE as POTSDAM_MAP, PotsdamRaw
+from stegoscope.data.potsdam import FINE_TO_COARSE as POTSDAM_MAP
+from stegoscope.data.potsdam import PotsdamRaw
 from stegoscope.pipeline import run_stage
 from stegoscope.stages.extract import ExtractParams, ExtractStage
-
-from fixtures import write_cityscapes, write_cocostuff, write_potsdam, write_potsdamraw
 
 MICRO = "random:vit_micro_patch8"
 REPO = Path(__file__).resolve().parents[1]

@@ -160,7 +160,8 @@ def test_primaps_em_step_and_ema_schedule():
     _, loss, _ = trainer.loss(head, batch, torch.Generator())
     logits = torch.einsum("bdhw,kd->bkhw", feats, head.weight().detach())  # at label size already
     weight = (1 - logits.softmax(1).mean(dim=(0, 2, 3))) ** 2
-    expected = F.cross_entropy(logits, torch.zeros(1, 2, 2, dtype=torch.long), weight=weight, reduction="none").mean()  # the mask's majority: 0
+    # the mask's majority: 0
+    expected = F.cross_entropy(logits, torch.zeros(1, 2, 2, dtype=torch.long), weight=weight, reduction="none").mean()
     assert abs(loss.item() - expected.item()) < 1e-6
     # EMA: θ_M is untouched until the original's global_step reaches ema_every, then copied (the 1st and 2nd updates)
     with torch.no_grad():

@@ -156,7 +156,8 @@ CrfOpt = Annotated[
 ]
 FlipOpt = Annotated[
     Optional[bool],
-    typer.Option("--flip/--no-flip", help="Flip TTA: val tokens also extracted mirrored, codes averaged (default: the preset's eval.flip)."),
+    typer.Option("--flip/--no-flip", help="Flip TTA: val tokens also extracted mirrored, codes averaged "
+                                          "(default: the preset's eval.flip)."),
 ]
 NoWaitOpt = Annotated[
     bool, typer.Option("--no-wait", help="Exit at once if another process is running the same stage key.")
@@ -173,7 +174,9 @@ StandardizeOpt = Annotated[
     typer.Option("--standardize", help="train: z-score with the train statistics (default); batch: with each batch's own "
                                        "statistics (the study's code, for parity); none: no scaling."),
 ]
-MaxImagesOpt = Annotated[Optional[int], typer.Option("--max-images", help="Fit on a seeded random subset of train images (the study: 5000).")]
+MaxImagesOpt = Annotated[
+    Optional[int], typer.Option("--max-images", help="Fit on a seeded random subset of train images (the study: 5000).")
+]
 RpOpt = Annotated[
     Optional[str], typer.Option("--rp", help="RP kind: gaussian, entries N(0, 1/D) (the study's code); orthogonal (the paper's text).")
 ]
@@ -210,8 +213,8 @@ def extract(
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
     split: Annotated[
-        Optional[list[str]], typer.Option("--split", help="Split to extract; repeat for several (default: train and val; a further split of "
-                                              "the preset, such as PriMaPs-EM's train_primaps, by name or when a study needs it).")
+        Optional[list[str]], typer.Option("--split", help="Split to extract; repeat for several (default: train and val; a further split "
+                                              "of the preset, such as PriMaPs-EM's train_primaps, by name or when a study needs it).")
     ] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset reader (directory, synthetic, …).")] = None,
     backbone: Annotated[
@@ -345,7 +348,8 @@ def _run_targets(ctx, targets: list, force: bool, no_wait: bool, prepare: list =
 def reduce(
     method: Annotated[str, typer.Option("--method", help=f"The reducer: {registry.describe(registry.REDUCER)}.")],
     dim: Annotated[
-        Optional[int], typer.Option("--dim", help="Output dimension D (one fit of a reducer that serves every D, such as PCA, serves them all).")
+        Optional[int], typer.Option("--dim", help="Output dimension D (one fit of a reducer that serves every D, "
+                                                  "such as PCA, serves them all).")
     ] = None,
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
@@ -423,7 +427,8 @@ def probe(
     stage = ctx.probe(method, dim, seed, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
     metrics = pipeline.read_json(stage.output, cache_schema.METRICS)
-    title = f"{stage.method}{dim or ''}{' ' + stage.label if stage.label else ''} — {'cached' if result.skipped else f'{result.seconds:.0f} s'}"
+    title = (f"{stage.method}{dim or ''}{' ' + stage.label if stage.label else ''} — "
+             f"{'cached' if result.skipped else f'{result.seconds:.0f} s'}")
     console.print(_metrics_table(title, metrics))
     print(stage.output)
 
@@ -560,7 +565,8 @@ def figures(
 def verify(
     paths: Annotated[
         Optional[list[str]],
-        typer.Argument(help="Stores (*.zarr) or artefact folders (paths or URLs) to check (default: those of --preset, else all in the cache)."),
+        typer.Argument(help="Stores (*.zarr) or artefact folders (paths or URLs) to check "
+                            "(default: those of --preset, else all in the cache)."),
     ] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Check the stores and artefacts of this preset's study.")] = None,
     data_root: DataRootOpt = None,
@@ -739,8 +745,8 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
                 ran = sum(not result.skipped for _, result in done)
                 console.print(f"{escape(title)}: {ran} stages run, {len(done) - ran} cached", highlight=False)
     if not dry_run:
-        from .stages.figures import collect, results_csv
         from .atomic import atomic_write_text
+        from .stages.figures import collect, results_csv
 
         rows, _ = collect(cache, [base.preset.name])
         path = cache_schema.study_dir(cache, base.preset.name) / "results.csv"
@@ -777,7 +783,9 @@ def study(
     dims: Annotated[Optional[list[int]], typer.Option("--dims", help="Dimensions D (default: the preset's); repeat.")] = None,
     seeds: Annotated[Optional[list[int]], typer.Option("--seeds", help="Seeds (default: the preset's seeds); repeat.")] = None,
     flip: FlipOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each stage that would run and why (missing, stale, a changed parameter); run nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print each stage that would run and why (missing, stale, a changed parameter); run nothing.")
+    ] = False,
     device: DeviceOpt = None,
     scheduler: SchedulerOpt = None,
     cache: CacheOpt = DEFAULT_CACHE,

@@ -22,9 +22,9 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,8 @@ from .ops.metrics import SegmentationMetrics
 from .ops.transfer import to_device
 from .pipeline import load_npz, read_manifest
 from .progress import console, progress_bar
-from .storage import as_path, is_remote, stamp
 from .reducers import Reducer
+from .storage import as_path, is_remote, stamp
 
 CLUSTER_ALPHA = 2.0  # softmax(2·cos) for the CRF, as STEGO's evaluation
 RESIDENT_BYTES = 2e9  # stores whose arrays fit are read into memory once

@@ -30,9 +30,19 @@ from .config import ConfigError, Preset, config_changes, describe, readable_name
 from .data import write_synthetic
 from .heads.base import HeadRun
 from .models.backbone import RANDOM_PREFIX, parse_backbone
-from .storage import as_path
-from .pipeline import (COMPLETE, MISSING, PARTIAL, Artefact, RunResult, Stage, canonical_json, read_manifest, run_group, stage_lock,
-                       without_seeds)
+from .pipeline import (
+    COMPLETE,
+    MISSING,
+    PARTIAL,
+    Artefact,
+    RunResult,
+    Stage,
+    canonical_json,
+    read_manifest,
+    run_group,
+    stage_lock,
+    without_seeds,
+)
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.hierarchy import HierarchyStage
 from .stages.import_stego import ImportStegoStage
@@ -41,6 +51,8 @@ from .stages.primaps_masks import PrimapsMasksStage
 from .stages.probe import ProbeParams, ProbeStage
 from .stages.reduce import ProjectStage, ReduceStage
 from .stages.train_head import TrainHeadStage
+from .storage import as_path
+
 
 def official_weights(backbone: str) -> str | None:
     """The official DINO file of a backbone in ``$STEGOSCOPE_WEIGHTS`` (a folder), if it is there.
@@ -166,7 +178,8 @@ class StudyContext:
         def make(ctx: StudyContext) -> ExtractStage:
             p, cfg = ctx.preset, ctx.preset.splits[split]
             params = ExtractParams(
-                dataset=p.dataset, split=cfg.split or split, res=cfg.res, backbone=p.backbone, weights=p.weights or official_weights(p.backbone),
+                dataset=p.dataset, split=cfg.split or split, res=cfg.res, backbone=p.backbone,
+                weights=p.weights or official_weights(p.backbone),
                 seed=p.seed, interpolation=p.interpolation, n_classes=p.n_classes, store_images=cfg.store_images, crop=cfg.crop,
                 flip=p.eval.flip and split != "train", attention=cfg.attention)
             options = {"batch_size": p.batch_size, "shard_images": p.shard_images, "workers": ctx.workers, "device": ctx.device,

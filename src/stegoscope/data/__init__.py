@@ -10,11 +10,11 @@ import torch
 from .base import DatasetError, SegmentationDataset
 from .cityscapes import Cityscapes27
 from .cocostuff import Cocostuff27
+from .crops import five_crop_boxes
+from .decode import encoded_jpeg
 from .directory import DirectoryDataset
 from .potsdam import Potsdam3, PotsdamRaw
 from .synthetic import SyntheticDataset, write_synthetic
-from .crops import five_crop_boxes
-from .decode import encoded_jpeg
 from .transforms import transform_image, transform_label
 
 DATASETS: dict[str, type[SegmentationDataset]] = {

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-
 SKIP_HINT = "fix or remove the file, or rerun with --skip-bad to skip such samples"
 
 

@@ -62,7 +62,8 @@ def mat_to_rgb(path: Path, img: np.ndarray) -> Image.Image:
     rgb = img[:, :, :3]
     if rgb.dtype != np.uint8:
         if not np.issubdtype(rgb.dtype, np.floating) or rgb.min() < 0 or rgb.max() > 1:
-            raise DatasetError(path, f"image values of dtype {rgb.dtype} in [{rgb.min()}, {rgb.max()}]; expected uint8 or floats in [0, 1]", SKIP_HINT)
+            raise DatasetError(path, f"image values of dtype {rgb.dtype} in [{rgb.min()}, {rgb.max()}]; "
+                                     "expected uint8 or floats in [0, 1]", SKIP_HINT)
         rgb = (rgb * 255).astype(np.uint8)  # ToPILImage: mul(255).byte() truncates
     return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
 

@@ -32,11 +32,10 @@ from torch import nn
 from ..cache_schema import ATTENTION
 from ..models.stego_head import StegoHead
 from ..ops.ema import ema_update
-from ..ops.transfer import to_device
 from ..ops.hidden_positives import hidden_positive_loss, lambda_ramp, neighbour_mix
+from ..ops.transfer import to_device
 from ..probing import TokenBatches
 from .base import HeadParams, HeadTrainer, TokenBatch
-
 
 LOSS_BYTES = 4e9  # the loss's working memory: how many anchor blocks go through its kernels together (speed only)
 

@@ -36,8 +36,8 @@ from ..ops.ema import ema_update
 from ..ops.kmeans import ClusterLookup, FixedCentroids
 from ..ops.primaps import class_weighted_ce, ema_decay, majority_labels
 from ..probing import TokenBatches, load_reducer
-from ..training import BatchOrder
 from ..reducers import IdentityReducer, Reducer
+from ..training import BatchOrder
 from .base import HeadParams, HeadTrainer, TokenBatch
 
 

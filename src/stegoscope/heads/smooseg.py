@@ -21,8 +21,8 @@ from torch import nn
 
 from ..models.stego_head import StegoHead
 from ..ops.correlation_loss import super_perm
-from ..ops.kmeans import FixedCentroids
 from ..ops.ema import ema_update
+from ..ops.kmeans import FixedCentroids
 from ..ops.smoothness_loss import data_loss, prototype_scores, smoothness_term
 from .base import HeadParams, HeadTrainer, TokenBatch
 

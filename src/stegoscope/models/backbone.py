@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from importlib import metadata
 from dataclasses import dataclass
 from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 

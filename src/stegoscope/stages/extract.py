@@ -26,14 +26,25 @@ import torch
 from .. import cache_schema
 from ..cache_schema import ATTENTION, IDS, IMAGES, LABELS, POOLED, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, StoreLayout
 from ..data import DatasetError, ExtractionDataset, SegmentationDataset, find_bad_samples, open_dataset
-from ..data.decode import device_pixels
 from ..data.crops import CROP_FIVE, CROP_NONE, crops_per_image
+from ..data.decode import device_pixels
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..models import resolve_device
 from ..models.backbone import build_backbone, parse_backbone, weights_identity
 from ..ops.hidden_positives import attention_neighbour_weights
-from ..pipeline import (COMPLETE, FileHashMemo, RunResult, Stage, canonical_json, diff_rows, file_rows, fingerprint_rows, package_versions,
-                        stage_lock, store_state)
+from ..pipeline import (
+    COMPLETE,
+    FileHashMemo,
+    RunResult,
+    Stage,
+    canonical_json,
+    diff_rows,
+    file_rows,
+    fingerprint_rows,
+    package_versions,
+    stage_lock,
+    store_state,
+)
 from ..progress import console, progress_bar
 
 LAYER = "last_block_final_norm_no_cls"

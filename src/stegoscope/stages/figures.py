@@ -52,7 +52,8 @@ def study_records(cache_root: Path, study: str) -> list[dict[str, Any]]:
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     if not records:
         raise cache_schema.StoreError(f"no study {study!r} has run in {cache_root}; "
-                                      f"run `stegoscope study {study}` (studies here: {', '.join(cache_schema.list_studies(cache_root)) or 'none'})")
+                                      f"run `stegoscope study {study}` "
+                                      f"(studies here: {', '.join(cache_schema.list_studies(cache_root)) or 'none'})")
     newest = max(records, key=lambda r: r["updated"])["preset_sha256"]
     for old in (r for r in records if r["preset_sha256"] != newest):
         console.print(f"study {study}: experiment {old['label'] or 'base'} was run with an earlier version of the preset; "
@@ -119,7 +120,8 @@ def _relabel(rows: list[dict], first: str) -> None:
         if row["study"] == first:
             continue
         ref = reference.get((row["dataset"], row["method"], row.get("dim")))
-        row["label"] = describe(config_changes(without_seeds(row["config"]), without_seeds(ref))) if ref is not None else " ".join(filter(None, (row["study"], row["label"])))
+        row["label"] = (describe(config_changes(without_seeds(row["config"]), without_seeds(ref))) if ref is not None
+                        else " ".join(filter(None, (row["study"], row["label"]))))
 
 
 def _disambiguate(rows: list[dict]) -> None:
@@ -455,7 +457,8 @@ def future_tables(rows: list[dict]) -> dict[str, list[dict[str, Any]]]:
             entry["evaluation"] = probe
             for metric in ("mIoU", "Accuracy"):
                 values = [float(m[metric]) for m in members]
-                entry[f"{metric} (%)"], entry[f"{metric} (%) std"] = float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None
+                entry[f"{metric} (%)"], entry[f"{metric} (%) std"] = (float(np.mean(values)),
+                                                                      float(np.std(values)) if len(values) > 1 else None)
             entry["seeds"] = len(members)
             table.append(entry)
         tables[family] = table

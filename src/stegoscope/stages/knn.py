@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from .. import cache_schema
+from ..atomic import atomic_write_npz
 from ..cache_schema import NNS, POOLED, open_complete_store
 from ..models import resolve_device
 from ..ops.knn import knn_blocked, knn_tree
-from ..atomic import atomic_write_npz
-from ..storage import as_path
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
+from ..storage import as_path
 
 
 class KnnStage(Stage):

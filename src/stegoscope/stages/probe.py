@@ -31,7 +31,6 @@ from ..reducers import IdentityReducer
 from ..training import Member, Schedule, SharedBatch, Trained, train_group
 
 
-
 @dataclass(frozen=True)
 class ProbeParams:
     n_classes: int

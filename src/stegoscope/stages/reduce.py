@@ -29,8 +29,8 @@ from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, package_versions, store_state, write_manifest
 from ..probing import load_reducer
 from ..progress import progress_bar
-from ..storage import as_path, stamp
 from ..reducers import Reducer
+from ..storage import as_path, stamp
 
 
 class ReduceStage(Stage):

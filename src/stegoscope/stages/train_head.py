@@ -23,10 +23,9 @@ import torch
 from .. import cache_schema
 from .. import methods as registry
 from ..atomic import atomic_write_bytes, atomic_write_npz
-from ..cache_schema import open_complete_store
+from ..cache_schema import FINAL, METRICS, NNS, PROBES, open_complete_store
 from ..heads.base import HeadJob, HeadResult, HeadRun, fit_heads
 from ..models import resolve_device
-from ..cache_schema import FINAL, METRICS, NNS, PROBES
 from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, write_manifest
 from ..probing import TrainingLog
 
