@@ -27,6 +27,24 @@ def write_directory_dataset(root: Path, n_train: int = 6, n_val: int = 4, size=(
     return root
 
 
+def invoke(*args):
+    """The command line in this process (wide lines, arguments as strings); never a traceback."""
+    from typer.testing import CliRunner
+
+    from stegoscope.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def ok(*args) -> str:
+    """:func:`invoke` that must succeed; its output."""
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 MICRO_PRESET = """name: {name}
 dataset: synthetic
 backbone: random:vit_micro_patch8

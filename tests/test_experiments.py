@@ -12,29 +12,15 @@ import torch
 from sklearn.decomposition import PCA as SkPCA
 from sklearn.preprocessing import StandardScaler
 from torch import nn
-from typer.testing import CliRunner
 
-from conftest import write_micro_preset
+from conftest import invoke, ok, write_micro_preset
 from stegoscope import cache_schema
 from stegoscope import methods as registry
-from stegoscope.cli import app
 from stegoscope.config import ConfigError, load_preset, parse_assignment, parse_sweep
 from stegoscope.heads.base import HeadParams, HeadTrainer
 from stegoscope.probing import load_reducer
 from stegoscope.reducers import Reducer, ReducerParams
 from stegoscope.stages.figures import collect, figure3, metric_figure, table2
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def manifests(cache, stage):

@@ -43,10 +43,7 @@ def test_future_families_run_keyed_and_drawn_apart_from_the_paper_figures(tmp_pa
     import csv
     import json
 
-    from typer.testing import CliRunner
-
-    from conftest import write_micro_preset
-    from stegoscope.cli import app
+    from conftest import invoke, write_micro_preset
 
     preset = write_micro_preset(tmp_path / "micro.yaml", extra="""future:
   clusterers: [cosine, kmeans]
@@ -55,7 +52,6 @@ def test_future_families_run_keyed_and_drawn_apart_from_the_paper_figures(tmp_pa
   loss_grid: {stego.lambda_rand: [0.3, 0.9], stego.b_rand: [0.2]}
 """)
     cache = tmp_path / "c"
-    invoke = lambda *args: CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})  # noqa: E731
     ran = invoke("study", preset, "--cache", cache, "--only", "future", "--device", "cpu", "--no-progress")
     assert ran.exit_code == 0, ran.output
     assert "[clusterer=kmeans]" in ran.output and "[extra_clusters=4]" in ran.output

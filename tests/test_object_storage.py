@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_directory_dataset, write_micro_preset
+from conftest import invoke, write_directory_dataset, write_micro_preset
 from stegoscope import cache_schema, storage
 from stegoscope.storage import Lease, LeaseHeld
-from test_reliability import assert_same_store, crash, extract_args, invoke, store_of
+from test_reliability import assert_same_store, crash, extract_args, store_of
 
 s3fs = pytest.importorskip("s3fs")
 BUCKET = "stegoscope-test"

@@ -5,27 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from conftest import ok
 from stegoscope import cache_schema, probing
-from stegoscope.cli import app
 from stegoscope.data.transforms import normalize
 from stegoscope.models.backbone import build_backbone
 from stegoscope.probing import CodeSource, Probes, StoreArrays, evaluate
 from stegoscope.reducers import PCA, IdentityReducer
 
 
-def invoke(args):
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def test_probe_on_demo_stores_with_crf_and_flip(tmp_path, monkeypatch):
     cache = str(tmp_path / "c")
-    invoke(["extract", "--preset", "demo", "--cache", cache, "--flip", "--workers", "0", "--no-progress"])
-    out = invoke(["probe", "--preset", "demo", "--reducer", "identity", "--steps", "20", "--flip", "--cache", cache,
-                  "--no-progress"])
+    ok("extract", "--preset", "demo", "--cache", cache, "--flip", "--workers", "0", "--no-progress")
+    out = ok("probe", "--preset", "demo", "--reducer", "identity", "--steps", "20", "--flip", "--cache", cache,
+                  "--no-progress")
     for needle in ("linear (best)", "cluster (best)", "mIoU", "Accuracy"):
         assert needle in out
     assert "yes" in out and "no" in out  # with and without CRF
@@ -36,8 +29,8 @@ def test_probe_on_demo_stores_with_crf_and_flip(tmp_path, monkeypatch):
     best = max(metrics["history"], key=lambda r: r["cluster/mIoU"])
     assert metrics["best"] == best and metrics["best_crf"]["step"] == best["step"]
     assert len(metrics["best"]["cluster/per_class_iou"]) == 4
-    assert "cached" in invoke(["probe", "--preset", "demo", "--reducer", "identity", "--steps", "20", "--flip",
-                               "--cache", cache, "--no-progress"])
+    assert "cached" in ok("probe", "--preset", "demo", "--reducer", "identity", "--steps", "20", "--flip",
+                               "--cache", cache, "--no-progress")
 
     # flip TTA: the stored mirrored tokens are the backbone's tokens of the mirrored image, mirrored back
     [val] = [cache_schema.open_feature_store(p) for p in cache_schema.list_feature_stores(tmp_path / "c") if "-val-" in p.name]
@@ -95,7 +88,7 @@ def test_evaluation_over_val_gives_the_same_counts_as_tasks_on_a_local_cluster(t
     from stegoscope.compute import dask_scheduler
 
     preset, cache = str(write_micro_preset(tmp_path / "micro.yaml")), str(tmp_path / "c")
-    invoke(["extract", "--preset", preset, "--cache", cache, "--flip", "--workers", "0", "--no-progress"])
+    ok("extract", "--preset", preset, "--cache", cache, "--flip", "--workers", "0", "--no-progress")
     [val] = [cache_schema.open_feature_store(p) for p in cache_schema.list_feature_stores(tmp_path / "c") if "-val-" in p.name]
     pca = PCA(n_components=5).fit(val[cache_schema.TOKENS][:].reshape(-1, val.layout.channels))
     source = CodeSource(StoreArrays(val), pca, flip=True)

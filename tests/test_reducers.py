@@ -7,8 +7,8 @@ import torch
 from sklearn.decomposition import PCA as SkPCA
 from sklearn.preprocessing import StandardScaler
 from sklearn.random_projection import GaussianRandomProjection
-from typer.testing import CliRunner
 
+from conftest import ok
 from stegoscope import cache_schema
 from stegoscope.cache_schema import StoreLayout
 from stegoscope.compute import dask_scheduler
@@ -174,17 +174,12 @@ def test_an_hnne_fit_round_trips_through_npz_and_its_index_path_finds_the_same_a
 
 # -- the reduce stage through the CLI -----------------------------------------------------------
 
-def run(args):
-    result = CliRunner().invoke(__import__("stegoscope.cli", fromlist=["app"]).app, args)
-    assert result.exit_code == 0, result.output
-    return result.output
-
 
 def test_reduce_stage_artefacts_reuse_and_hnne_projection(tmp_path, directory_dataset):
     cache = str(tmp_path / "c")
     common = ["--preset", "directory", "--data-root", str(directory_dataset), "--cache", cache, "--no-progress"]
-    run(["extract", *common, "--backbone", "random:vit_micro_patch8", "--n-classes", "3", "--train-res", "32",
-         "--val-res", "48", "--workers", "0"])
+    ok("extract", *common, "--backbone", "random:vit_micro_patch8", "--n-classes", "3", "--train-res", "32",
+         "--val-res", "48", "--workers", "0")
     # reduce reads the same preset options: the extraction key needs the same backbone
     preset = tmp_path / "p.yaml"
     preset.write_text(
@@ -192,14 +187,14 @@ def test_reduce_stage_artefacts_reuse_and_hnne_projection(tmp_path, directory_da
         "extract:\n  splits:\n    train: {res: 32}\n    val: {res: 48, store_images: true}\n"
     )
     common = ["--preset", str(preset), "--data-root", str(directory_dataset), "--cache", cache, "--no-progress"]
-    out = run(["reduce", *common, "--method", "pca"])
+    out = ok("reduce", *common, "--method", "pca")
     artefact = next((tmp_path / "c" / "artefacts" / "reduce").glob("pca-*"))
     pca = load_reducer(artefact, n_components=7)
     assert pca.transform(np.zeros((1, 96), np.float16)).shape == (1, 7) and len(pca.explained_variance_ratio_) == 96
-    assert "cached" in run(["reduce", *common, "--method", "pca"])
-    assert "cached" not in run(["reduce", *common, "--method", "pca", "--standardize", "none"])
+    assert "cached" in ok("reduce", *common, "--method", "pca")
+    assert "cached" not in ok("reduce", *common, "--method", "pca", "--standardize", "none")
 
-    out = run(["reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300"])
+    out = ok("reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300")
     derived = sorted((tmp_path / "c" / "derived").glob("*.zarr"))
     assert len(derived) == 2 and out.count("done") == 3
     for path in derived:
@@ -207,7 +202,7 @@ def test_reduce_stage_artefacts_reuse_and_hnne_projection(tmp_path, directory_da
         source = cache_schema.open_feature_store(codes.attrs["source_store"])
         assert codes.complete and codes[cache_schema.TOKENS].shape == source[cache_schema.TOKENS].shape[:3] + (4,)
         assert np.isfinite(codes[cache_schema.TOKENS][:]).all() and codes.ids == source.ids
-    again = run(["reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300"])
+    again = ok("reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300")
     assert again.count("cached") == 3  # the fit and both derived stores are reused
 
 

@@ -17,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
-from conftest import write_directory_dataset, write_micro_preset
+from conftest import invoke, write_directory_dataset, write_micro_preset
 from stegoscope import cache_schema
-from stegoscope.cli import app
 from stegoscope.pipeline import lock_held
 from stegoscope.pipeline import stage_lock as pipeline_lock
 
@@ -29,12 +27,6 @@ CRASH_AT = Path(__file__).with_name("crash_at.py")
 MICRO = "random:vit_micro_patch8"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
 DATA_ARRAYS = (cache_schema.TOKENS, cache_schema.POOLED, cache_schema.LABELS, cache_schema.IDS, cache_schema.WRITTEN)
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def crash(mode, arg, *args, wait=True, env=None):

@@ -138,11 +138,10 @@ class Member(ABC):
     :meth:`snapshot`."""
 
     select: str = "cluster/mIoU"  # the validation metric whose best step is kept
+    optimizers: list[torch.optim.Optimizer]  # stepped by the group (see :func:`merged`), not by the member
 
     def __init__(self, seed: int):
         self.random = RandomState(seed)
-
-    optimizers: list[torch.optim.Optimizer]  # stepped by the group (see :func:`merged`), not by the member
 
     @abstractmethod
     def backward(self, batch: SharedBatch) -> None:
