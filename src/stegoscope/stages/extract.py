@@ -267,6 +267,15 @@ class ExtractStage(Stage):
     def _open_or_create(self, force: bool) -> FeatureStore:
         if not force:
             store = cache_schema.resume_store(self.output, self.key, self.owns if self.world > 1 else None)
+            if store is not None and self.skip_bad and not store.attrs.get("bad_samples_checked", False):
+                # Started without --skip-bad (it stopped at a bad sample, most likely): its rows
+                # still hold that sample, so the store is made again with bad samples left out.
+                if self.world > 1:
+                    raise StoreError(f"{store.path}: started without --skip-bad, so its rows include unchecked samples; "
+                                     "rerun every rank with --skip-bad --force to make it again without bad samples")
+                console.print(f"[yellow]{store.path}: started without --skip-bad; made again with bad samples left out "
+                              f"({store.layout.n_shards - len(store.pending_shards())} finished shards are redone)[/]")
+                store = None
             if store is not None:
                 if cache_schema.read_sources(store.path) is None:  # killed right after creating the store
                     cache_schema.write_sources(store.path, self.source_rows)
@@ -293,6 +302,7 @@ class ExtractStage(Stage):
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
             "inputs": self.inputs(), "dataset_root": str(self.data_root), "class_names": list(self.dataset.class_names),
             "skipped": [{"id": sid, "reason": reason} for sid, reason in skipped.items()],
+            "bad_samples_checked": self.skip_bad,  # every sample decoded once before the rows were laid out
             "pretrained": not random, "versions": package_versions(), "started": time.time(),
             # not in the key (the same pixels up to JPEG rounding), but traceable: stores decoded on a GPU
             # before the decode was fenced (docs/benchmarks.md, run 4) are the ones without this entry
