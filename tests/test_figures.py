@@ -129,3 +129,20 @@ def test_several_studies_are_labelled_by_what_differs_from_the_first(tmp_path):
     fig = metric_figure(rows, "mIoU")
     np.testing.assert_array_equal(lines_of(fig.axes[0])["STEGO λ_rand=0.5"].get_ydata(), [55.0])
     np.testing.assert_array_equal(lines_of(fig.axes[0])["STEGO"].get_ydata(), [50.0])
+
+
+def test_a_method_with_a_figure_of_its_own_is_drawn_there_and_successors_beside_fig4(tmp_path):
+    cache = tmp_path / "c"
+    for dim, lin, clu in ((3, 10.0, 5.0), (24, 30.0, 20.0)):
+        fake_result(cache, "cityscapes", "pca", dim, 0, lin, clu)
+        fake_result(cache, "cityscapes", "hnne", dim, 0, lin - 2, clu - 1)
+        fake_result(cache, "cityscapes", "smooseg", dim, 0, lin + 3, clu + 4)
+    rows, _ = collect(cache, ["paper"])
+    fig4 = lines_of(metric_figure(rows, "mIoU").axes[0])
+    assert "PCA" in fig4 and "h-NNE" not in fig4 and "SmooSeg" not in fig4  # the paper's Fig. 4: its own methods only
+    out = CliRunner().invoke(app, ["figures", "--cache", str(cache)])
+    assert out.exit_code == 0, out.output
+    folder = cache / "figures" / "paper"
+    # h-NNE against PCA (the registry's ``against``): the paper's supplementary Fig. 2
+    assert (folder / "supp_fig2_hnne_cityscapes.png").stat().st_size > 0
+    assert (folder / "beyond_stego_miou_vs_dim.pdf").stat().st_size > 0  # a successor ran: drawn beside Fig. 4's methods

@@ -41,8 +41,12 @@ class Method:
     marker : its matplotlib marker.
     table2 : a row of Table 2, evaluated with the dense CRF at its headline D.
     help : one line for the commands' help.
-    paper : one of the paper's methods (drawn in its Fig. 4); the successors of STEGO are drawn
-        beside them in the "beyond STEGO" figure.
+    paper : one of the paper's methods; the successors of STEGO are drawn beside the paper's
+        Fig. 4 methods in the "beyond STEGO" figure.
+    against : drawn in a figure of its own against this method (the paper's supplementary
+        Fig. 2: h-NNE against PCA) instead of in Fig. 4.
+    hierarchy : its fit holds a hierarchy of partitions that ``future.hierarchy`` evaluates as the
+        clusterer (h-NNE's FINCH levels; ``stages/hierarchy.py``).
 
     The classes are imported, and checked, when first used (:attr:`params`, :attr:`cls`): the
     registry's names, titles and help cost no import of torch.
@@ -57,6 +61,8 @@ class Method:
     table2: bool = False
     help: str = ""
     paper: bool = True
+    against: str | None = None
+    hierarchy: bool = False
 
     def __post_init__(self):
         if self.kind not in (REDUCER, HEAD):
@@ -110,6 +116,16 @@ def names(kind: str | None = None) -> list[str]:
     return [m.name for m in METHODS.values() if kind is None or m.kind == kind]
 
 
+def in_fig4() -> list[str]:
+    """The paper's methods its Fig. 4 draws (those with a figure of their own are left out)."""
+    return [m.name for m in METHODS.values() if m.paper and m.against is None]
+
+
+def hierarchy_method() -> str:
+    """The reducer whose fit's own hierarchy ``future.hierarchy`` evaluates."""
+    return next(m.name for m in METHODS.values() if m.hierarchy)
+
+
 def describe(kind: str | None = None) -> str:
     """``name (help); …`` for the commands' help."""
     return "; ".join(f"{m.name}: {m.help}" if m.help else m.name for m in METHODS.values() if kind is None or m.kind == kind)
@@ -119,7 +135,8 @@ R, H = "stegoscope.reducers:", "stegoscope.heads."
 register(Method("dino", REDUCER, R + "IdentityParams", R + "IdentityReducer", "DINO", "*", table2=True, help="raw DINO tokens"))
 register(Method("pca", REDUCER, R + "PCAParams", R + "PCA", "PCA", "s", help="exact streamed PCA, one fit for every D"))
 register(Method("rp", REDUCER, R + "RPParams", R + "RandomProjection", "RP", "^", help="seeded random projection"))
-register(Method("hnne", REDUCER, R + "HNNEParams", R + "HNNE", "h-NNE", "D", help="h-NNE (v1), stores projected once"))
+register(Method("hnne", REDUCER, R + "HNNEParams", R + "HNNE", "h-NNE", "D", help="h-NNE (v1), stores projected once",
+                against="pca", hierarchy=True))
 register(Method("stego", HEAD, H + "stego:StegoParams", H + "stego:StegoTrainer", "STEGO", "o", table2=True,
                 help="STEGO head trained from the cache"))
 register(Method("smooseg", HEAD, H + "smooseg:SmooSegParams", H + "smooseg:SmooSegTrainer", "SmooSeg", "P", table2=True, paper=False,

@@ -292,10 +292,11 @@ class StudyContext:
         raise ConfigError(f"no study stage provides a head's input {name!r}")
 
     def hierarchy(self, dim: int, seed: int = 0) -> HierarchyStage:
-        """Every level of the h-NNE hierarchy of the h-NNE fit at ``dim`` as the clusterer."""
-        return self._build(("hierarchy", dim, seed), f"hierarchy hnne D={dim} seed {seed}", lambda ctx: HierarchyStage(
-            ctx.cache_root, ctx.fit("hnne", dim, seed), ctx.extract("val"), ctx.n_classes, ctx.device, ctx.show_progress),
-            ("hnne", dim, seed))
+        """Every level of the hierarchy of the fit at ``dim`` (h-NNE's) as the clusterer."""
+        method = registry.hierarchy_method()
+        return self._build(("hierarchy", dim, seed), f"hierarchy {method} D={dim} seed {seed}", lambda ctx: HierarchyStage(
+            ctx.cache_root, ctx.fit(method, dim, seed), ctx.extract("val"), ctx.n_classes, ctx.device, ctx.show_progress),
+            (method, dim, seed))
 
     def future(self) -> list[tuple[StudyContext, list[Stage]]]:
         """The experiments of the preset's ``future`` section (the paper's open questions): for each
@@ -319,9 +320,10 @@ class StudyContext:
             ctx = variant("over-clustering", {"eval.extra_clusters": extra})
             plan.append((ctx, [ctx.probe("dino")]))
         if f.hierarchy:
-            plan.append((self, [self.hierarchy(dims[0]), self.probe("hnne", dims[0])]))
+            method = registry.hierarchy_method()
+            plan.append((self, [self.hierarchy(dims[0]), self.probe(method, dims[0])]))
             ctx = variant("hierarchy", {"eval.clusterer": "kmeans"})
-            plan.append((ctx, [ctx.probe("hnne", dims[0])]))
+            plan.append((ctx, [ctx.probe(method, dims[0])]))
         keys = list(f.loss_grid)
         for values in itertools.product(*f.loss_grid.values()):
             ctx = variant("loss-grid", dict(zip(keys, values)))

@@ -214,8 +214,7 @@ def metric_figure(rows: list[dict], metric: str, methods: list[str] | None = Non
     curve per method and configuration (± std over seeds), CRF results as separate markers."""
     import matplotlib.pyplot as plt
 
-    methods = methods or [m for m, spec in registry.METHODS.items() if m != "hnne" and spec.paper] + sorted(
-        {r["method"] for r in rows} - set(registry.METHODS))
+    methods = methods or registry.in_fig4() + sorted({r["method"] for r in rows} - set(registry.METHODS))
     datasets = _datasets({r["dataset"] for r in rows})
     labels_of: dict[str, list[str]] = {}
     for r in sorted(rows, key=lambda r: (r["label"] != "", r["label"])):
@@ -252,11 +251,13 @@ def metric_figure(rows: list[dict], metric: str, methods: list[str] | None = Non
     return fig
 
 
-def hnne_figure(rows: list[dict], dataset: str):
-    """Supplementary Fig. 2: h-NNE vs PCA on one dataset (2 × 2: probe × metric)."""
+def against_figure(rows: list[dict], dataset: str, method: str):
+    """A method against the one it is compared with (``against`` in the registry) on one dataset,
+    2 × 2: probe × metric. h-NNE against PCA is the paper's supplementary Fig. 2."""
     import matplotlib.pyplot as plt
 
-    labels_of = {m: sorted({r["label"] for r in rows if r["method"] == m}, key=lambda s: (s != "", s)) for m in ("hnne", "pca")}
+    pair = (method, registry.get(method).against)
+    labels_of = {m: sorted({r["label"] for r in rows if r["method"] == m}, key=lambda s: (s != "", s)) for m in pair}
     fig, axes = plt.subplots(2, 2, figsize=(8, 6.4))
     for i, probe in enumerate(("linear", "cluster")):
         for j, metric in enumerate(("mIoU", "Accuracy")):
@@ -378,7 +379,7 @@ def hierarchy_figure(rows: list[dict]):
         x, y = _mean_by([r for r in levels if r["probe"] == probe], lambda r: int(r["clusters"]))
         ax.plot(x, y, marker="os"[i], color=f"C{i}", label=title)
     for i, clusterer in enumerate(("cosine", "kmeans")):
-        mine = [r for r in rows if r["method"] == "hnne" and r["dim"] == dim and r["probe"] == "cluster"
+        mine = [r for r in rows if r["method"] == registry.hierarchy_method() and r["dim"] == dim and r["probe"] == "cluster"
                 and _params(r).get("clusterer", "cosine") == clusterer and r["family"] in (None, "hierarchy")]
         if mine:
             ax.axhline(np.mean([r["mIoU"] for r in mine]), color=f"C{i + 2}", linestyle="--",
@@ -441,10 +442,10 @@ def future_tables(rows: list[dict]) -> dict[str, list[dict[str, Any]]]:
     for family, probes in FAMILY_PROBES.items():
         if not any(r["family"] == family for r in rows):
             continue
-        methods = {r["method"] for r in rows if r["family"] == family} | ({"hnne"} if family == "hierarchy" else set())
+        methods = {r["method"] for r in rows if r["family"] == family} | ({registry.hierarchy_method()} if family == "hierarchy" else set())
         chosen = [r for r in rows if r["crf"] == "no" and r["probe"] in probes and r["method"] in methods
                   and (r["family"] == family or (r["family"] is None and (r["probe"].startswith("hierarchy_") or family != "hierarchy"
-                                                                          or r["method"] == "hnne")))]
+                                                                          or r["method"] == registry.hierarchy_method())))]
         groups: dict[tuple, list[dict]] = {}
         for r in chosen:
             groups.setdefault((r["dataset"], r["method"], r["label"], int(r["dim"]), r.get("clusters"), r["probe"]), []).append(r)
@@ -543,11 +544,12 @@ def render(cache_root: Path, out_dir: Path, studies: list[str]) -> dict[str, lis
     if paper_rows:
         figures["fig4_miou_vs_dim"] = metric_figure(paper_rows, "mIoU")
         figures["supp_fig1_accuracy_vs_dim"] = metric_figure(paper_rows, "Accuracy")
-        for dataset in _datasets({r["dataset"] for r in paper_rows if r["method"] == "hnne"}):
-            figures[f"supp_fig2_hnne_{dataset}"] = hnne_figure(paper_rows, dataset)
+        for method in (spec.name for spec in registry.METHODS.values() if spec.against):
+            for dataset in _datasets({r["dataset"] for r in paper_rows if r["method"] == method}):
+                figures[f"supp_fig2_{method}_{dataset}"] = against_figure(paper_rows, dataset, method)
         successors = [m for m, spec in registry.METHODS.items() if not spec.paper]
         if any(r["method"] in successors for r in paper_rows):  # does the paper's dimensionality story hold for them?
-            figures["beyond_stego_miou_vs_dim"] = metric_figure(paper_rows, "mIoU", ["dino", "pca", "rp", "stego", *successors])
+            figures["beyond_stego_miou_vs_dim"] = metric_figure(paper_rows, "mIoU", registry.in_fig4() + successors)
     figures |= future_figures(rows)
     written: dict[str, list[Path]] = {}
     for name, fig in figures.items():

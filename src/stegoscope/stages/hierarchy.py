@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cache_schema
+from .. import methods as registry
 from ..atomic import atomic_write_bytes
 from ..cache_schema import LABELS, METRICS, TOKENS, open_complete_store
 from ..models import resolve_device
@@ -71,7 +72,7 @@ class HierarchyStage(Stage):
     def __init__(self, cache_root: Path, fit: Stage, val: Stage, n_classes: int, device: str = "auto", show_progress: bool = True):
         super().__init__(cache_root)
         self.fit, self.val, self.n_classes, self.device, self.show_progress = fit, val, n_classes, device, show_progress
-        self.method = "hnne"
+        self.method = registry.hierarchy_method()
 
     def params(self) -> dict[str, Any]:
         return {"n_classes": self.n_classes, "assignment": "nearest finest-level centroid (cosine)"}
@@ -81,7 +82,7 @@ class HierarchyStage(Stage):
 
     @property
     def output(self) -> Path:
-        return cache_schema.artefact_dir(self.cache_root, self.name, f"hnne{self.fit.dim}", self.key)
+        return cache_schema.artefact_dir(self.cache_root, self.name, f"{self.method}{self.fit.dim}", self.key)
 
     def state(self) -> str:
         return artefact_state(self.output)
