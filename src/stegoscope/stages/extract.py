@@ -274,7 +274,8 @@ class ExtractStage(Stage):
                     raise StoreError(f"{store.path}: started without --skip-bad, so its rows include unchecked samples; "
                                      "rerun every rank with --skip-bad --force to make it again without bad samples")
                 console.print(f"[yellow]{store.path}: started without --skip-bad; made again with bad samples left out "
-                              f"({store.layout.n_shards - len(store.pending_shards())} finished shards are redone)[/]")
+                              f"({store.layout.n_shards - len(store.pending_shards())} finished shards are redone)[/]",
+                              soft_wrap=True)  # a path and an option are never broken across lines
                 store = None
             if store is not None:
                 if cache_schema.read_sources(store.path) is None:  # killed right after creating the store
