@@ -84,9 +84,8 @@ def project(points: np.ndarray, nearest: np.ndarray, m: HNNEMap) -> np.ndarray:
     x = points.copy()
     x -= m.scaler_mean.astype(x.dtype)  # StandardScaler.transform, in place on the input's dtype
     x /= m.scaler_scale.astype(x.dtype)
-    projected = x @ m.pca_components.T  # PCA.transform: centred after the projection
-    projected -= m.pca_mean.reshape(1, -1) @ m.pca_components.T
-    x = projected
+    x = x @ m.pca_components.T  # PCA.transform: centred after the projection
+    x -= m.pca_mean.reshape(1, -1) @ m.pca_components.T
     if len(m.inflation_rotations):
         for rot, (m1, m2), (s1, s2) in zip(m.inflation_rotations, m.inflation_means, m.inflation_stds):
             x = (x - m1[nearest]) / s1[nearest]
