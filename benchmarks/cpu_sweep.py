@@ -18,7 +18,10 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+from stegoscope.records import EvalResult
 
 METHODS = ("dino", "pca", "rp", "stego")
 TRAINED = ("artefacts/probe", "artefacts/train_stego")
@@ -32,13 +35,12 @@ def study(cache: Path, *args: str) -> float:
     return time.perf_counter() - start
 
 
-def trained_metrics(cache: Path) -> dict[str, dict]:
+def trained_metrics(cache: Path) -> dict[str, str]:
     out = {}
     for where in TRAINED:
         for folder in sorted((cache / where).glob("*")):
-            metrics = json.loads((folder / "metrics.json").read_text())
-            metrics.pop("seconds")
-            out[folder.name] = metrics
+            metrics = EvalResult.from_dict(json.loads((folder / "metrics.json").read_text()))
+            out[folder.name] = json.dumps(replace(metrics, seconds={}).to_dict())  # everything but the timings
     return out
 
 

@@ -25,6 +25,7 @@ from stegoscope.models import resolve_device
 from stegoscope.models.backbone import build_backbone
 from stegoscope.ops.hidden_positives import attention_neighbour_weights
 from stegoscope.pipeline import run_stage
+from stegoscope.records import EvalResult
 from stegoscope.study import StudyContext
 
 
@@ -72,9 +73,9 @@ def heads(args, device: torch.device) -> None:
             run_stage(node.stage)
         start = time.perf_counter()
         run_stage(stage, force=True)
-        best = json.loads((stage.output / "metrics.json").read_text())["best"]
-        print(f"{head:<14} D={stage.run.dim:<4} {args.steps} steps in {time.perf_counter() - start:6.1f} s; best step {best['step']}: "
-              f"cluster mIoU {best['cluster/mIoU']:.1f}, linear mIoU {best['linear/mIoU']:.1f}")
+        best = EvalResult.from_dict(json.loads((stage.output / "metrics.json").read_text())).best
+        print(f"{head:<14} D={stage.run.dim:<4} {args.steps} steps in {time.perf_counter() - start:6.1f} s; best step {best.step}: "
+              f"cluster mIoU {best.score('cluster', 'mIoU'):.1f}, linear mIoU {best.score('linear', 'mIoU'):.1f}")
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ from stegoscope.cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, TOKENS_
 from stegoscope.config import load_preset, parse_assignment
 from stegoscope.models import resolve_device
 from stegoscope.pipeline import COMPLETE
+from stegoscope.records import EvalResult
 from stegoscope.study import StudyContext
 
 FULL_STEPS = 7000
@@ -160,7 +161,7 @@ def main() -> None:
         probing.DEVICE_SHARE = 0.0
         stage = ctx.probe("pca", args.probe_dims[0], seed=1)
         ran = ctx.run(ctx.graph_of([stage]))
-        parts = json.loads((stage.output / cache_schema.METRICS).read_text())["seconds"]
+        parts = EvalResult.from_dict(json.loads((stage.output / cache_schema.METRICS).read_text())).seconds
         print(f"streamed probe pca D={args.probe_dims[0]}, {steps} steps: {sum(r.seconds for _, r in ran):.1f} s; "
               f"load {parts['load']:.1f} s, train {parts['train']:.1f} s = {parts['train'] / steps * 1000:.1f} ms per step "
               f"(validations included)")
@@ -187,7 +188,7 @@ def main() -> None:
     def measured(stage) -> dict[str, float]:
         seconds = results[id(stage)].seconds
         metrics_file = stage.output / cache_schema.METRICS
-        parts = json.loads(metrics_file.read_text()).get("seconds", {}) if metrics_file.exists() else {}
+        parts = EvalResult.from_dict(json.loads(metrics_file.read_text())).seconds if metrics_file.exists() else {}
         other = seconds - sum(parts.values())  # opening stores, writing the artefact
         scaled = seconds + parts.get("train", 0.0) * (args.fraction - 1)
         return {"measured": seconds, "full": scaled, "other": other, **parts}

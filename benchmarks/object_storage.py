@@ -57,6 +57,7 @@ def main() -> None:
         import s3fs
 
         from stegoscope import cache_schema, storage
+        from stegoscope.records import StoreAttrs
 
         s3fs.S3FileSystem().mkdir("bench")
         n, g, c = args.images, args.grid, args.channels
@@ -67,7 +68,7 @@ def main() -> None:
         local_dir = Path(tempfile.mkdtemp(prefix="stegoscope-bench-"))
         roots = {"local": local_dir / "s.zarr", "s3": storage.cache_path("s3://bench/s.zarr")}
         for where, path in roots.items():
-            store = cache_schema.create_feature_store(path, layout, {"key": "bench", "spec": {}})
+            store = cache_schema.create_feature_store(path, layout, StoreAttrs(key="bench", stage="bench"))
             start = time.perf_counter()
             for shard in range(layout.n_shards):
                 rows = layout.shard_slice(shard)

@@ -41,6 +41,7 @@ def evict(path: Path) -> None:
 def build(path: Path, gb: float, channels: int, grid: int = 28, shard: int = 128) -> None:
     from stegoscope import cache_schema
     from stegoscope.cache_schema import StoreLayout
+    from stegoscope.records import StoreAttrs
 
     per_image = grid * grid * channels * 2
     n = int(gb * 1e9 // per_image)
@@ -52,7 +53,7 @@ def build(path: Path, gb: float, channels: int, grid: int = 28, shard: int = 128
     mixing = rng.normal(size=(channels, channels)).astype(np.float32) * np.geomspace(2, 0.01, channels, dtype=np.float32)
     pool = (rng.normal(size=(shard, grid, grid, channels)).astype(np.float32) @ mixing).astype(np.float16)
     layout = StoreLayout(n, (grid, grid), channels, (grid * 8, grid * 8), False, False, shard)
-    store = cache_schema.create_feature_store(path, layout, {"key": "bench" * 12, "spec": {}})
+    store = cache_schema.create_feature_store(path, layout, StoreAttrs(key="bench" * 12, stage="bench"))
     start = time.perf_counter()
     for s in range(layout.n_shards):
         sl = layout.shard_slice(s)

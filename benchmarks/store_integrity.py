@@ -22,12 +22,13 @@ import numpy as np
 
 from stegoscope import cache_schema
 from stegoscope.cache_schema import IDS, POOLED, TOKENS, WRITTEN, StoreLayout
+from stegoscope.records import StoreAttrs
 
 
 def write(path: Path, tokens: np.ndarray, shard: int, checksums: bool, durable: bool) -> float:
     layout = StoreLayout(len(tokens), tokens.shape[1:3], tokens.shape[3], (8, 8), False, False, shard)
     start = time.perf_counter()
-    store = cache_schema.create_feature_store(path, layout, {"key": "k" * 64, "spec": {}}, checksums=checksums)
+    store = cache_schema.create_feature_store(path, layout, StoreAttrs(key="k" * 64, stage="bench"), checksums=checksums)
     for s in range(layout.n_shards):
         sl = layout.shard_slice(s)
         arrays = {TOKENS: tokens[sl], POOLED: tokens[sl].mean((1, 2), dtype=np.float32),

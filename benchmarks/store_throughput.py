@@ -26,6 +26,7 @@ import numpy as np
 from stegoscope import cache_schema
 from stegoscope.atomic import fsync_tree
 from stegoscope.cache_schema import IDS, POOLED, TOKENS, StoreLayout
+from stegoscope.records import StoreAttrs
 
 
 def use_zarr_codec(on: bool) -> None:
@@ -43,7 +44,7 @@ def store_write(path: Path, tokens: np.ndarray, shards: int, threads: int) -> fl
     layout = StoreLayout(shard * shards, tokens.shape[1:3], tokens.shape[3], (8, 8), False, False, shard)
     arrays = {TOKENS: tokens, POOLED: tokens.mean((1, 2), dtype=np.float32), IDS: np.array([str(i) for i in range(shard)])}
     start = time.perf_counter()
-    store = cache_schema.create_feature_store(path, layout, {"key": "k" * 64, "spec": {}})
+    store = cache_schema.create_feature_store(path, layout, StoreAttrs(key="k" * 64, stage="bench"))
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda s: store.write_shard(s, arrays, commit=False), range(shards)))
     store.commit(list(range(shards)))

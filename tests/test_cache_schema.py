@@ -7,11 +7,12 @@ import zarr
 
 from stegoscope import cache_schema
 from stegoscope.cache_schema import StoreError, StoreLayout
+from stegoscope.records import StoreAttrs
 
 
 def small_store(path, n=5, shard=2):
     layout = StoreLayout(n, (2, 3), 4, (16, 24), labelled=True, with_images=False, shard_images=shard)
-    return cache_schema.create_feature_store(path, layout, {"key": "k" * 64, "spec": {}})
+    return cache_schema.create_feature_store(path, layout, StoreAttrs(key="k" * 64, stage="test"))
 
 
 def test_shards_flags_and_completion(tmp_path):
@@ -55,7 +56,7 @@ def test_resume_rewrites_an_unflagged_shard_from_nothing(tmp_path):
     """A shard file half written before a crash (zarr < 3.1.3 wrote in place) must not be read
     back: resuming deletes every file of every unflagged shard."""
     layout = StoreLayout(6, (2, 2), 4, (16, 16), False, False, 3)
-    store = cache_schema.create_feature_store(tmp_path / "s.zarr", layout, {"key": "k" * 64, "spec": {}})
+    store = cache_schema.create_feature_store(tmp_path / "s.zarr", layout, StoreAttrs(key="k" * 64, stage="test"))
     tokens = np.random.default_rng(0).normal(size=(6, 2, 2, 4)).astype(np.float16)
 
     def shard(i):

@@ -148,8 +148,8 @@ def test_a_changed_head_parameter_reruns_only_the_head_and_the_dry_run_says_why(
     assert "[λ_rand=0.3]: 0 stages would run" in sweep and "[λ_rand=0.4]: 1 stages would run" in sweep
 
     rows, _ = collect(cache, ["micro"])  # the study now holds both experiments, labelled
-    assert {r["label"] for r in rows if r["method"] == "stego"} == {"", "λ_rand=0.3"}
-    assert {r["label"] for r in rows if r["method"] != "stego"} == {""}  # shared, unchanged results: one curve
+    assert {r.label for r in rows if r.method == "stego"} == {"", "λ_rand=0.3"}
+    assert {r.label for r in rows if r.method != "stego"} == {""}  # shared, unchanged results: one curve
 
 
 def test_fig3_draws_the_pca_fits_the_study_declared(tmp_path):
@@ -160,7 +160,7 @@ def test_fig3_draws_the_pca_fits_the_study_declared(tmp_path):
     ok("reduce", "--method", "pca", "--standardize", "none", "--preset", other, "--cache", cache, "--device", "cpu")
 
     _, fits = collect(cache, ["micro"])
-    assert len(fits) == 1 and fits[0]["label"] == ""  # the other study's unscaled fit is not micro's
+    assert len(fits) == 1 and fits[0].label == ""  # the other study's unscaled fit is not micro's
     (line,) = figure3(fits).axes[0].lines
     store = cache_schema.open_feature_store(next(cache.glob("features/synthetic-train-*.zarr")))
     tokens = store[cache_schema.TOKENS][:].reshape(-1, 96).astype(np.float64)
@@ -171,7 +171,7 @@ def test_fig3_draws_the_pca_fits_the_study_declared(tmp_path):
 
     ok("reduce", "--method", "pca", "--standardize", "none", "--preset", preset, "--cache", cache, "--device", "cpu")
     _, fits = collect(cache, ["micro"])  # an experiment of micro itself: drawn beside, labelled
-    assert sorted(f["label"] for f in fits) == ["", "standardize=none"]
+    assert sorted(f.label for f in fits) == ["", "standardize=none"]
 
 
 def test_import_stego_uses_the_study_val_store_or_names_the_flag(tmp_path):
@@ -249,12 +249,12 @@ def test_a_reducer_and_a_head_registered_from_a_test_file_run_through_study_and_
     ok("figures", "--cache", cache, "--study", "toys")
 
     rows, _ = collect(cache, ["toys"])
-    assert {(r["method"], r["dim"]) for r in rows} == {("dino", 96), ("slice", 4), ("slice", 8), ("linhead", 4), ("linhead", 8)}
+    assert {(r.method, r.dim) for r in rows} == {("dino", 96), ("slice", 4), ("slice", 8), ("linhead", 4), ("linhead", 8)}
     linear = lines_of(metric_figure(rows, "mIoU").axes[0])
     assert {"DINO", "Slice", "LinHead"} <= set(linear)
     np.testing.assert_array_equal(linear["LinHead"].get_xdata(), [4, 8])
     assert [row["method"] for row in table2(rows) if "stegoscope" in row["method"]] == ["DINO (stegoscope)"]
-    assert not [r for r in rows if r["method"] == "linhead" and r["crf"] == "yes"]  # not in Table 2: no CRF (eval.crf: table2)
+    assert not [r for r in rows if r.method == "linhead" and r.crf == "yes"]  # not in Table 2: no CRF (eval.crf: table2)
 
     (fit,) = [p for p in (cache / "artefacts" / "reduce").iterdir() if p.name.startswith("slice4-")]
     x = np.random.default_rng(0).normal(size=(2, 3, 3, 96)).astype(np.float32)

@@ -145,7 +145,7 @@ def test_decoding_on_the_device_gives_the_cpu_paths_store(tmp_path, directory_da
     assert jpegs and len(decoded) == jpegs * (5 if crop == "five" else 1)  # JPEGs went through decode_jpeg
     cpu, device = stores["cpu"], stores["device"]
     assert cpu.key == device.key and cpu.ids == device.ids
-    assert ([cpu.attrs["extracted_with"], device.attrs["extracted_with"]]
+    assert ([cpu.attrs.extracted_with, device.attrs.extracted_with]
             == [{"device": "cpu", "decode": mode} for mode in ("cpu", "device")])
     for name in (cache_schema.IMAGES, cache_schema.LABELS, cache_schema.TOKENS, cache_schema.POOLED):
         np.testing.assert_array_equal(device[name][:], cpu[name][:], err_msg=name)

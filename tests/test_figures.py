@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from stegoscope import cache_schema
 from stegoscope.cli import app
 from stegoscope.pipeline import experiment_id, write_manifest
+from stegoscope.records import Manifest
 from stegoscope.stages.figures import collect, metric_figure, table2
 
 STAGE_OF = {"stego": "train-stego"}
@@ -32,8 +33,8 @@ def fake_result(cache, dataset, method, dim, seed, linear_miou, cluster_miou, cr
         metrics["best_crf"] = {"step": 300, "linear/mIoU": crf[0], "linear/Accuracy": crf[0] + 20,
                                "cluster/mIoU": crf[1], "cluster/Accuracy": crf[1] + 30}
     (directory / "metrics.json").write_text(json.dumps(metrics))
-    write_manifest(directory, {"key": key, "stage": stage, "dataset": dataset, "method": method, "code_dim": dim, "seed": seed,
-                               "config": config, "experiment": experiment_id(config), "label": label})
+    write_manifest(directory, Manifest(key=key, stage=stage, dataset=dataset, method=method, code_dim=dim, seed=seed,
+                                       config=config, experiment=experiment_id(config), label=label))
     path = cache_schema.study_experiments_dir(cache, study) / f"{experiment}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(path.read_text()) if path.exists() else {"study": study, "experiment": experiment, "label": "",
@@ -110,12 +111,12 @@ def test_only_what_the_study_declared_is_drawn_and_same_labels_never_merge(tmp_p
     fake_result(cache, "potsdam", "pca", 6, 0, 50.0, 40.0, study="a")
     fake_result(cache, "potsdam", "pca", 12, 0, 60.0, 45.0, study="b")  # another study's: not a's
     rows, _ = collect(cache, ["a"])
-    assert {r["dim"] for r in rows} == {6}
+    assert {r.dim for r in rows} == {6}
     # two configurations that both call themselves the preset's (e.g. recorded by different
     # versions of it) get their experiment ids appended rather than one mean
     fake_result(cache, "potsdam", "pca", 6, 0, 10.0, 5.0, study="a", experiment="other", standardize="none")
     rows, _ = collect(cache, ["a"])
-    labels = {r["label"] for r in rows}
+    labels = {r.label for r in rows}
     assert len(labels) == 2 and all(label.startswith("[") for label in labels)
 
 
@@ -124,7 +125,7 @@ def test_several_studies_are_labelled_by_what_differs_from_the_first(tmp_path):
     fake_result(cache, "potsdam", "stego", 70, 0, 50.0, 40.0, study="a", headline=True, lambda_rand=0.63)
     fake_result(cache, "potsdam", "stego", 70, 0, 55.0, 42.0, study="b", headline=True, lambda_rand=0.5)
     rows, _ = collect(cache, ["a", "b"])
-    by_label = {(r["study"], r["label"]) for r in rows}
+    by_label = {(r.study, r.label) for r in rows}
     assert by_label == {("a", ""), ("b", "λ_rand=0.5")}
     fig = metric_figure(rows, "mIoU")
     np.testing.assert_array_equal(lines_of(fig.axes[0])["STEGO λ_rand=0.5"].get_ydata(), [55.0])

@@ -6,6 +6,7 @@ import torch
 from stegoscope import cache_schema
 from stegoscope.cache_schema import IDS, LABELS, POOLED, TOKENS, StoreLayout
 from stegoscope.probing import StoreArrays
+from stegoscope.records import StoreAttrs
 from stegoscope.reducers import HNNE
 from stegoscope.stages.hierarchy import evaluate_levels
 
@@ -24,7 +25,7 @@ def test_hnne_hierarchy_levels_recover_planted_clusters_exactly(tmp_path):
     reducer = HNNE(n_components=2, fit_tokens=4000, seed=0).fit(train.reshape(-1, 16))
     tokens, labels = planted(12, seed=2)
     layout = StoreLayout(12, (4, 4), 16, (32, 32), True, False, shard_images=6)
-    store = cache_schema.create_feature_store(tmp_path / "val.zarr", layout, {"key": "k" * 64, "spec": {}})
+    store = cache_schema.create_feature_store(tmp_path / "val.zarr", layout, StoreAttrs(key="k" * 64, stage="test"))
     for s in range(2):
         sl = layout.shard_slice(s)
         store.write_shard(s, {TOKENS: tokens[sl], LABELS: labels[sl], POOLED: tokens[sl].mean((1, 2), dtype=np.float32),

@@ -21,6 +21,7 @@ from stegoscope.pipeline import (
     stage_lock,
     write_manifest,
 )
+from stegoscope.records import FileEntry, Manifest
 
 
 def test_key_is_sha256_of_canonical_json():
@@ -85,9 +86,9 @@ def test_manifest_round_trip_and_damage(tmp_path):
     assert read_manifest(tmp_path) is None and artefact_state(tmp_path) == PARTIAL
     payload = b"\x00payload" * 100
     (tmp_path / "payload.bin").write_bytes(payload)
-    write_manifest(tmp_path, {"key": "abc", "seconds": 1.5, "stage": "reduce"})
-    expected_files = {"payload.bin": {"bytes": 800, "sha256": hashlib.sha256(payload).hexdigest()}}
-    assert read_manifest(tmp_path) == {"key": "abc", "seconds": 1.5, "stage": "reduce", "files": expected_files}
+    write_manifest(tmp_path, Manifest(key="abc", stage="reduce", seconds=1.5))
+    expected_files = {"payload.bin": FileEntry(800, hashlib.sha256(payload).hexdigest())}
+    assert read_manifest(tmp_path) == Manifest(key="abc", stage="reduce", seconds=1.5, files=expected_files)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "payload.bin"]  # no temp files left
     assert artefact_state(tmp_path) == COMPLETE
 

@@ -7,6 +7,7 @@ import zarr
 from stegoscope import cache_schema
 from stegoscope.cache_schema import IDS, POOLED, TOKENS, StoreError, StoreLayout
 from stegoscope.raw_shards import ShardLayout
+from stegoscope.records import StoreAttrs
 
 
 def tokens_with_quirks(n=11, seed=0):
@@ -21,8 +22,8 @@ def tokens_with_quirks(n=11, seed=0):
 def test_shard_files_are_the_bytes_zarr_writes_and_read_back(tmp_path, checksums):
     x = tokens_with_quirks()
     layout = StoreLayout(len(x), (3, 2), 5, (24, 16), False, False, shard_images=4)  # 3 shards, the last of 3 rows
-    ours = cache_schema.create_feature_store(tmp_path / "ours.zarr", layout, {"key": "k" * 64, "spec": {}}, checksums=checksums)
-    theirs = cache_schema.create_feature_store(tmp_path / "zarr.zarr", layout, {"key": "k" * 64, "spec": {}}, checksums=checksums)
+    ours = cache_schema.create_feature_store(tmp_path / "ours.zarr", layout, StoreAttrs(key="k" * 64, stage="test"), checksums=checksums)
+    theirs = cache_schema.create_feature_store(tmp_path / "zarr.zarr", layout, StoreAttrs(key="k" * 64, stage="test"), checksums=checksums)
     assert ours._raw_layout(TOKENS) is not None and ours._raw_layout(IDS) is None
     for s in range(layout.n_shards):
         sl = layout.shard_slice(s)
@@ -42,7 +43,7 @@ def test_shard_files_are_the_bytes_zarr_writes_and_read_back(tmp_path, checksums
 def test_a_flipped_bit_in_a_raw_shard_is_found_and_named(tmp_path):
     x = tokens_with_quirks()
     layout = StoreLayout(len(x), (3, 2), 5, (24, 16), False, False, shard_images=4)
-    store = cache_schema.create_feature_store(tmp_path / "s.zarr", layout, {"key": "k" * 64, "spec": {}})
+    store = cache_schema.create_feature_store(tmp_path / "s.zarr", layout, StoreAttrs(key="k" * 64, stage="test"))
     for s in range(layout.n_shards):
         sl = layout.shard_slice(s)
         store.write_shard(s, {TOKENS: x[sl], POOLED: x[sl].mean((1, 2), dtype=np.float32),

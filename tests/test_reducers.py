@@ -12,6 +12,7 @@ from conftest import ok
 from stegoscope import cache_schema
 from stegoscope.cache_schema import StoreLayout
 from stegoscope.compute import dask_scheduler
+from stegoscope.records import StoreAttrs
 from stegoscope.reducers import PCA, IdentityReducer, RandomProjection
 from stegoscope.stages.reduce import load_reducer
 
@@ -29,7 +30,7 @@ def dino_like_tokens(n_images=24, grid=(4, 5), channels=24, seed=0):
 def make_store(path, tokens, shard=5):
     n, h, w, c = tokens.shape
     store = cache_schema.create_feature_store(path, StoreLayout(n, (h, w), c, (h * 8, w * 8), False, False, shard),
-                                              {"key": "k" * 64, "spec": {}})
+                                              StoreAttrs(key="k" * 64, stage="test"))
     for s in range(store.layout.n_shards):
         sl = store.layout.shard_slice(s)
         store.write_shard(s, {cache_schema.TOKENS: tokens[sl], cache_schema.POOLED: tokens[sl].mean((1, 2)).astype(np.float32),
@@ -199,7 +200,7 @@ def test_reduce_stage_artefacts_reuse_and_hnne_projection(tmp_path, directory_da
     assert len(derived) == 2 and out.count("done") == 3
     for path in derived:
         codes = cache_schema.open_feature_store(path)
-        source = cache_schema.open_feature_store(codes.attrs["source_store"])
+        source = cache_schema.open_feature_store(codes.attrs.source_store)
         assert codes.complete and codes[cache_schema.TOKENS].shape == source[cache_schema.TOKENS].shape[:3] + (4,)
         assert np.isfinite(codes[cache_schema.TOKENS][:]).all() and codes.ids == source.ids
     again = ok("reduce", *common, "--method", "hnne", "--dim", "4", "--fit-tokens", "300")

@@ -22,7 +22,7 @@ def test_study_runs_once_and_recomputes_only_the_downstream_of_a_deleted_node(tm
     first = ctx.run(graph)
     assert ran(first) == 7 and len(first) == 7  # extract ×2, reduce pca, reduce rp, probe ×3
     rows, _ = collect(cache, ["demo"])
-    methods = {(r["method"], r["dim"], r["probe"], r["crf"]) for r in rows}
+    methods = {(r.method, r.dim, r.probe, r.crf) for r in rows}
     assert ("rp", 4, "cluster", "no") in methods and ("dino", 96, "linear", "yes") in methods
     assert ("pca", 4, "linear", "yes") not in methods  # the CRF only where Table 2 reports (eval.crf: table2)
     assert ran(ctx.run(graph)) == 0

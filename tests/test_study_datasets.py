@@ -128,10 +128,10 @@ def test_extract_each_paper_dataset(tmp_path, name, writer, n_train, n_val):
         assert labels.min() >= -1 and labels.max() < n_classes
     assert (name == "potsdam") == ("#" not in train.ids[0])
     assert cache_schema.IMAGES in val and cache_schema.IMAGES not in train
-    assert train.spec["crop"] == ("none" if name == "potsdam" else {"type": "five", "ratio": 0.5})
+    assert train.attrs.params["crop"] == ("none" if name == "potsdam" else {"type": "five", "ratio": 0.5})
     assert val[cache_schema.TOKENS].shape == (n_val, 3, 3, 96)
     assert f"/train: {n_train} {'images' if name == 'potsdam' else 'crops'}," in result.output  # five-crop rows are crops
-    assert val.spec["flip"] and cache_schema.TOKENS_FLIP in val  # the paper presets' eval.flip: val also mirrored
+    assert val.attrs.params["flip"] and cache_schema.TOKENS_FLIP in val  # the paper presets' eval.flip: val also mirrored
 
 
 def test_make_features_picks_the_preset(tmp_path):
@@ -270,7 +270,7 @@ def test_bad_sample_stops_extraction_and_nothing_is_marked_complete(tmp_path):
                         "--batch-size", "2", "--skip-bad"], tmp_path / "c")
     assert skipping.exit_code == 0 and "started without --skip-bad" in " ".join(skipping.output.split()), skipping.output
     store = cache_schema.open_feature_store(store_path)
-    assert store.complete and store.ids == ["0", "1", "2", "3", "5"] and [e["id"] for e in store.attrs["skipped"]] == ["4"]
+    assert store.complete and store.ids == ["0", "1", "2", "3", "5"] and [e.id for e in store.attrs.skipped] == ["4"]
 
 
 def test_skip_bad_records_and_skips(tmp_path):
@@ -283,7 +283,7 @@ def test_skip_bad_records_and_skips(tmp_path):
     assert "3 bad samples skipped" in result.output and "gt/4.mat" in result.output
     store = cache_schema.open_feature_store(cache_schema.list_feature_stores(tmp_path / "c")[0])
     assert store.complete and store.ids == ["0", "2"]
-    skipped = {entry["id"]: entry["reason"] for entry in store.attrs["skipped"]}
+    skipped = {entry.id: entry.reason for entry in store.attrs.skipped}
     assert set(skipped) == {"1", "3", "4"} and "label values [9]" in skipped["1"] and "3.mat" in skipped["3"]
     assert not any("--skip-bad" in reason for reason in skipped.values())  # what was wrong, not an advice already taken
     again = extract(["--preset", "potsdam", "--data-root", str(root), "--split", "train", "--skip-bad"], tmp_path / "c")

@@ -94,12 +94,13 @@ def test_a_manifest_of_the_wrong_shape_is_a_damaged_manifest_with_the_fix(tmp_pa
 
     from stegoscope.cache_schema import StoreError
     from stegoscope.pipeline import read_manifest, write_manifest
+    from stegoscope.records import Manifest
 
     folder = tmp_path / "artefacts" / "probe" / "pca4-abc"
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text("{}")
-    write_manifest(folder, {"key": "abc", "stage": "probe", "params": {}, "inputs": []})
-    assert read_manifest(folder)["key"] == "abc"
+    write_manifest(folder, Manifest(key="abc", stage="probe"))
+    assert read_manifest(folder).key == "abc"
     good = json.loads((folder / "manifest.json").read_text())
     for damage in ({"files": ["metrics.json"]}, {"key": 3}, {"files": {"metrics.json": {"bytes": "2", "sha256": "x"}}},
                    {"files": {"../../x": {"bytes": 2, "sha256": "x"}}}):

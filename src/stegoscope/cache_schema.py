@@ -42,9 +42,8 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
@@ -52,6 +51,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_text, fsync_paths, fsync_tree, remove_partials
 from .raw_shards import ShardLayout
+from .records import RecordError, StoreAttrs, StudyRecord
 from .storage import as_path, ensure_held, file_sizes, is_remote, read_npy, stamp, zarr_options
 
 SCHEMA_VERSION = 1
@@ -197,6 +197,27 @@ def study_experiments_dir(cache_root: Path, study: str) -> Path:
     return study_dir(cache_root, study) / "experiments"
 
 
+def experiment_record_path(cache_root: Path, study: str, experiment: str) -> Path:
+    return study_experiments_dir(cache_root, study) / f"{experiment}.json"
+
+
+def read_study_record(path: Path) -> StudyRecord | None:
+    """The experiment record at ``path`` (None when there is none); StoreError naming the file
+    when it is damaged."""
+    try:
+        return StudyRecord.from_dict(json.loads(as_path(path).read_text()), str(path))
+    except FileNotFoundError:
+        return None
+    except (ValueError, RecordError) as exc:
+        raise StoreError(f"{path}: not an experiment record ({exc}); delete it and rerun the `stegoscope study` "
+                         "command that wrote it") from None
+
+
+def study_records(cache_root: Path, study: str) -> list[StudyRecord]:
+    """Every experiment record of ``study``, in file name order."""
+    return [read_study_record(p) for p in sorted(study_experiments_dir(cache_root, study).glob("*.json"))]
+
+
 def list_studies(cache_root: Path) -> list[str]:
     """Studies with a record, by name."""
     return sorted(p.parent.name for p in (as_path(cache_root) / "studies").glob("*/experiments") if any(p.glob("*.json")))
@@ -330,20 +351,20 @@ class FeatureStore:
 
     # -- attributes ----------------------------------------------------------------------------
     @property
-    def attrs(self) -> dict[str, Any]:
-        return self.group.attrs.asdict()
+    def attrs(self) -> StoreAttrs:
+        """The store's attributes, checked (read again on each call: ``status`` changes)."""
+        try:
+            return StoreAttrs.from_dict(self.group.attrs.asdict(), f"{self.path} (attributes)")
+        except RecordError as exc:
+            raise StoreError(f"{exc}; rerun {force_command(self.path)}") from None
 
     @property
     def key(self) -> str:
-        return self.attrs["key"]
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.attrs["spec"]
+        return self.attrs.key
 
     @property
     def status(self) -> str:
-        return self.attrs.get("status", STATUS_WRITING)
+        return self.attrs.status
 
     @property
     def complete(self) -> bool:
@@ -352,7 +373,7 @@ class FeatureStore:
     @property
     def fix_hint(self) -> str:
         """The command that rebuilds this store."""
-        if self.attrs.get("stage") == "project":
+        if self.attrs.stage == "project":
             return "rerun the `stegoscope reduce --method hnne` (or `study`) command that made it"
         return "rerun the `stegoscope extract` (or `study`) command that made it"
 
@@ -361,7 +382,7 @@ class FeatureStore:
         tokens = self.group[TOKENS]
         n, h, w, c = tokens.shape
         shard = tokens.shards[0] if tokens.shards else tokens.chunks[0]
-        pixels = tuple(self.group[LABELS].shape[1:]) if LABELS in self.group else tuple(self.attrs["pixels"])
+        pixels = tuple(self.group[LABELS].shape[1:]) if LABELS in self.group else tuple(self.attrs.pixels)
         return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype),
                            TOKENS_FLIP in self.group, ATTENTION in self.group)
 
@@ -595,12 +616,12 @@ def shard_of(name: str) -> int | None:
     return int(parts[2]) if len(parts) >= 3 and parts[1] == "c" and parts[2].isdigit() else None
 
 
-def create_feature_store(path: Path, layout: StoreLayout, attrs: dict[str, Any], checksums: bool = True) -> FeatureStore:
+def create_feature_store(path: Path, layout: StoreLayout, attrs: StoreAttrs, checksums: bool = True) -> FeatureStore:
     """Create an empty store (``status=writing``), replacing whatever was at ``path``. With
     ``checksums`` every chunk ends in a crc32c of its bytes, checked whenever it is read."""
-    attrs = {**attrs, "schema_version": SCHEMA_VERSION, "status": STATUS_WRITING, "pixels": list(layout.pixels),
-             "checksums": CHECKSUM if checksums else None}
-    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs, storage_options=zarr_options(path))
+    attrs = replace(attrs, schema_version=SCHEMA_VERSION, status=STATUS_WRITING, pixels=list(layout.pixels),
+                    checksums=CHECKSUM if checksums else None)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs.to_dict(), storage_options=zarr_options(path))
     crc = [Crc32cCodec()] if checksums else []
     n, s = layout.n_images, layout.shard_images
     (h, w), c, (ph, pw) = layout.grid, layout.channels, layout.pixels
@@ -656,7 +677,7 @@ def open_feature_store(path: Path, mode: str = "r", verify: bool = True) -> Feat
     if missing:
         raise StoreError(f"{path}: arrays {missing} are missing; rerun {force_command(path)}")
     store = FeatureStore(group, path)
-    disagreement = _disagreement(store)
+    disagreement = _disagreement(store, store.attrs)
     if disagreement:
         raise StoreError(f"{path}: {disagreement}, so it cannot be trusted; rerun {force_command(path)}")
     if verify and store.complete:
@@ -670,11 +691,9 @@ def open_feature_store(path: Path, mode: str = "r", verify: bool = True) -> Feat
     return store
 
 
-def _disagreement(store: FeatureStore) -> str | None:
+def _disagreement(store: FeatureStore, attrs: StoreAttrs) -> str | None:
     """How the arrays disagree with each other or with the attrs (None when they agree)."""
-    group, attrs = store.group, store.attrs
-    if not isinstance(attrs.get("key"), str):
-        return "its attrs have no stage key"
+    group = store.group
     tokens = group[TOKENS]
     n, h, w, c = tokens.shape
     for name in (POOLED, IDS, LABELS, IMAGES, TOKENS_FLIP, ATTENTION):
@@ -687,11 +706,11 @@ def _disagreement(store: FeatureStore) -> str | None:
     shard = tokens.shards[0] if tokens.shards else tokens.chunks[0]
     if group[WRITTEN].shape[0] != -(-n // shard):
         return f"written has {group[WRITTEN].shape[0]} flags for {-(-n // shard)} shards"
-    pixels = tuple(attrs.get("pixels", ()))
+    pixels = tuple(attrs.pixels)
     for name in (LABELS, IMAGES):
         if name in group and tuple(group[name].shape[1:3]) != pixels:
             return f"{name} is {tuple(group[name].shape[1:3])} pixels, the attrs say {pixels}"
-    spec = attrs.get("spec", {})
+    spec = attrs.params
     if "res" in spec:  # an extraction store: the grid and width follow from res and the backbone
         patch, width = spec["backbone"]["patch_size"], spec["backbone"]["embed_dim"]
         if (h, w, c) != (spec["res"] // patch, spec["res"] // patch, width):

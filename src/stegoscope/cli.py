@@ -306,7 +306,7 @@ def _run_extract(stage, force: bool, no_wait: bool) -> None:
         result = _run(stage, force, no_wait, label)
     if result.skipped:
         console.print(f"{label}: cached, no backbone work ({result.seconds:.2f} s)")
-        skipped = cache_schema.open_feature_store(stage.output).attrs.get("skipped", [])
+        skipped = {entry.id: entry.reason for entry in cache_schema.open_feature_store(stage.output).attrs.skipped}
     else:
         s = result.detail
         reused = f", {s.shards_reused} reused" if s.shards_reused else ""
@@ -314,11 +314,11 @@ def _run_extract(stage, force: bool, no_wait: bool) -> None:
             f"{label}: {s.n_images} {unit}, {s.shards_written} shards written{reused} "
             f"in {s.seconds:.1f} s ({s.images_per_second:.1f} {unit}/s)"
         )
-        skipped = [{"id": k, "reason": v} for k, v in s.skipped.items()]
+        skipped = s.skipped
     if skipped:
         console.print(f"[yellow]{label}: {len(skipped)} bad samples skipped (recorded in the store's attrs):[/]")
-        for entry in skipped:
-            console.print(f"  {escape(entry['id'])}: {escape(entry['reason'])}", soft_wrap=True, highlight=False)
+        for sample, reason in skipped.items():
+            console.print(f"  {escape(sample)}: {escape(reason)}", soft_wrap=True, highlight=False)
     print(stage.output)
 
 
@@ -377,15 +377,23 @@ def reduce(
         print(stage.output)
 
 
-def _metrics_table(title: str, metrics: dict) -> Table:
+def _eval_result(stage):
+    from .records import EvalResult
+
+    return pipeline.read_record(stage.output, cache_schema.METRICS, EvalResult)
+
+
+def _metrics_table(title: str, metrics) -> Table:
+    """The linear and cluster probes' scores of an :class:`~stegoscope.records.EvalResult`: the
+    kept step (± CRF), and the last one where it trained."""
     table = Table(title=title)
     for column in ("probe", "CRF", "step", "mIoU", "Accuracy"):
         table.add_column(column)
-    rows = [("best", "no", metrics["best"])] + ([("best", "yes", metrics["best_crf"])] if "best_crf" in metrics else [])
-    rows.append(("final", "no", metrics["final"]))
+    rows = [("best", crf, row) for crf, row in metrics.kept()] + ([("final", "no", metrics.final)] if metrics.final else [])
     for name, with_crf, row in rows:
         for kind in ("linear", "cluster"):
-            table.add_row(f"{kind} ({name})", with_crf, str(row["step"]), f"{row[kind + '/mIoU']:.1f}", f"{row[kind + '/Accuracy']:.1f}")
+            step = "" if row.step is None else str(row.step)
+            table.add_row(f"{kind} ({name})", with_crf, step, f"{row.score(kind, 'mIoU'):.1f}", f"{row.score(kind, 'Accuracy'):.1f}")
     return table
 
 
@@ -426,7 +434,7 @@ def probe(
                    scheduler=scheduler)
     stage = ctx.probe(method, dim, seed, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
-    metrics = pipeline.read_json(stage.output, cache_schema.METRICS)
+    metrics = _eval_result(stage)
     title = (f"{stage.method}{dim or ''}{' ' + stage.label if stage.label else ''} — "
              f"{'cached' if result.skipped else f'{result.seconds:.0f} s'}")
     console.print(_metrics_table(title, metrics))
@@ -455,16 +463,7 @@ def import_stego(
                    crf_workers=crf_workers)
     stage = ctx.import_stego(checkpoint, crf)
     [result] = _run_targets(ctx, [stage], force, no_wait)
-    metrics = pipeline.read_json(stage.output, cache_schema.METRICS)
-    table = Table(title=f"{checkpoint.name} — {'cached' if result.skipped else 'evaluated'}")
-    for column in ("probe", "CRF", "mIoU", "Accuracy"):
-        table.add_column(column)
-    for name, with_crf in (("no_crf", "no"), ("crf", "yes")):
-        for kind in ("linear", "cluster"):
-            if name in metrics:
-                row = metrics[name]
-                table.add_row(kind, with_crf, f"{row[kind + '/mIoU']:.1f}", f"{row[kind + '/Accuracy']:.1f}")
-    console.print(table)
+    console.print(_metrics_table(f"{checkpoint.name} — {'cached' if result.skipped else 'evaluated'}", _eval_result(stage)))
     print(stage.output)
 
 
@@ -517,13 +516,7 @@ def train(
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, scheduler=scheduler, show_progress=progress)
     stage = ctx.head(method, dim, seed, crf)
     _run_targets(ctx, [stage], force, no_wait, prepare=[stage.knn] if stage.knn else [])
-    metrics = pipeline.read_json(stage.output, cache_schema.METRICS)
-    for name in ("best", "best_crf", "final"):
-        if name not in metrics:
-            continue
-        row = metrics[name]
-        console.print(f"{name:8s} step {row['step']}: linear mIoU {row['linear/mIoU']:.1f} acc {row['linear/Accuracy']:.1f} | "
-                      f"cluster mIoU {row['cluster/mIoU']:.1f} acc {row['cluster/Accuracy']:.1f}")
+    console.print(_metrics_table(f"{stage.method} D={stage.run.dim}", _eval_result(stage)))
     print(stage.output)
 
 
@@ -600,7 +593,7 @@ def verify(
                 found = {**store.damage(), **store.scrub(lambda n: bar.advance(task, n))}
                 shards = sorted({f"{name.split('/')[0]} {cache_schema.shard_of(name)}" for name in found})
                 what = ("damaged shards: " + ", ".join(shards) + f"; {store.fix_hint}: it rewrites only those") if found else (
-                    "" if store.attrs.get("checksums") else "no chunk checksums (made before they existed): decoding and sizes only")
+                    "" if store.attrs.checksums else "no chunk checksums (made before they existed): decoding and sizes only")
                 problem = bool(found)
             elif not (path / cache_schema.MANIFEST).exists():
                 table.add_row(str(path), "[yellow]unfinished[/]", "no manifest: its stage reruns it")
@@ -702,7 +695,7 @@ def _list_stores(cache: Path) -> None:
             continue
         tokens, layout = store[cache_schema.TOKENS], store.layout
         state = "complete" if store.complete else f"partial ({layout.n_shards - len(store.pending_shards())}/{layout.n_shards} shards)"
-        table.add_row(path.name, state, str(tokens.shape[0]), "×".join(map(str, tokens.shape[1:])), str(store.attrs.get("pretrained")))
+        table.add_row(path.name, state, str(tokens.shape[0]), "×".join(map(str, tokens.shape[1:])), str(store.attrs.pretrained))
     console.print(table)
 
 

@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
@@ -26,14 +26,10 @@ from typing import Any
 
 from . import cache_schema, storage
 from .atomic import PARTIAL_SUFFIX, atomic_write_text, remove_partials
+from .records import FileEntry, Manifest, R, RecordError, canonical_json, experiment_id, without_seeds  # noqa: F401 (re-exported)
 from .storage import as_path
 
 MISSING, PARTIAL, COMPLETE = "missing", "partial", "complete"
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: equal content, equal text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def stage_key(stage: str, version: int, params: dict[str, Any], inputs: Iterable[str] = ()) -> str:
@@ -156,78 +152,61 @@ def _artefact_files(directory: Path) -> list[Path]:
             if name.rsplit("/", 1)[-1] != MANIFEST and not name.endswith(PARTIAL_SUFFIX)]
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any], files: Iterable[Path] | None = None) -> None:
+def write_manifest(directory: Path, manifest: Manifest, files: Iterable[Path] | None = None) -> None:
     """Write the manifest last: it lists the artefact's files (default: all in ``directory``)
     with size and sha256, so a file that is later truncated or changed is noticed before it is read."""
     directory = as_path(directory)
-    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {p.relative_to(directory).as_posix(): FileEntry(p.stat().st_size, sha256_file(p))
              for p in (_artefact_files(directory) if files is None else map(as_path, files))}
     storage.ensure_held()  # a run whose lease was taken over publishes nothing
-    atomic_write_text(directory / MANIFEST, json.dumps({**manifest, "files": files}, indent=2, sort_keys=True))
+    atomic_write_text(directory / MANIFEST, json.dumps(replace(manifest, files=files).to_dict(), indent=2, sort_keys=True))
 
 
-def _parse_manifest(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest, problem): (None, None) when there is no manifest, i.e. the run did not finish."""
+def _parse_manifest(directory: Path) -> tuple[Manifest | None, str | None]:
+    """(manifest, problem): (None, None) when there is no manifest, i.e. the run did not finish.
+    Its shape is checked before any of it is used, so a damaged or hostile one is an error, not a traceback."""
     path = as_path(directory) / MANIFEST
     try:
         text = path.read_text()
     except FileNotFoundError:
         return None, None
     try:
-        manifest = json.loads(text)
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
+        data = json.loads(text)
     except ValueError as exc:
         return None, f"{path} does not parse ({exc})"
-    wrong = manifest_problem(manifest)
-    if wrong:
-        return None, f"{path} is a damaged manifest ({wrong})"
-    return manifest, None
+    try:
+        return Manifest.from_dict(data, str(path)), None
+    except RecordError as exc:
+        return None, f"{path} is a damaged manifest ({str(exc).removeprefix(f'{path}: ')})"
 
 
-def manifest_problem(manifest: dict[str, Any]) -> str | None:
-    """What in a parsed manifest does not have the shape every stage writes (None: nothing):
-    checked before any of it is used, so a damaged or hostile one is an error, not a traceback."""
-    if not isinstance(manifest.get("files"), dict):
-        return f"files is {type(manifest.get('files')).__name__}, not dict"
-    for name, kind in (("key", str), ("stage", str), ("params", dict), ("inputs", list)):  # where a stage writes them
-        if name in manifest and not isinstance(manifest[name], kind):
-            return f"{name} is {type(manifest[name]).__name__}, not {kind.__name__}"
-    for name, entry in manifest["files"].items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
-            return f"its entry for {name!r} is not {{bytes: int, sha256: str}}"
-        if name.startswith("/") or ".." in name.split("/"):
-            return f"it lists {name!r}, outside its folder"
-    return None
-
-
-def _fix_hint(directory: Path, manifest: dict[str, Any] | None, force: bool = False) -> str:
+def _fix_hint(directory: Path, manifest: Manifest | None, force: bool = False) -> str:
     """The command that recomputes the artefact in ``directory`` (its stage: from the manifest,
     else from the folder it is in: ``artefacts/<stage>/…``)."""
-    stage = (manifest or {}).get("stage") or as_path(directory).parent.name
+    stage = manifest.stage if manifest is not None else as_path(directory).parent.name
     command = f"train --method {stage[6:]}" if stage.startswith(("train-", "train_")) else stage.replace("_", "-")
     if force:  # sizes match, so the stage looks complete: only --force recomputes it
         return f"rerun the `stegoscope {command}` command that made it with --force"
     return f"rerun the `stegoscope {command}` (or `study`) command that made it; it recomputes this artefact"
 
 
-def _inspect(directory: Path, hashes: Iterable[str] = ()) -> tuple[dict[str, Any] | None, str | None]:
+def _inspect(directory: Path, hashes: Iterable[str] = ()) -> tuple[Manifest | None, str | None]:
     """(manifest, problem) of an artefact: an unparsable manifest, a listed file that is missing
     or has another size, or one of the files named in ``hashes`` whose sha256 changed."""
     directory = as_path(directory)
     manifest, problem = _parse_manifest(directory)
     if problem or manifest is None:
         return manifest, problem
-    files = manifest.get("files", {})
+    files = manifest.files
     sizes = storage.file_sizes(directory)  # one listing (object storage: no request per file)
     for name, entry in files.items():
         path, size = directory / name, sizes.get(name)
         if size is None:
             return manifest, f"{path} is missing"
-        if size != entry["bytes"]:
-            return manifest, f"{path} has {size} bytes, its manifest says {entry['bytes']} (truncated or rewritten)"
+        if size != entry.bytes:
+            return manifest, f"{path} has {size} bytes, its manifest says {entry.bytes} (truncated or rewritten)"
     for name in hashes:
-        if name in files and sha256_file(directory / name) != files[name]["sha256"]:
+        if name in files and sha256_file(directory / name) != files[name].sha256:
             return manifest, f"{directory / name} does not match the sha256 in its manifest (changed after it was written)"
     return manifest, None
 
@@ -242,10 +221,10 @@ def verify_artefact(directory: Path) -> str | None:
     """What is wrong with a finished artefact when every file is checked against the sha256 in
     its manifest (None when nothing, or when it has no manifest: it never finished)."""
     manifest, problem = _parse_manifest(directory)
-    return problem or (artefact_problem(directory, hashes=manifest.get("files", {})) if manifest else None)
+    return problem or (artefact_problem(directory, hashes=manifest.files) if manifest else None)
 
 
-def read_manifest(directory: Path, hashes: Iterable[str] = ()) -> dict[str, Any] | None:
+def read_manifest(directory: Path, hashes: Iterable[str] = ()) -> Manifest | None:
     """The manifest of a finished stage, or None when there is none (not done).
 
     A manifest that does not parse, or files that do not match it (sizes; sha256 of ``hashes``),
@@ -276,6 +255,15 @@ def load_npz(directory: Path, name: str = cache_schema.PAYLOAD, keys: Iterable[s
 def read_json(directory: Path, name: str) -> Any:
     """A JSON file of a finished, intact artefact."""
     return json.loads(artefact_file(directory, name).read_text())
+
+
+def read_record(directory: Path, name: str, kind: type[R]) -> R:
+    """A record (:mod:`records`) in a JSON file of a finished, intact artefact."""
+    path = as_path(directory) / name
+    try:
+        return kind.from_dict(read_json(directory, name), str(path))
+    except RecordError as exc:
+        raise cache_schema.StoreError(f"{exc}; {_fix_hint(directory, None, force=True)}") from None
 
 
 def artefact_state(directory: Path) -> str:
@@ -332,14 +320,14 @@ def unreachable(cache_root: Path, roots: set[str]) -> list[tuple[Path, int]]:
         except cache_schema.StoreError:
             made[f"unreadable:{path}"] = (path, [])  # unreadable: nothing can reach it
             continue
-        made[attrs["key"]] = (path, list(attrs.get("inputs", [])))
+        made[attrs.key] = (path, attrs.inputs)
     for path in cache_schema.list_artefacts(cache_root):
         try:
             manifest = read_manifest(path)
         except cache_schema.StoreError:
             manifest = None
-        key = (manifest or {}).get("key") or f"unfinished:{path}"
-        made[key] = (path, list((manifest or {}).get("inputs", [])))
+        key = manifest.key if manifest is not None and manifest.key else f"unfinished:{path}"
+        made[key] = (path, manifest.inputs if manifest is not None else [])
     reached, todo = set(), [key for key in roots if key in made]
     while todo:
         key = todo.pop()
@@ -486,14 +474,16 @@ class Stage(ABC):
         stage upstream. Unlike the key it names no content hash, so equal settings read equal."""
         return {"stage": self.name, "params": self.params(), "inputs": {role: s.config() for role, s in self.upstream().items()}}
 
-    def manifest(self, started: float, **extra: Any) -> dict[str, Any]:
+    def manifest(self, started: float, **about: Any) -> Manifest:
         """What every manifest holds: key, parameters, inputs, resolved configuration, its
-        experiment id and label, timings, versions; plus ``extra``."""
+        experiment id and label, timings, versions; ``about``: the fields of :class:`Manifest`
+        that say what the output is (dataset, method, code_dim …)."""
         config = self.config()
         finished = time.time()
-        return {"key": self.key, "stage": self.name, "stage_version": self.version, "params": self.params(),
-                "inputs": self.inputs(), "config": config, "experiment": experiment_id(config), "label": self.label,
-                "started": started, "finished": finished, "seconds": finished - started, "versions": package_versions(), **extra}
+        return Manifest(**{"key": self.key, "stage": self.name, "stage_version": self.version, "params": self.params(),
+                           "inputs": self.inputs(), "config": config, "experiment": experiment_id(config), "label": self.label,
+                           "started": started, "finished": finished, "seconds": finished - started, "versions": package_versions(),
+                           **about})
 
     @property
     @abstractmethod
@@ -528,21 +518,6 @@ class Stage(ABC):
         return problem or ""
 
 
-def without_seeds(config: dict[str, Any]) -> dict[str, Any]:
-    """A resolved configuration without its run seeds: those of every stage after extraction (an
-    extraction's seed is its random backbone's)."""
-    params = config.get("params", {})
-    if config.get("stage") != "extract":
-        params = {k: v for k, v in params.items() if k != "seed"}
-    return {**config, "params": params, "inputs": {role: without_seeds(up) for role, up in config.get("inputs", {}).items()}}
-
-
-def experiment_id(config: dict[str, Any]) -> str:
-    """sha256 of a resolved configuration without its run seeds: results of one experiment id
-    differ only by seed, so only they are averaged."""
-    return hashlib.sha256(canonical_json(without_seeds(config)).encode()).hexdigest()
-
-
 class Artefact(Stage):
     """A finished artefact given by its folder (e.g. ``probe --reducer <artefact>``): an input
     whose key, method and configuration come from its manifest."""
@@ -552,7 +527,7 @@ class Artefact(Stage):
         self.directory = as_path(directory)
 
     @cached_property
-    def _manifest(self) -> dict[str, Any]:
+    def _manifest(self) -> Manifest:
         manifest = read_manifest(self.directory)
         if manifest is None:
             raise cache_schema.StoreError(f"{self.directory}: no manifest, so the run that makes it did not finish; "
@@ -561,25 +536,25 @@ class Artefact(Stage):
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return self._manifest["stage"]
+        return self._manifest.stage
 
     @property
     def version(self) -> int:  # type: ignore[override]
-        return self._manifest.get("stage_version", 1)
+        return self._manifest.stage_version
 
     @property
-    def method(self) -> str:
-        return self._manifest["method"]
+    def method(self) -> str | None:
+        return self._manifest.method
 
     @cached_property
     def key(self) -> str:
-        return self._manifest["key"]
+        return self._manifest.key
 
     def params(self) -> dict[str, Any]:
-        return self._manifest.get("params", {})
+        return self._manifest.params
 
     def config(self) -> dict[str, Any]:
-        return self._manifest.get("config") or {"stage": self.name, "params": self.params(), "artefact": str(self.directory)}
+        return self._manifest.config or {"stage": self.name, "params": self.params(), "artefact": str(self.directory)}
 
     @property
     def output(self) -> Path:

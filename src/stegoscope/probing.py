@@ -232,9 +232,11 @@ def load_reducer(artefact: Path, n_components: int | None = None) -> Reducer:
     manifest = read_manifest(artefact)
     if manifest is None:
         raise StoreError(f"{artefact}: no manifest, so the run that makes it did not finish; run it (again)")
-    cls = Reducer.by_name(manifest.get("reducer_class", manifest["method"]))
+    if manifest.reducer is None:
+        raise StoreError(f"{artefact}: a {manifest.stage} artefact holds no reducer; give the folder of a reduce or head artefact")
+    cls = Reducer.by_name(manifest.reducer_class or manifest.method or "")
     try:
-        reducer = cls.from_state(manifest["reducer"], load_npz(artefact))
+        reducer = cls.from_state(manifest.reducer, load_npz(artefact))
     except ValueError as exc:
         raise StoreError(f"{artefact}: {exc}") from None
     if n_components is not None and cls.serves_every_dim:

@@ -43,6 +43,7 @@ from .pipeline import (
     stage_lock,
     without_seeds,
 )
+from .records import StudyNode, StudyRecord
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.hierarchy import HierarchyStage
 from .stages.import_stego import ImportStegoStage
@@ -429,22 +430,21 @@ class StudyContext:
         """Add ``graph``'s nodes to this experiment's record: its results (what the figures draw),
         its fits (Fig. 3) and the inputs they read (what `gc` keeps). A record made from other
         preset content is started afresh (its artefacts stay in the cache)."""
-        folder = cache_schema.study_experiments_dir(self.cache_root, self.preset.name)
-        path = folder / f"{self.experiment}.json"
+        path = cache_schema.experiment_record_path(self.cache_root, self.preset.name, self.experiment)
         content = hashlib.sha256(canonical_json(self.preset.source).encode()).hexdigest()
         with stage_lock(cache_schema.lock_path(self.cache_root, f"study-{self.preset.name}-{self.experiment}")):
-            old = json.loads(path.read_text()) if path.is_file() else {}
-            nodes = old.get("nodes", {}) if old.get("preset_sha256") == content else {}
+            old = cache_schema.read_study_record(path)
+            nodes = dict(old.nodes) if old is not None and old.preset_sha256 == content else {}
             for node in graph:
                 kind = "result" if node.result else "fit" if isinstance(node.stage, ReduceStage) else "input"
-                nodes[node.label] = {"key": node.stage.key, "output": _relative(node.stage.output, self.cache_root),
-                                     "kind": kind, "method": node.method, "dim": node.dim, "seed": node.seed,
-                                     "result": node.result, "label": node.stage.label, "stage": node.stage.name,
-                                     "headline": node.result and self.headline(node.method, node.dim), "family": self.family}
-            record = {"study": self.preset.name, "experiment": self.experiment, "label": self.preset.label(),
-                      "overrides": self.preset.overrides, "preset": str(self.preset.path), "preset_sha256": content,
-                      "updated": time.time(), "nodes": nodes}
-            atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True))
+                nodes[node.label] = StudyNode(
+                    key=node.stage.key, output=_relative(node.stage.output, self.cache_root), stage=node.stage.name, kind=kind,
+                    method=node.method, dim=node.dim, seed=node.seed, result=node.result, label=node.stage.label,
+                    headline=bool(node.result and self.headline(node.method, node.dim)), family=self.family)
+            record = StudyRecord(study=self.preset.name, experiment=self.experiment, preset_sha256=content, updated=time.time(),
+                                 nodes=nodes, label=self.preset.label(), overrides=self.preset.overrides,
+                                 preset=None if self.preset.path is None else str(self.preset.path))
+            atomic_write_text(path, json.dumps(record.to_dict(), indent=1, sort_keys=True))
         return path
 
 
@@ -531,8 +531,8 @@ def recorded_keys(cache_root: Path) -> set[str]:
     """The key of every stage that any experiment of any study recorded."""
     keys = set()
     for study in cache_schema.list_studies(cache_root):
-        for path in cache_schema.study_experiments_dir(cache_root, study).glob("*.json"):
-            keys.update(node["key"] for node in json.loads(path.read_text())["nodes"].values())
+        for record in cache_schema.study_records(cache_root, study):
+            keys.update(node.key for node in record.nodes.values())
     return keys
 
 
@@ -545,9 +545,9 @@ def previous_change(stage: Stage) -> str | None:
             manifest = read_manifest(other)
         except cache_schema.StoreError:
             continue
-        if not manifest or "config" not in manifest:
+        if not manifest or not manifest.config:
             continue
-        now, before = config_changes(config, manifest["config"]), config_changes(manifest["config"], config)
+        now, before = config_changes(config, manifest.config), config_changes(manifest.config, config)
         if best is None or len(now) + len(before) < best[0]:
             best = (len(now) + len(before), now, before)
     if best is None:

@@ -46,6 +46,7 @@ from ..pipeline import (
     store_state,
 )
 from ..progress import console, progress_bar
+from ..records import SkippedSample, StoreAttrs
 
 LAYER = "last_block_final_norm_no_cls"
 # HP's reduction of the last block's attention logits to 3×3 neighbour weights (successors/hp.md §2):
@@ -219,7 +220,7 @@ class ExtractStage(Stage):
                 continue
             if not store.complete:
                 continue
-            if canonical_json(store.attrs.get("spec")) != canonical_json(self.params()):
+            if canonical_json(store.attrs.params) != canonical_json(self.params()):
                 return f"{other.name} was extracted with other parameters or weights"
             old_rows = cache_schema.read_sources(other)
             changes = diff_rows(old_rows, self.source_rows) if old_rows is not None else "files differ"
@@ -267,7 +268,7 @@ class ExtractStage(Stage):
     def _open_or_create(self, force: bool) -> FeatureStore:
         if not force:
             store = cache_schema.resume_store(self.output, self.key, self.owns if self.world > 1 else None)
-            if store is not None and self.skip_bad and not store.attrs.get("bad_samples_checked", False):
+            if store is not None and self.skip_bad and not store.attrs.bad_samples_checked:
                 # Started without --skip-bad (it stopped at a bad sample, most likely): its rows
                 # still hold that sample, so the store is made again with bad samples left out.
                 if self.world > 1:
@@ -294,21 +295,21 @@ class ExtractStage(Stage):
         cache_schema.write_sources(self.output, self.source_rows)
         return store
 
-    def store_attrs(self, skipped: dict[str, str]) -> dict[str, Any]:
+    def store_attrs(self, skipped: dict[str, str]) -> StoreAttrs:
         """The attributes of this stage's store: its key, parameters, inputs and provenance."""
         _, random = parse_backbone(self.p.backbone)
         device = resolve_device(self.device)
-        return {
-            "key": self.key, "stage": self.name, "stage_version": self.version, "spec": self.params(),
-            "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
-            "inputs": self.inputs(), "dataset_root": str(self.data_root), "class_names": list(self.dataset.class_names),
-            "skipped": [{"id": sid, "reason": reason} for sid, reason in skipped.items()],
-            "bad_samples_checked": self.skip_bad,  # every sample decoded once before the rows were laid out
-            "pretrained": not random, "versions": package_versions(), "started": time.time(),
+        return StoreAttrs(
+            key=self.key, stage=self.name, stage_version=self.version,
+            params=self.params(), inputs=self.inputs(), dataset=self.p.dataset, split=self.p.split,
+            extraction={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
+            dataset_root=str(self.data_root), class_names=list(self.dataset.class_names),
+            skipped=[SkippedSample(sid, reason) for sid, reason in skipped.items()],
+            bad_samples_checked=self.skip_bad, pretrained=not random, versions=package_versions(), started=time.time(),
             # not in the key (the same pixels up to JPEG rounding), but traceable: stores decoded on a GPU
             # before the decode was fenced (docs/benchmarks.md, run 4) are the ones without this entry
-            "extracted_with": {"device": str(device), "decode": self.decode_mode(device)},
-        }
+            extracted_with={"device": str(device), "decode": self.decode_mode(device)},
+        )
 
     def execute(self, force: bool) -> ExtractSummary:
         if self.world > 1:
@@ -318,7 +319,7 @@ class ExtractStage(Stage):
 
     def _fill(self, store: FeatureStore, start: float) -> ExtractSummary:
         """Write this process's pending shards (all of them when alone, then mark complete)."""
-        skipped = {entry["id"]: entry["reason"] for entry in store.attrs.get("skipped", [])}
+        skipped = {entry.id: entry.reason for entry in store.attrs.skipped}
         samples = self.samples(skipped)
         layout = store.layout
         if len(samples) != layout.n_images:

@@ -29,6 +29,7 @@ from ..ops.metrics import SegmentationMetrics
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import StoreArrays, load_reducer
 from ..progress import progress_bar
+from ..records import EvalResult, LevelScores
 
 MODES = ("drop", "errors", "many_to_one")
 
@@ -97,7 +98,8 @@ class HierarchyStage(Stage):
             task = bar.add_task("h-NNE hierarchy levels", total=len(arrays))
             levels = evaluate_levels(reducer, arrays, self.n_classes, device, progress=lambda n: bar.advance(task, n))
         begin_artefact(self.output)
-        atomic_write_bytes(self.output / METRICS, json.dumps({"levels": levels}, indent=1).encode())
-        write_manifest(self.output, self.manifest(started, dataset=val.attrs["params"]["dataset"], method=self.method,
+        result = EvalResult(levels=[LevelScores.from_dict(level) for level in levels])
+        atomic_write_bytes(self.output / METRICS, json.dumps(result.to_dict(), indent=1).encode())
+        write_manifest(self.output, self.manifest(started, dataset=val.attrs.dataset, method=self.method,
                                                   code_dim=self.fit.dim))
         return levels

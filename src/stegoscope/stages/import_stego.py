@@ -21,6 +21,7 @@ from ..models import resolve_device
 from ..models.stego_head import StegoHead, find_setting, read_stego_checkpoint
 from ..pipeline import FileHashMemo, Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf
+from ..records import EvalResult, StepScores
 from ..reducers import StegoHeadReducer
 
 
@@ -65,7 +66,7 @@ class ImportStegoStage(Stage):
     def state(self) -> str:
         return artefact_state(self.output)
 
-    def execute(self, force: bool) -> dict:
+    def execute(self, force: bool) -> EvalResult:
         started = time.time()
         val = open_complete_store(self.val.output)
         ckpt = read_stego_checkpoint(self.checkpoint)
@@ -80,14 +81,21 @@ class ImportStegoStage(Stage):
         device = resolve_device(self.device)
         probes = probes.to(device)
         source = CodeSource(StoreArrays(val, device=device), reducer, flip=self.flip)
-        metrics: dict[str, Any] = {"no_crf": evaluate(source, probes, device)}
+        evaluating = time.perf_counter()
+        best = StepScores.from_dict(evaluate(source, probes, device))
+        seconds = {"evaluate": time.perf_counter() - evaluating}
+        best_crf = None
         if self.crf:
-            metrics["crf"] = evaluate_with_crf(source, probes, device, workers=self.crf_workers, show_progress=self.show_progress)
+            refining = time.perf_counter()
+            best_crf = StepScores.from_dict(evaluate_with_crf(source, probes, device, workers=self.crf_workers,
+                                                              show_progress=self.show_progress))
+            seconds["crf"] = time.perf_counter() - refining
         hparams = ckpt["hyper_parameters"]
-        metrics["checkpoint"] = {k: find_setting(hparams, k) for k in ("model_type", "dino_patch_size", "dim", "dataset_name", "n_classes")}
+        settings = {k: find_setting(hparams, k) for k in ("model_type", "dino_patch_size", "dim", "dataset_name", "n_classes")}
+        metrics = EvalResult(best=best, best_crf=best_crf, seconds=seconds, checkpoint=json.loads(json.dumps(settings, default=str)))
         begin_artefact(self.output)
-        atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1, default=str).encode())
+        atomic_write_bytes(self.output / METRICS, json.dumps(metrics.to_dict(), indent=1).encode())
         atomic_write_npz(self.output / cache_schema.PAYLOAD, (reducer.state_dict()))
         write_manifest(self.output, self.manifest(started, method="stego", reducer_class=reducer.method, reducer=reducer.params(),
-                                                  checkpoint=str(self.checkpoint), dataset=val.attrs["params"]["dataset"]))
+                                                  checkpoint=str(self.checkpoint), dataset=val.attrs.dataset))
         return metrics

@@ -25,6 +25,7 @@ from ..cache_schema import IMAGES, TOKENS, StoreError, load_mask_ids, mask_ids_p
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import CRFPool
 from ..progress import progress_bar
+from ..records import MaskSummary
 from ..storage import read_npy
 
 CHUNK = 64  # images per file
@@ -96,7 +97,7 @@ class PrimapsMasksStage(Stage):
                     bar.advance(task, rows.stop - rows.start)
         finally:
             pool.close()
-        summary = {"images": n, "masks_per_image": float(np.mean(counts)), "images_without_masks": int(np.sum(np.array(counts) == 0))}
-        atomic_write_bytes(self.output / cache_schema.METRICS, json.dumps(summary, indent=1).encode())
-        write_manifest(self.output, self.manifest(started, store=str(store.path), **summary))
+        summary = MaskSummary(n, float(np.mean(counts)), int(np.sum(np.array(counts) == 0)))
+        atomic_write_bytes(self.output / cache_schema.METRICS, json.dumps(summary.to_dict(), indent=1).encode())
+        write_manifest(self.output, self.manifest(started, store=str(store.path)))
         return load_mask_ids(self.output)

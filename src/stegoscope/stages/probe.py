@@ -27,6 +27,7 @@ from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP,
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
 from ..probing import FIT_TOKENS, CodeSource, Evaluation, Probes, StoreArrays, evaluate_with_crf, load_reducer, sample_codes
+from ..records import EvalResult
 from ..reducers import IdentityReducer
 from ..training import Member, Schedule, SharedBatch, Trained, train_group
 
@@ -95,11 +96,11 @@ class ProbeStage(Stage):
         p = self.p
         return ("probe", self.train.key, self.val.key, p.steps, p.batch_size, p.val_every, p.seed, self.device)
 
-    def execute(self, force: bool) -> dict:
+    def execute(self, force: bool) -> EvalResult:
         return self.execute_group([self], force)[0]
 
     @classmethod
-    def execute_group(cls, stages: list[ProbeStage], force: bool) -> list[dict]:
+    def execute_group(cls, stages: list[ProbeStage], force: bool) -> list[EvalResult]:
         """Train the probes of every stage in one pass over the train batches (each member on
         its own reducer's codes, bit for bit what it trains alone), then evaluate each best step
         with the CRF where asked and write each artefact."""
@@ -163,26 +164,24 @@ class ProbeMember(Member):
     def snapshot(self) -> dict:
         return self.probes.snapshot()
 
-    def finish(self, trained: Trained, started: float, seconds: dict[str, float]) -> dict:
+    def finish(self, trained: Trained, started: float, seconds: dict[str, float]) -> EvalResult:
         """The CRF on the best step where asked, then the artefact (manifest last)."""
         stage, p = self.stage, self.stage.p
-        metrics: dict[str, Any] = {"history": trained.history, "best": trained.best, "final": trained.history[-1],
-                                   "n_classes": p.n_classes}
         final_state = self.probes.snapshot()
-        seconds = dict(seconds)
+        seconds, best_crf = dict(seconds), None
         if p.crf:
             self.probes.restore(trained.best_snapshot)
             refining = time.perf_counter()
-            metrics["best_crf"] = {"step": trained.best["step"], **evaluate_with_crf(
+            best_crf = {"step": trained.best["step"], **evaluate_with_crf(
                 self.val_codes, self.probes, self.device, p.extra_as_errors, stage.crf_workers, stage.show_progress)}
             seconds["crf"] = time.perf_counter() - refining
-        metrics["seconds"] = seconds
+        metrics = EvalResult.of_training(trained.history, trained.best, best_crf, seconds, p.n_classes)
         begin_artefact(stage.output)
-        atomic_write_bytes(stage.output / METRICS, json.dumps(metrics, indent=1).encode())
+        atomic_write_bytes(stage.output / METRICS, json.dumps(metrics.to_dict(), indent=1).encode())
         buffer = io.BytesIO()
         torch.save({"best": trained.best_snapshot, "final": final_state}, buffer)
         atomic_write_bytes(stage.output / PROBES, buffer.getvalue())
         train = self.train_codes.arrays.store
-        write_manifest(stage.output, stage.manifest(started, dataset=train.attrs["params"]["dataset"], method=stage.method,
+        write_manifest(stage.output, stage.manifest(started, dataset=train.attrs.dataset, method=stage.method,
                                                     code_dim=self.dim, seed=p.seed))
         return metrics

@@ -29,6 +29,7 @@ from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, package_versions, store_state, write_manifest
 from ..probing import load_reducer
 from ..progress import progress_bar
+from ..records import StoreAttrs
 from ..reducers import Reducer
 from ..storage import as_path, stamp
 
@@ -79,8 +80,8 @@ class ReduceStage(Stage):
         begin_artefact(self.output)
         atomic_write_npz(self.output / cache_schema.PAYLOAD, reducer.state_dict())
         write_manifest(self.output, self.manifest(
-            started, method=self.method, reducer_class=self.cls.method, reducer=reducer.params(), train_store=str(store.path),
-            dataset=store.attrs["params"]["dataset"], versions=package_versions(("stegoscope", "numpy", "dask", "hnne"))))
+            started, method=self.method, reducer_class=self.cls.method, reducer=reducer.params(), store=str(store.path),
+            dataset=store.attrs.dataset, versions=package_versions(("stegoscope", "numpy", "dask", "hnne"))))
         return reducer
 
 
@@ -119,15 +120,17 @@ class ProjectStage(Stage):
         if store is None:
             width = reducer.n_components or reducer.transform(source[TOKENS][0:1]).shape[-1]  # PCA of every D: all components
             layout = StoreLayout(src.n_images, src.grid, width, src.pixels, False, False, src.shard_images, "float32")
-            attrs = {"key": self.key, "stage": self.name, "stage_version": self.version, "spec": {"reducer": self.fit.key},
-                     "inputs": self.inputs(), "source_store": str(source.path), "versions": package_versions()}
+            given = source.attrs
+            attrs = StoreAttrs(key=self.key, stage=self.name, stage_version=self.version,
+                               params={"reducer": self.fit.key}, inputs=self.inputs(), dataset=given.dataset, split=given.split,
+                               source_store=str(source.path), versions=package_versions())
             store = cache_schema.create_feature_store(self.output, layout, attrs)
         pending = store.pending_shards()
         # Each shard is a dask task on the active scheduler (threads, a local or remote cluster):
         # it reads its rows and the fit by their paths and writes and flags its shard itself.
         group = distributed_workers() or dask.config.get("num_workers", None) or os.cpu_count() or 1
         with progress_bar("img", self.show_progress) as bar:
-            task = bar.add_task(f"project {source.attrs['params']['split']}", total=src.n_images)
+            task = bar.add_task(f"project {source.attrs.split}", total=src.n_images)
             bar.advance(task, src.n_images - sum(_rows(src, s) for s in pending))
             for start in range(0, len(pending), group):
                 shards = pending[start : start + group]

@@ -28,6 +28,7 @@ from ..heads.base import HeadJob, HeadResult, HeadRun, fit_heads
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, write_manifest
 from ..probing import TrainingLog
+from ..records import EvalResult
 
 
 class TrainHeadStage(Stage):
@@ -75,11 +76,11 @@ class TrainHeadStage(Stage):
         return ("train", self.train.key, self.val.key, self.knn.key if self.knn is not None else None, p.steps, p.batch_size,
                 p.knn_neighbors, run.val_every, run.seed, self.device, self.resident_bytes)
 
-    def execute(self, force: bool) -> dict:
+    def execute(self, force: bool) -> EvalResult:
         return self.execute_group([self], force)[0]
 
     @classmethod
-    def execute_group(cls, stages: list[TrainHeadStage], force: bool) -> list[dict]:
+    def execute_group(cls, stages: list[TrainHeadStage], force: bool) -> list[EvalResult]:
         """Train the heads of every stage in one pass over the train batches (each bit for bit
         what it trains alone), then write each artefact."""
         started = time.time()
@@ -103,19 +104,16 @@ class TrainHeadStage(Stage):
                                 first.show_progress)
         return [stage.save(result, train, started) for stage, result in zip(stages, results)]
 
-    def save(self, result: HeadResult, train, started: float) -> dict:
+    def save(self, result: HeadResult, train, started: float) -> EvalResult:
         """The artefact of a trained head (manifest last); returns its metrics."""
         atomic_write_npz(self.output / FINAL, result.final_head.state_dict())
         atomic_write_npz(self.output / cache_schema.PAYLOAD, result.best_head.state_dict())
         buffer = io.BytesIO()
         torch.save({"best": result.best_probes, "final": result.final_probes}, buffer)
         atomic_write_bytes(self.output / PROBES, buffer.getvalue())
-        metrics = {"history": result.history, "best": result.best, "final": result.history[-1]}
-        if result.best_crf is not None:
-            metrics["best_crf"] = result.best_crf
-        metrics["seconds"] = result.seconds
-        atomic_write_bytes(self.output / METRICS, json.dumps(metrics, indent=1).encode())
+        metrics = EvalResult.of_training(result.history, result.best, result.best_crf, result.seconds)
+        atomic_write_bytes(self.output / METRICS, json.dumps(metrics.to_dict(), indent=1).encode())
         write_manifest(self.output, self.manifest(
             started, method=self.method, reducer_class=result.best_head.method, reducer=result.best_head.params(),
-            dataset=train.attrs["params"]["dataset"], code_dim=self.run.dim, seed=self.run.seed, resident=result.resident))
+            dataset=train.attrs.dataset, code_dim=self.run.dim, seed=self.run.seed, resident=result.resident))
         return metrics
