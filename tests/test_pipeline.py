@@ -132,3 +132,27 @@ def test_a_url_cache_never_becomes_a_local_folder(tmp_path, monkeypatch):
     local = CliRunner().invoke(app, ["status", "--preset", "demo", "--cache", f"file://{tmp_path / 'c'}"])
     assert local.exit_code == 0, local.output
     assert not (tmp_path / "file:").exists()
+
+
+def test_the_command_that_remakes_each_stage_is_a_command_of_the_cli():
+    import importlib
+    import pkgutil
+
+    from stegoscope import methods as registry
+    from stegoscope import stages
+    from stegoscope.cli import app
+    from stegoscope.pipeline import Stage
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    names = {f"train-{head}" for head in registry.names(registry.HEAD)}
+    for info in pkgutil.iter_modules(stages.__path__):
+        module = importlib.import_module(f"stegoscope.stages.{info.name}")
+        names |= {c.name for c in vars(module).values()
+                  if isinstance(c, type) and issubclass(c, Stage) and isinstance(getattr(c, "name", None), str)}
+    assert {"extract", "project", "primaps-masks", "hierarchy", "train-stego"} <= names
+    for name in names:
+        for folder in (name, cache_schema.artefact_dir("/c", name, "x", "k" * 64).parent.name):  # by name or by folder
+            command = cache_schema.remake_command(folder).split()
+            assert command[0] in commands, (name, command)
+            if command[0] == "train":
+                assert command[1:] == ["--method", name.removeprefix("train-")]

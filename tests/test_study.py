@@ -80,3 +80,16 @@ def test_status_never_downloads_weights(tmp_path, monkeypatch):
     out = CliRunner().invoke(app, ["status", "--preset", "potsdam", "--data-root", str(write_potsdam(tmp_path / "d")),
                                    "--cache", str(tmp_path / "c")], env={"COLUMNS": "200"})
     assert out.exit_code == 2 and "does not download" in out.output and "--weights" in out.output, out.output
+
+
+def test_the_number_of_classes_comes_from_the_dataset_and_preset_without_opening_a_file(tmp_path):
+    from stegoscope.config import load_preset
+    from stegoscope.study import StudyContext
+
+    nowhere = tmp_path / "no-such-data"
+    assert StudyContext(load_preset("cityscapes"), tmp_path / "c", nowhere).n_classes == 27
+    assert StudyContext(load_preset("potsdam"), tmp_path / "c", nowhere).n_classes == 3
+    ctx = StudyContext(load_preset("directory", {"n_classes": 5, "probe.steps": 7}), tmp_path / "c", nowhere)
+    assert ctx.n_classes == 5 and ctx.base.n_classes == 5  # the base keeps what the data is, not the experiment's change
+    assert ctx.base.preset.probe.steps != 7
+    assert not nowhere.exists()

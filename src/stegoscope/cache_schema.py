@@ -105,14 +105,31 @@ def read_sources(path: Path) -> list[list] | None:
         return None
 
 
+# -- which command makes what: the one table ------------------------------------------------------
+
+# stage name → the command that makes its output (train-<head> → train --method <head>; else its own
+# name). Stages that only a study declares are remade by `study`.
+COMMANDS = {"project": "reduce", "primaps-masks": "study", "hierarchy": "study"}
+
+
+def remake_command(stage: str, method: str | None = None) -> str:
+    """The ``stegoscope`` command (without options) that makes the output of ``stage``, given by
+    its name or its artefact folder (``train_stego``); ``method``: the method it fitted, if known."""
+    stage = stage.replace("_", "-")
+    if stage.startswith("train-"):
+        return f"train --method {stage.removeprefix('train-')}"
+    command = COMMANDS.get(stage, stage)
+    return f"{command} --method {method}" if method and command == "reduce" else command
+
+
 def force_command(path: Path) -> str:
     """The command that rebuilds the store at ``path`` from nothing: only its own split."""
     path = as_path(path)
     if path.parent.name == "derived":
-        return "the `stegoscope reduce` command that made it with --force"
+        return f"the `stegoscope {remake_command('project')}` command that made it with --force"
     parts = path.name.split("-")  # <dataset>-<split>-<backbone>-<res>-<key12>.zarr; slugs hold no '-'
     split = f" --split {parts[1]}" if len(parts) == 5 else ""
-    return f"`stegoscope extract --force{split}` (same preset and options)"
+    return f"`stegoscope {remake_command('extract')} --force{split}` (same preset and options)"
 
 
 def derived_store_path(cache_root: Path, source: Path, reducer_key: str) -> Path:
@@ -121,7 +138,8 @@ def derived_store_path(cache_root: Path, source: Path, reducer_key: str) -> Path
 
 
 def artefact_dir(cache_root: Path, stage: str, name: str, key: str) -> Path:
-    """``<cache>/artefacts/<stage>/<name>-<key12>/``: manifest.json + payload."""
+    """``<cache>/artefacts/<stage>/<name>-<key12>/``: manifest.json + payload (the folder of a
+    stage is its name slugged: ``train-stego`` → ``train_stego``; :func:`remake_command` reads both)."""
     return as_path(cache_root) / "artefacts" / _slug(stage) / f"{_slug(name)}-{key[:12]}"
 
 
@@ -373,9 +391,8 @@ class FeatureStore:
     @property
     def fix_hint(self) -> str:
         """The command that rebuilds this store."""
-        if self.attrs.stage == "project":
-            return "rerun the `stegoscope reduce --method hnne` (or `study`) command that made it"
-        return "rerun the `stegoscope extract` (or `study`) command that made it"
+        attrs = self.attrs
+        return f"rerun the `stegoscope {remake_command(attrs.stage, attrs.method)}` command that made it (or `study`)"
 
     @property
     def layout(self) -> StoreLayout:

@@ -30,6 +30,7 @@ DEFAULT_HEAD_DIM = 70
 CONFIG_STRUCTURE = {"params", "inputs"}  # levels of a stage's config tree, left out of labels
 EXTRACT_KEYS = ("splits", "interpolation", "batch_size", "shard_images")  # live under ``extract:``
 SECTIONS = {"probe", "eval", "train", "future", "reduce", "sweep"}  # checked by their own parsers
+DATASET_FACTS = ("n_classes",)  # overrides that say what the data is: a preset's base() keeps them
 
 
 class ConfigError(ValueError):
@@ -253,8 +254,12 @@ class Preset:
         return Preset.from_dict(self.source, self.path, {**self.overrides, **overrides})
 
     def base(self) -> Preset:
-        """The preset as its file declares it, without overrides."""
-        return Preset.from_dict(self.source, self.path) if self.overrides else self
+        """The preset as its file declares it, without overrides, except those that say what the
+        data is (``n_classes``), not what an experiment changes."""
+        if not self.overrides:
+            return self
+        facts = {key: value for key, value in self.overrides.items() if key in DATASET_FACTS}
+        return Preset.from_dict({**self.source, **facts}, self.path)
 
     def experiments(self, sweep: dict[str, tuple] | None = None) -> list[Preset]:
         """One preset per point of the sweep grid (the preset's ``sweep`` and ``sweep``), or itself."""

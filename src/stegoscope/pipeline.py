@@ -184,10 +184,10 @@ def _fix_hint(directory: Path, manifest: Manifest | None, force: bool = False) -
     """The command that recomputes the artefact in ``directory`` (its stage: from the manifest,
     else from the folder it is in: ``artefacts/<stage>/…``)."""
     stage = manifest.stage if manifest is not None else as_path(directory).parent.name
-    command = f"train --method {stage[6:]}" if stage.startswith(("train-", "train_")) else stage.replace("_", "-")
+    command = cache_schema.remake_command(stage)
     if force:  # sizes match, so the stage looks complete: only --force recomputes it
         return f"rerun the `stegoscope {command}` command that made it with --force"
-    return f"rerun the `stegoscope {command}` (or `study`) command that made it; it recomputes this artefact"
+    return f"rerun the `stegoscope {command}` command that made it (or `study`); it recomputes this artefact"
 
 
 def _inspect(directory: Path, hashes: Iterable[str] = ()) -> tuple[Manifest | None, str | None]:

@@ -24,6 +24,7 @@ An evaluation row keeps its flat on-disk form (``"cluster/mIoU"``, as STEGO logs
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -86,7 +87,7 @@ class Record:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise RecordError(f"{where}: a {cls.__name__} has no field {unknown[0]!r}")
-        hints, values = typing.get_type_hints(cls), {}
+        hints, values = _hints(cls), {}
         for name, spec in known.items():
             if name in data:
                 values[name] = _parsed(data[name], hints[name], f"{where}: {name}")
@@ -102,6 +103,11 @@ class Record:
             if value is not None:
                 out[spec.name] = _dumped(value)
         return out
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolved once per class: stores read their attributes often
 
 
 def _record_type(hint: Any) -> type[Record] | None:
@@ -228,6 +234,7 @@ class StoreAttrs(Record):
     started: float | None = None
     extracted_with: dict[str, str] | None = None  # device and decoder (not in the key)
     source_store: str | None = None  # a projected store: the store it projects
+    method: str | None = None  # a projected store: the method of the fit that projects it
 
 
 # -- evaluations --------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from . import methods as registry
 from .atomic import atomic_write_text
 from .compute import dask_scheduler
 from .config import ConfigError, Preset, config_changes, describe, readable_names, short_value
-from .data import write_synthetic
+from .data import declared_classes, write_synthetic
 from .heads.base import HeadRun
 from .models.backbone import RANDOM_PREFIX, parse_backbone
 from .pipeline import (
@@ -117,7 +117,6 @@ class StudyContext:
         self.show_progress, self.workers, self.crf_workers = show_progress, workers, crf_workers
         self.extract_options = dict(extract_options or {})
         self._built: dict[tuple, Stage] = {}
-        self._classes_of: StudyContext | None = None
         self.names: dict[int, str] = {}  # stage → its node's name
         self.coords: dict[int, tuple] = {}  # result stage → (method, dim, seed, True)
         self.family: str | None = None  # the `future` experiment family this variant belongs to
@@ -130,13 +129,8 @@ class StudyContext:
 
     @cached_property
     def base(self) -> StudyContext:
-        """The context of the preset as its file declares it: labels say what differs from it.
-        It reads its number of classes from this one (a base may not know it: ``--n-classes``)."""
-        if not self.preset.overrides:
-            return self
-        base = self.variant(self.preset.base())
-        base._classes_of = self
-        return base
+        """The context of the preset as its file declares it: labels say what differs from it."""
+        return self if not self.preset.overrides else self.variant(self.preset.base())
 
     @cached_property
     def data_root(self) -> Path:
@@ -155,7 +149,9 @@ class StudyContext:
 
     @cached_property
     def n_classes(self) -> int:
-        return (self._classes_of or self).extract("val").dataset.n_classes
+        """The dataset's classes, from its reader's class names or the preset, without opening any
+        file; else (a directory dataset without n_classes) from its val split, whose reader says what is missing."""
+        return declared_classes(self.preset.dataset, self.preset.n_classes) or self.extract("val").dataset.n_classes
 
     # -- stage builders ---------------------------------------------------------------------------
     def _build(self, what: tuple, name: str, make: Callable[[StudyContext], Stage], result: tuple | None = None) -> Stage:
@@ -388,13 +384,14 @@ class StudyContext:
         """The command that makes ``stage`` with this context's preset."""
         preset = f"--preset {self.preset.path or self.preset.name}"
         if isinstance(stage, ExtractStage):
-            return f"stegoscope extract {preset} --{'flip' if self.preset.eval.flip else 'no-flip'}"
+            return f"stegoscope {cache_schema.remake_command(stage.name)} {preset} --{'flip' if self.preset.eval.flip else 'no-flip'}"
         if isinstance(stage, (ReduceStage, ProjectStage)):
             fit = stage if isinstance(stage, ReduceStage) else stage.fit
-            return f"stegoscope reduce --method {fit.method}" + (f" --dim {fit.dim}" if fit.dim else "") + f" {preset}"
+            dim = f" --dim {fit.dim}" if fit.dim else ""
+            return f"stegoscope {cache_schema.remake_command(fit.name, fit.method)}{dim} {preset}"
         if isinstance(stage, TrainHeadStage):
-            return f"stegoscope train --method {stage.method} --dim {stage.run.dim} {preset}"
-        return f"stegoscope {stage.name} {preset}"
+            return f"stegoscope {cache_schema.remake_command(stage.name)} --dim {stage.run.dim} {preset}"
+        return f"stegoscope {cache_schema.remake_command(stage.name)} {preset}"
 
     # -- what a run would do ----------------------------------------------------------------------
     def plan(self, graph: list[Node]) -> list[tuple[Node, str, str]]:

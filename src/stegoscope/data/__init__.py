@@ -27,6 +27,13 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 }
 
 
+def declared_classes(name: str, n_classes: int | None = None) -> int | None:
+    """How many classes dataset ``name`` has, without opening it: its readers' class names, else
+    ``n_classes`` (a directory dataset's, from its preset); None when neither says."""
+    known = len(DATASETS[name].class_names) if name in DATASETS else 0
+    return known or n_classes
+
+
 def open_dataset(name: str, root: Path, split: str, n_classes: int | None = None) -> SegmentationDataset:
     """The reader of dataset ``name`` for one split under ``root``."""
     if name not in DATASETS:

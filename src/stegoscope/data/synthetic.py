@@ -87,6 +87,7 @@ def write_synthetic(root: Path, seed: int = 0, n_train: int = 64, n_val: int = 3
 
 class SyntheticDataset(DirectoryDataset):
     name = "synthetic"
+    class_names = CLASS_NAMES
 
     def __init__(self, root: Path, split: str):
         super().__init__(root, split, class_names=CLASS_NAMES)

@@ -65,7 +65,7 @@ class PrimapsMasksStage(Stage):
 
     @property
     def output(self) -> Path:
-        return cache_schema.artefact_dir(self.cache_root, "primaps_masks", "masks", self.key)
+        return cache_schema.artefact_dir(self.cache_root, self.name, "masks", self.key)
 
     def state(self) -> str:
         return artefact_state(self.output)

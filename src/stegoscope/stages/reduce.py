@@ -123,7 +123,7 @@ class ProjectStage(Stage):
             given = source.attrs
             attrs = StoreAttrs(key=self.key, stage=self.name, stage_version=self.version,
                                params={"reducer": self.fit.key}, inputs=self.inputs(), dataset=given.dataset, split=given.split,
-                               source_store=str(source.path), versions=package_versions())
+                               source_store=str(source.path), method=self.fit.method, versions=package_versions())
             store = cache_schema.create_feature_store(self.output, layout, attrs)
         pending = store.pending_shards()
         # Each shard is a dask task on the active scheduler (threads, a local or remote cluster):

@@ -64,7 +64,7 @@ class TrainHeadStage(Stage):
 
     @property
     def output(self) -> Path:
-        return cache_schema.artefact_dir(self.cache_root, f"train_{self.method}", f"{self.method}{self.run.dim}", self.key)
+        return cache_schema.artefact_dir(self.cache_root, self.name, f"{self.method}{self.run.dim}", self.key)
 
     def state(self) -> str:
         return artefact_state(self.output)
