@@ -358,9 +358,9 @@ class CheckedArray:
         return list(range(n_shards))
 
 
-class FeatureStore:
-    """A Zarr v3 group of extracted tokens. Create with :func:`create_feature_store`,
-    open with :func:`open_feature_store`."""
+class StoreFiles:
+    """A store's Zarr group and files: its attributes and layout, the raw shard files of its
+    token arrays, and which of its files still match what was written (integrity)."""
 
     def __init__(self, group: zarr.Group, path: Path):
         self.group = group
@@ -403,68 +403,10 @@ class FeatureStore:
         return StoreLayout(n, (h, w), c, pixels, LABELS in self.group, IMAGES in self.group, shard, str(tokens.dtype),
                            TOKENS_FLIP in self.group, ATTENTION in self.group)
 
-    # -- arrays --------------------------------------------------------------------------------
-    def __getitem__(self, name: str) -> CheckedArray:
-        """An array whose reads name the store, array and shard of bytes that fail their checksum."""
-        return CheckedArray(self, name)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.group
-
-    def __len__(self) -> int:
-        return self.group[TOKENS].shape[0]
-
-    @property
-    def ids(self) -> list[str]:
-        return [str(s) for s in self.group[IDS][:]]
-
-    def token_matrix(self, images: np.ndarray | None = None, images_per_chunk: int | None = None):
-        """The tokens as a dask array (n_tokens, channel), chunked by whole images.
-
-        ``images`` selects (sorted) image rows, e.g. a seeded subset. By default a chunk holds
-        about 16 MiB of tokens, which bounds memory by (threads × a few chunks).
-        """
-        import dask.array as da
-
-        tokens = self.group[TOKENS]
-        n, h, w, c = tokens.shape
-        if images_per_chunk is None:
-            images_per_chunk = max(1, CHUNK_BYTES // (h * w * c * tokens.dtype.itemsize))
-        inventory = self.path / INVENTORY
-        # named by this store (its path, key and completion), so that one scan's results can be reused
-        completed = stamp(inventory) if inventory.exists() else "writing"
-        where = hashlib.sha256(str(self.path if is_remote(self.path) else self.path.resolve()).encode()).hexdigest()[:16]
-        name = f"tokens-{where}-{self.key}-{completed}-{images_per_chunk}"
-        x = da.from_array(self[TOKENS], chunks=(images_per_chunk, h, w, c), name=name, asarray=True, lock=False, fancy=False)
-        if images is not None:
-            x = x[np.sort(np.asarray(images))]
-            x = x.rechunk((images_per_chunk, h, w, c))
-        return x.reshape(-1, c)
-
     # -- shards --------------------------------------------------------------------------------
     def pending_shards(self) -> list[int]:
         """Shards whose ``written`` flag is not set; a partly written shard is rewritten whole."""
         return [int(i) for i in np.flatnonzero(~self.group[WRITTEN][:])]
-
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], commit: bool = True) -> None:
-        """Write every array of one shard; then, with ``commit``, make it durable and flag it
-        (writers that batch several shards into one :meth:`commit` pass False)."""
-        sl = self.layout.shard_slice(shard)
-        for name, value in arrays.items():
-            expected = sl.stop - sl.start
-            if len(value) != expected:
-                raise ValueError(f"shard {shard} of {name}: {len(value)} rows, expected {expected}")
-            raw = self._raw_layout(name)
-            if raw is None:
-                self.group[name][sl] = value
-                continue
-            data, path = raw.encode(value), self._shard_path(name, shard)
-            if data is None:
-                path.unlink(missing_ok=True)  # all fill: zarr keeps no file
-            else:
-                atomic_write_bytes(path, data, durable=False)  # commit() flushes it
-        if commit:
-            self.commit([shard])
 
     # -- whole shards of the raw token arrays, without zarr's per-chunk pipeline (raw_shards) -----
     def _raw_layout(self, name: str) -> ShardLayout | None:
@@ -474,61 +416,6 @@ class FeatureStore:
 
     def _shard_path(self, name: str, shard: int) -> Path:
         return self.path / name / self._raw_layout(name).shard_key(shard)
-
-    def raw_rows(self, name: str, selection) -> slice | None:
-        """The rows of a selection (a step-1 slice of rows, all columns) of a raw array, which
-        :meth:`read_rows` reads; None for other selections and arrays (zarr reads those)."""
-        rows, rest = (selection[0], selection[1:]) if isinstance(selection, tuple) and selection else (selection, ())
-        raw = self._raw_layout(name) if isinstance(rows, slice) else None
-        if raw is None or len(rest) > len(raw.chunk_shape) or not all(
-                isinstance(r, slice) and r.indices(n) == (0, n, 1) for r, n in zip(rest, raw.chunk_shape)):
-            return None  # not whole rows (dask asks for whole rows as a tuple of full slices)
-        start, stop, step = rows.indices(raw.rows)
-        return slice(start, stop) if step == 1 and stop > start else None
-
-    def read_rows(self, name: str, rows: slice) -> np.ndarray:
-        """Rows of a raw array, each shard's index and the rows' bytes read and checked with numpy."""
-        raw = self._raw_layout(name)
-        size = raw.slots
-        out = np.empty((rows.stop - rows.start, *raw.chunk_shape), raw.dtype)
-        for shard in range(rows.start // size, -(-rows.stop // size)):
-            lo, hi = max(rows.start, shard * size), min(rows.stop, (shard + 1) * size)
-            part, path = out[lo - rows.start : hi - rows.start], self._shard_path(name, shard)
-            try:
-                raw.read(path, lo - shard * size, hi - shard * size, part)
-            except FileNotFoundError:
-                part[...] = 0  # zarr reads a missing shard as the fill value
-        return out
-
-    def commit(self, shards: list[int]) -> None:
-        """Flush the files of written ``shards`` and the folders that name them to disk, then set
-        and flush their ``written`` flags: after a power cut a flag is never found without its
-        shard. One call for several shards costs one round of flushes (group commit)."""
-        if not shards:
-            return
-        local = not is_remote(self.path)  # a PUT that returned is durable: nothing to flush
-        arrays = [name for name in self.group.array_keys() if name != WRITTEN] if local else []
-        fsync_paths([self.path / f for name in arrays for shard in shards for f in self.shard_files(name, shard)], self.path)
-        for shard in shards:
-            self.group[WRITTEN][shard] = True
-        if local:
-            fsync_paths([self.path / f for shard in shards for f in self.shard_files(WRITTEN, shard)], self.path)
-
-    def mark_complete(self) -> None:
-        """Flush everything to disk, then mark complete; the inventory is written last."""
-        pending = self.pending_shards()
-        if pending:
-            raise StoreError(f"{self.path}: shards {pending[:8]} are not written; cannot mark complete")
-        ensure_held()  # a run whose lease was taken over publishes nothing
-        (self.path / DAMAGE).unlink(missing_ok=True)  # every damaged shard was rewritten
-        fsync_tree(self.path)
-        self.group.attrs["status"] = STATUS_COMPLETE
-        with warnings.catch_warnings():  # "not part of the v3 spec": xarray reads it all the same
-            warnings.filterwarnings("ignore", category=UserWarning, message=".*[Cc]onsolidated metadata")
-            # our own files beside the arrays (sources.json): not zarr's business
-            warnings.filterwarnings("ignore", category=UserWarning, message=".*not recognized as a component")
-            zarr.consolidate_metadata(self.group.store)
-        atomic_write_text(self.path / INVENTORY, json.dumps({"files": _file_sizes(self.path)}, sort_keys=True))
 
     # -- integrity -----------------------------------------------------------------------------
     def damage(self) -> dict[str, str]:
@@ -589,6 +476,61 @@ class FeatureStore:
             return exc
         return None
 
+
+class StoreWriter(StoreFiles):
+    """Writing a store: whole shards, made durable and flagged (group commit), completion, and
+    reopening an unfinished or damaged store so that only what is missing is written again."""
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], commit: bool = True) -> None:
+        """Write every array of one shard; then, with ``commit``, make it durable and flag it
+        (writers that batch several shards into one :meth:`commit` pass False)."""
+        sl = self.layout.shard_slice(shard)
+        for name, value in arrays.items():
+            expected = sl.stop - sl.start
+            if len(value) != expected:
+                raise ValueError(f"shard {shard} of {name}: {len(value)} rows, expected {expected}")
+            raw = self._raw_layout(name)
+            if raw is None:
+                self.group[name][sl] = value
+                continue
+            data, path = raw.encode(value), self._shard_path(name, shard)
+            if data is None:
+                path.unlink(missing_ok=True)  # all fill: zarr keeps no file
+            else:
+                atomic_write_bytes(path, data, durable=False)  # commit() flushes it
+        if commit:
+            self.commit([shard])
+
+    def commit(self, shards: list[int]) -> None:
+        """Flush the files of written ``shards`` and the folders that name them to disk, then set
+        and flush their ``written`` flags: after a power cut a flag is never found without its
+        shard. One call for several shards costs one round of flushes (group commit)."""
+        if not shards:
+            return
+        local = not is_remote(self.path)  # a PUT that returned is durable: nothing to flush
+        arrays = [name for name in self.group.array_keys() if name != WRITTEN] if local else []
+        fsync_paths([self.path / f for name in arrays for shard in shards for f in self.shard_files(name, shard)], self.path)
+        for shard in shards:
+            self.group[WRITTEN][shard] = True
+        if local:
+            fsync_paths([self.path / f for shard in shards for f in self.shard_files(WRITTEN, shard)], self.path)
+
+    def mark_complete(self) -> None:
+        """Flush everything to disk, then mark complete; the inventory is written last."""
+        pending = self.pending_shards()
+        if pending:
+            raise StoreError(f"{self.path}: shards {pending[:8]} are not written; cannot mark complete")
+        ensure_held()  # a run whose lease was taken over publishes nothing
+        (self.path / DAMAGE).unlink(missing_ok=True)  # every damaged shard was rewritten
+        fsync_tree(self.path)
+        self.group.attrs["status"] = STATUS_COMPLETE
+        with warnings.catch_warnings():  # "not part of the v3 spec": xarray reads it all the same
+            warnings.filterwarnings("ignore", category=UserWarning, message=".*[Cc]onsolidated metadata")
+            # our own files beside the arrays (sources.json): not zarr's business
+            warnings.filterwarnings("ignore", category=UserWarning, message=".*not recognized as a component")
+            zarr.consolidate_metadata(self.group.store)
+        atomic_write_text(self.path / INVENTORY, json.dumps({"files": _file_sizes(self.path)}, sort_keys=True))
+
     def reopen_for_writing(self, owns=None) -> list[int]:
         """Prepare an unfinished or damaged store for the rest of its shards.
 
@@ -616,6 +558,75 @@ class FeatureStore:
             if not name.startswith(f"{WRITTEN}/") and shard_of(name) in pending:
                 (self.path / name).unlink()  # with a killed writer's temporaries of those shards
         return shards
+
+
+class FeatureStore(StoreWriter):
+    """A Zarr v3 group of extracted tokens, read with checks (its attributes, writing and
+    integrity checks are its bases'). Create with :func:`create_feature_store`,
+    open with :func:`open_feature_store`."""
+
+    # -- arrays --------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> CheckedArray:
+        """An array whose reads name the store, array and shard of bytes that fail their checksum."""
+        return CheckedArray(self, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    def __len__(self) -> int:
+        return self.group[TOKENS].shape[0]
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(s) for s in self.group[IDS][:]]
+
+    def token_matrix(self, images: np.ndarray | None = None, images_per_chunk: int | None = None):
+        """The tokens as a dask array (n_tokens, channel), chunked by whole images.
+
+        ``images`` selects (sorted) image rows, e.g. a seeded subset. By default a chunk holds
+        about 16 MiB of tokens, which bounds memory by (threads × a few chunks).
+        """
+        import dask.array as da
+
+        tokens = self.group[TOKENS]
+        n, h, w, c = tokens.shape
+        if images_per_chunk is None:
+            images_per_chunk = max(1, CHUNK_BYTES // (h * w * c * tokens.dtype.itemsize))
+        inventory = self.path / INVENTORY
+        # named by this store (its path, key and completion), so that one scan's results can be reused
+        completed = stamp(inventory) if inventory.exists() else "writing"
+        where = hashlib.sha256(str(self.path if is_remote(self.path) else self.path.resolve()).encode()).hexdigest()[:16]
+        name = f"tokens-{where}-{self.key}-{completed}-{images_per_chunk}"
+        x = da.from_array(self[TOKENS], chunks=(images_per_chunk, h, w, c), name=name, asarray=True, lock=False, fancy=False)
+        if images is not None:
+            x = x[np.sort(np.asarray(images))]
+            x = x.rechunk((images_per_chunk, h, w, c))
+        return x.reshape(-1, c)
+
+    def raw_rows(self, name: str, selection) -> slice | None:
+        """The rows of a selection (a step-1 slice of rows, all columns) of a raw array, which
+        :meth:`read_rows` reads; None for other selections and arrays (zarr reads those)."""
+        rows, rest = (selection[0], selection[1:]) if isinstance(selection, tuple) and selection else (selection, ())
+        raw = self._raw_layout(name) if isinstance(rows, slice) else None
+        if raw is None or len(rest) > len(raw.chunk_shape) or not all(
+                isinstance(r, slice) and r.indices(n) == (0, n, 1) for r, n in zip(rest, raw.chunk_shape)):
+            return None  # not whole rows (dask asks for whole rows as a tuple of full slices)
+        start, stop, step = rows.indices(raw.rows)
+        return slice(start, stop) if step == 1 and stop > start else None
+
+    def read_rows(self, name: str, rows: slice) -> np.ndarray:
+        """Rows of a raw array, each shard's index and the rows' bytes read and checked with numpy."""
+        raw = self._raw_layout(name)
+        size = raw.slots
+        out = np.empty((rows.stop - rows.start, *raw.chunk_shape), raw.dtype)
+        for shard in range(rows.start // size, -(-rows.stop // size)):
+            lo, hi = max(rows.start, shard * size), min(rows.stop, (shard + 1) * size)
+            part, path = out[lo - rows.start : hi - rows.start], self._shard_path(name, shard)
+            try:
+                raw.read(path, lo - shard * size, hi - shard * size, part)
+            except FileNotFoundError:
+                part[...] = 0  # zarr reads a missing shard as the fill value
+        return out
 
 
 def _file_sizes(path: Path) -> dict[str, int]:
