@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from conftest import write_micro_preset
 from stegoscope.cli import app
+from stegoscope.graph import Node, run_order
 from stegoscope.stages.probe import ProbeStage
 from stegoscope.stages.train_head import TrainHeadStage
-from stegoscope.study import Node, run_order
 from stegoscope.training import RandomState
 from test_reliability import crash
 

@@ -4,10 +4,13 @@ import shutil
 
 from typer.testing import CliRunner
 
+from stegoscope import runner
 from stegoscope.cli import app
 from stegoscope.config import load_preset
+from stegoscope.graph import node_states
+from stegoscope.runner import run_graph
 from stegoscope.stages.figures import collect
-from stegoscope.study import StudyContext, node_states
+from stegoscope.study import StudyContext
 
 
 def ran(done):
@@ -19,24 +22,24 @@ def test_study_runs_once_and_recomputes_only_the_downstream_of_a_deleted_node(tm
     cache = tmp_path / "c"
     ctx = StudyContext(preset, cache, device="cpu", show_progress=False)
     graph = ctx.graph()
-    first = ctx.run(graph)
+    first = run_graph(ctx, graph)
     assert ran(first) == 7 and len(first) == 7  # extract ×2, reduce pca, reduce rp, probe ×3
     rows, _ = collect(cache, ["demo"])
     methods = {(r.method, r.dim, r.probe, r.crf) for r in rows}
     assert ("rp", 4, "cluster", "no") in methods and ("dino", 96, "linear", "yes") in methods
     assert ("pca", 4, "linear", "yes") not in methods  # the CRF only where Table 2 reports (eval.crf: table2)
-    assert ran(ctx.run(graph)) == 0
+    assert ran(run_graph(ctx, graph)) == 0
 
     rp = next(n for n in graph if n.label == "reduce rp D=4 seed 0")
     shutil.rmtree(rp.stage.output)
     states = {n.label: s for n, s in ((n, node_states(graph)[id(n)]) for n in graph)}
     assert states["reduce rp D=4 seed 0"] == "missing" and states["probe rp D=4 seed 0"] == "stale"
     assert {label for label, s in states.items() if s != "complete"} == {"reduce rp D=4 seed 0", "probe rp D=4 seed 0"}
-    plan = {node.label: (action, why) for node, action, why in ctx.plan(graph)}
+    plan = {node.label: (action, why) for node, action, why in runner.plan(graph)}
     assert plan["reduce rp D=4 seed 0"] == ("run", "missing")
     assert plan["probe rp D=4 seed 0"] == ("run", "upstream reruns (reduce rp D=4 seed 0)")
     assert sum(action == "run" for action, _ in plan.values()) == 2
-    again = ctx.run(graph)
+    again = run_graph(ctx, graph)
     assert ran(again) == 2 and len(again) - ran(again) == 5
 
 

@@ -191,7 +191,8 @@ def test_mask_proposals_are_written_by_chunk_and_a_rerun_computes_only_the_missi
     preset, cache = extracted
     monkeypatch.setattr(primaps_masks, "CHUNK", 4)  # 16 train images: 4 chunks
     ctx = _context(str(preset), cache, crf_workers=0, show_progress=False)
-    stage = ctx.head_input("masks", ctx.preset.method_params("primaps"), ctx.extract("train"), 0)
+    params = ctx.preset.method_params("primaps")
+    stage = ctx.primaps_masks(ctx.extract("train"), params.threshold, params.coverage, params.gain)
     run_stage(stage, force=True)
     chunks = sorted(stage.output.glob("mask_ids-*.npy"))
     lazy = cache_schema.load_mask_ids(stage.output)

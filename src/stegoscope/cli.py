@@ -207,76 +207,60 @@ def _reducer_overrides(method: str, **options) -> dict[str, Any]:
     return out
 
 
+# extract's options (declared here: its signature stays readable)
+SplitOpt = Annotated[
+    Optional[list[str]], typer.Option("--split", help="Split to extract; repeat for several (default: train and val; a further split "
+                                      "of the preset, such as PriMaPs-EM's train_primaps, by name or when a study needs it).")]
+BackboneOpt = Annotated[Optional[str], typer.Option(
+    "--backbone", help="vit_small_patch8 | vit_small_patch16 | vit_base_patch8 | vit_base_patch16 (DINO via timm); "
+                       "random:<arch> for seeded RANDOM weights (not pretrained).")]
+WeightsOpt = Annotated[Optional[Path], typer.Option(
+    "--weights", help="Official DINO .pth (plain or training checkpoint with 'teacher') or timm state dict. "
+                      "Without it, timm's hub copy is downloaded (needs network once).")]
+InterpolationOpt = Annotated[Optional[str], typer.Option(
+    "--interpolation", help="Image resize: nearest (STEGO parity) or bilinear (antialiased).")]
+SkipBadOpt = Annotated[bool, typer.Option(
+    "--skip-bad", help="Check every sample first and skip unreadable ones (missing, corrupt, bad label values), "
+                       "recording their ids and reasons in the store; without it the first bad file stops the run. Not part of the "
+                       "key: a complete store is reused either way.")]
+DecodeOpt = Annotated[str, typer.Option(
+    "--decode", help="Where JPEGs are decoded and images resized: auto (on the GPU when --device is CUDA), "
+                     "cpu (DataLoader workers, PIL) or device (torchvision decode_jpeg where the model runs).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (faster on GPUs after a warm-up).")]
+WritersOpt = Annotated[Optional[int], typer.Option("--writers", help="Threads writing finished shards (default 2 on CUDA, 1 on CPU).")]
+RankOpt = Annotated[int, typer.Option("--rank", help="This process's share of the shards (0..world-1): run one process per "
+                                                     "GPU or machine, each with its --rank, all with the same --world.")]
+WorldOpt = Annotated[int, typer.Option("--world", help="How many processes write each store together (one per GPU or "
+                                                       "machine; the last to finish marks the store complete).")]
+
+
 @app.command()
 @user_errors
 def extract(
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
-    split: Annotated[
-        Optional[list[str]], typer.Option("--split", help="Split to extract; repeat for several (default: train and val; a further split "
-                                              "of the preset, such as PriMaPs-EM's train_primaps, by name or when a study needs it).")
-    ] = None,
+    split: SplitOpt = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset reader (directory, synthetic, …).")] = None,
-    backbone: Annotated[
-        Optional[str],
-        typer.Option(
-            "--backbone",
-            help="vit_small_patch8 | vit_small_patch16 | vit_base_patch8 | vit_base_patch16 (DINO via timm); "
-            "random:<arch> for seeded RANDOM weights (not pretrained).",
-        ),
-    ] = None,
-    weights: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--weights",
-            help="Official DINO .pth (plain or training checkpoint with 'teacher') or timm state dict. "
-            "Without it, timm's hub copy is downloaded (needs network once).",
-        ),
-    ] = None,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of a random: backbone.")] = None,
     train_res: Annotated[Optional[int], typer.Option("--train-res", help="Train resolution (default: the preset's).")] = None,
     val_res: Annotated[Optional[int], typer.Option("--val-res", help="Val resolution (default: the preset's).")] = None,
-    interpolation: Annotated[
-        Optional[str],
-        typer.Option("--interpolation", help="Image resize: nearest (STEGO parity) or bilinear (antialiased)."),
-    ] = None,
+    interpolation: InterpolationOpt = None,
     n_classes: Annotated[Optional[int], typer.Option("--n-classes", help="Classes of a labelled directory dataset.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass.")] = None,
-    shard_size: Annotated[
-        Optional[int], typer.Option("--shard-size", help="Images per store shard (the unit of resume).")
-    ] = None,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Images per store shard (the unit of resume).")] = None,
     sets: SetOpt = None,
     workers: WorkersOpt = None,
     device: DeviceOpt = None,
     cache: CacheOpt = DEFAULT_CACHE,
-    skip_bad: Annotated[
-        bool,
-        typer.Option(
-            "--skip-bad",
-            help="Check every sample first and skip unreadable ones (missing, corrupt, bad label values), "
-            "recording their ids and reasons in the store; without it the first bad file stops the run. Not part of the "
-            "key: a complete store is reused either way.",
-        ),
-    ] = False,
+    skip_bad: SkipBadOpt = False,
     flip: FlipOpt = None,
-    decode: Annotated[
-        str,
-        typer.Option(
-            "--decode",
-            help="Where JPEGs are decoded and images resized: auto (on the GPU when --device is CUDA), "
-            "cpu (DataLoader workers, PIL) or device (torchvision decode_jpeg where the model runs).",
-        ),
-    ] = "auto",
-    compile_model: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the backbone (faster on GPUs after a warm-up).")
-    ] = False,
-    writers: Annotated[
-        Optional[int], typer.Option("--writers", help="Threads writing finished shards (default 2 on CUDA, 1 on CPU).")
-    ] = None,
-    rank: Annotated[int, typer.Option("--rank", help="This process's share of the shards (0..world-1): run one process per "
-                                                     "GPU or machine, each with its --rank, all with the same --world.")] = 0,
-    world: Annotated[int, typer.Option("--world", help="How many processes write each store together (one per GPU or "
-                                                       "machine; the last to finish marks the store complete).")] = 1,
+    decode: DecodeOpt = "auto",
+    compile_model: CompileOpt = False,
+    writers: WritersOpt = None,
+    rank: RankOpt = 0,
+    world: WorldOpt = 1,
     force: Annotated[bool, typer.Option("--force", help="Re-extract even if a complete store exists.")] = False,
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
@@ -294,13 +278,15 @@ def extract(
     stages = [ctx.extract(name) for name in split or ("train", "val")]
     for stage in stages:
         _run_extract(stage, force, no_wait)
-    ctx.record(ctx.graph_of(stages))  # the preset's stores: what `gc` keeps
+    from .runner import record_experiment
+
+    record_experiment(ctx, ctx.graph_of(stages))  # the preset's stores: what `gc` keeps
 
 
 def _run_extract(stage, force: bool, no_wait: bool) -> None:
     label = f"{stage.p.dataset}/{stage.p.split}"
     unit = "crops" if stage.p.crop == "five" else "images"
-    if stage.world > 1:
+    if stage.options.world > 1:
         result = stage.run_rank(wait=not no_wait, on_wait=lambda holder: console.print(f"{label}: waiting for {holder}"))
     else:
         result = _run(stage, force, no_wait, label)
@@ -326,13 +312,13 @@ def _run_targets(ctx, targets: list, force: bool, no_wait: bool, prepare: list =
     """Run ``targets`` (after ``prepare``, stages they need that may run first, such as kNN pairs),
     record them in the preset's study (what `figures` draws) and say how each went. Anything
     else they read must be complete: else stop, naming it and the command that makes it."""
-    from .study import require_complete
+    from .runner import require_complete, run_graph
 
     graph = ctx.graph_of(targets)
     for node in graph:
         if node.stage not in targets and node.stage not in prepare:
             require_complete(node.stage, ctx.command_for(node.stage))
-    done = ctx.run(graph, force=targets if force else (), wait=not no_wait,
+    done = run_graph(ctx, graph, force=targets if force else (), wait=not no_wait,
                    on_wait=lambda node, holder: console.print(f"{node.label}: waiting for {holder} (same key)"))
     results = {id(node.stage): result for node, result in done}
     for node in graph:
@@ -404,7 +390,7 @@ def probe(
         str,
         typer.Option("--reducer", help=f"Whose codes: {registry.describe(registry.REDUCER)} (the preset's fit of that method); "
                                        "or the folder of a reduce / head artefact."),
-    ] = "dino",
+    ] = registry.raw_method(),
     dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension D (reducers that are fitted).")] = None,
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
@@ -426,7 +412,7 @@ def probe(
     progress: ProgressOpt = True,
 ) -> None:
     """Train linear + cluster probes on raw or reduced codes; print val mIoU / accuracy with and without CRF."""
-    method = "dino" if reducer == "identity" else reducer
+    method = registry.raw_method() if reducer == "identity" else reducer
     overrides = {"probe.steps": steps, "eval.flip": flip}
     if method in registry.names(registry.REDUCER):
         overrides |= _reducer_overrides(method, standardize=standardize, max_images=max_images, kind=rp, fit_tokens=fit_tokens)
@@ -491,7 +477,8 @@ def knn(
 @app.command()
 @user_errors
 def train(
-    method: Annotated[str, typer.Option("--method", help=f"The head: {registry.describe(registry.HEAD)}.")] = "stego",
+    method: Annotated[str, typer.Option("--method", help=f"The head (default: the first, the paper's): "
+                                                         f"{registry.describe(registry.HEAD)}.")] = registry.names(registry.HEAD)[0],
     preset: PresetOpt = "directory",
     data_root: DataRootOpt = None,
     dim: Annotated[Optional[int], typer.Option("--dim", help="Code dimension (default: the head's headline D, e.g. D_STEGO).")] = None,
@@ -624,7 +611,7 @@ def gc(
     run of a preset records what it made and read), what --keep-preset's study needs, and all
     that those were made from. Lists what it deletes, with sizes, first; skips what is in use."""
     from .pipeline import unreachable
-    from .study import recorded_keys
+    from .runner import recorded_keys
 
     roots = recorded_keys(cache)
     for name in keep_preset or ():
@@ -659,7 +646,7 @@ def status(
     if preset is None:
         _list_stores(cache)
         return
-    from .study import node_states
+    from .graph import node_states
 
     ctx = _context(preset, cache, data_root, sets, show_progress=False)
     graph = ctx.graph()
@@ -705,7 +692,9 @@ FUTURE = "future"  # `study --only future`: the preset's open-question experimen
 def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None, only=None, dims=None, seeds=None,
                device=None, scheduler=None, flip=None, dry_run=False, progress=True, group=None) -> list:
     """Run (or with ``dry_run`` plan) every experiment of a study; the contexts that ran."""
+    from .future import future_experiments
     from .progress import progress_bar
+    from .runner import plan
 
     base = _context(preset, cache, data_root, sets, {"eval.flip": flip}, device=device, scheduler=scheduler, show_progress=False,
                     extract_options={"download_weights": not dry_run}, group=group)
@@ -717,15 +706,15 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
         if only and FUTURE in only:
             if not ctx.preset.future.families:
                 raise ConfigError(f"{ctx.preset.path or preset}: no `future:` section to run (see configs/demo.yaml)")
-            plans += [(c, c.graph_of(targets)) for c, targets in ctx.future()]
+            plans += [(c, c.graph_of(targets)) for c, targets in future_experiments(ctx)]
         if methods or not only:
             plans.append((ctx, ctx.graph(methods or None, dims, seeds)))
     titles = [f"study {ctx.preset.name}" + (f" [{ctx.preset.label()}]" if ctx.preset.label() else "") for ctx, _ in plans]
     if dry_run:
         for title, (ctx, graph) in zip(titles, plans):
-            _print_plan(title, ctx.plan(graph))
+            _print_plan(title, plan(graph))
     else:
-        from .study import run_studies
+        from .runner import run_studies
 
         with progress_bar("node", progress) as bar:
             task = bar.add_task(f"study {base.preset.name}", total=len({n.stage.key for _, graph in plans for n in graph}))

@@ -47,6 +47,8 @@ class Method:
         Fig. 2: h-NNE against PCA) instead of in Fig. 4.
     hierarchy : its fit holds a hierarchy of partitions that ``future.hierarchy`` evaluates as the
         clusterer (h-NNE's FINCH levels; ``stages/hierarchy.py``).
+    raw : the backbone's tokens as they are (the identity reducer): what ``future.extra_clusters``
+        probes and what ``probe --reducer identity`` means.
 
     The classes are imported, and checked, when first used (:attr:`params`, :attr:`cls`): the
     registry's names, titles and help cost no import of torch.
@@ -63,6 +65,7 @@ class Method:
     paper: bool = True
     against: str | None = None
     hierarchy: bool = False
+    raw: bool = False
 
     def __post_init__(self):
         if self.kind not in (REDUCER, HEAD):
@@ -126,13 +129,19 @@ def hierarchy_method() -> str:
     return next(m.name for m in METHODS.values() if m.hierarchy)
 
 
+def raw_method() -> str:
+    """The reducer that keeps the backbone's tokens as they are."""
+    return next(m.name for m in METHODS.values() if m.raw)
+
+
 def describe(kind: str | None = None) -> str:
     """``name (help); …`` for the commands' help."""
     return "; ".join(f"{m.name}: {m.help}" if m.help else m.name for m in METHODS.values() if kind is None or m.kind == kind)
 
 
 R, H = "stegoscope.reducers:", "stegoscope.heads."
-register(Method("dino", REDUCER, R + "IdentityParams", R + "IdentityReducer", "DINO", "*", table2=True, help="raw DINO tokens"))
+register(Method("dino", REDUCER, R + "IdentityParams", R + "IdentityReducer", "DINO", "*", table2=True, raw=True,
+                help="raw DINO tokens"))
 register(Method("pca", REDUCER, R + "PCAParams", R + "PCA", "PCA", "s", help="exact streamed PCA, one fit for every D"))
 register(Method("rp", REDUCER, R + "RPParams", R + "RandomProjection", "RP", "^", help="seeded random projection"))
 register(Method("hnne", REDUCER, R + "HNNEParams", R + "HNNE", "h-NNE", "D", help="h-NNE (v1), stores projected once",

@@ -449,6 +449,8 @@ class Stage(ABC):
     name: str
     version: int
     label: str = ""
+    recorded_as = "input"  # what a study record calls it when it is not a result ("fit": drawn by Fig. 3)
+    remade_in_place = False  # remade under the same key (a re-extraction), so nothing downstream reruns
 
     def __init__(self, cache_root: Path):
         self.cache_root = as_path(cache_root)
@@ -508,6 +510,10 @@ class Stage(ABC):
         """Do the work of ``stages`` (equal group keys) together; each writes its own output, and
         the result of each is what its :meth:`execute` gives alone."""
         return [stage.execute(force) for stage in stages]
+
+    def stale_reason(self) -> str | None:
+        """Why an output made from other inputs exists in place of this one's (None: none does)."""
+        return None
 
     def note(self) -> str:
         """Why the output is not complete, when that can be told (shown by ``status``)."""

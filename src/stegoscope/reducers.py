@@ -115,6 +115,7 @@ class Reducer(ABC):
     serves_every_dim: ClassVar[bool] = False
     seeded: ClassVar[bool] = True
     precompute_codes: ClassVar[bool] = False
+    packages: ClassVar[tuple[str, ...]] = ()  # whose versions a fit's manifest records
     n_components: int | None
 
     @classmethod
@@ -399,6 +400,7 @@ class HNNE(_Standardized):
     """
 
     method = "hnne"
+    packages = ("hnne",)
     precompute_codes = True
     state_format = "arrays"  # part of the fit's key: fits stored as a pickled hnne.HNNE are refitted
 

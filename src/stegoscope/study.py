@@ -12,38 +12,25 @@ upstream keys. Every stage a context runs or finds cached is recorded under
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from . import cache_schema
 from . import methods as registry
-from .atomic import atomic_write_text
-from .compute import dask_scheduler
-from .config import ConfigError, Preset, config_changes, describe, readable_names, short_value
+from .config import ConfigError, Preset, config_changes, describe
 from .data import declared_classes, write_synthetic
+from .graph import Node, graph_of
 from .heads.base import HeadRun
 from .models.backbone import RANDOM_PREFIX, parse_backbone
 from .pipeline import (
-    COMPLETE,
-    MISSING,
-    PARTIAL,
     Artefact,
-    RunResult,
     Stage,
     canonical_json,
-    read_manifest,
-    run_group,
-    stage_lock,
     without_seeds,
 )
-from .records import StudyNode, StudyRecord
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.hierarchy import HierarchyStage
 from .stages.import_stego import ImportStegoStage
@@ -67,33 +54,6 @@ def official_weights(backbone: str) -> str | None:
     spec, _ = parse_backbone(backbone)
     path = Path(folder) / (spec.dino_file or "")
     return str(path) if spec.dino_file and path.is_file() else None
-
-
-@dataclass
-class Node:
-    """One stage of the study graph, the nodes it depends on, and where its result sits."""
-
-    label: str
-    stage: Stage
-    deps: list[Node] = field(default_factory=list)
-    method: str | None = None
-    dim: int | None = None
-    seed: int | None = None
-    result: bool = False  # its artefact holds metrics (a probe or a head)
-
-    def upstream_nodes(self) -> list[Node]:
-        """Every node upstream of this one."""
-        seen, todo, out = set(), list(self.deps), []
-        while todo:
-            node = todo.pop()
-            if id(node) not in seen:
-                seen.add(id(node))
-                out.append(node)
-                todo.extend(node.deps)
-        return out
-
-    def upstream(self) -> set[int]:
-        return {id(node) for node in self.upstream_nodes()}
 
 
 class StudyContext:
@@ -270,23 +230,17 @@ class StudyContext:
                           val_every=e.val_every, seed=seed, crf=crf, extra_as_errors=e.extra_as_errors)
             knn = ctx.knn() if spec.cls.uses_knn else None
             train = ctx.extract(getattr(params, "train_split", "train"))
-            inputs = {name: ctx.head_input(name, params, train, seed) for name in spec.cls.inputs_of(params)}
+            inputs = spec.cls.input_stages(params, ctx, train, seed)
             return TrainHeadStage(ctx.cache_root, method, params, run, train, ctx.extract("val"), knn, device=ctx.device,
                                   crf_workers=ctx.crf_workers, show_progress=ctx.show_progress, inputs=inputs)
 
         return self._build(("head", method, dim, seed, crf), f"train-{method} D={dim} seed {seed}", make, (method, dim, seed))
 
-    def head_input(self, name: str, params: Any, train: Stage, seed: int) -> Stage:
-        """A further artefact a head reads: PriMaPs' mask proposals of its train split, or the
-        trained head its features come from (``base``, at that head's headline D)."""
-        if name == "masks":
-            return self._build(("primaps-masks", train.key, params.threshold, params.coverage, params.gain),
-                               f"primaps-masks {train.p.split}", lambda ctx: PrimapsMasksStage(
-                                   ctx.cache_root, train, params.threshold, params.coverage, params.gain, ctx.crf_workers,
-                                   ctx.show_progress))
-        if name == "base":
-            return self.head(params.base, None, seed)
-        raise ConfigError(f"no study stage provides a head's input {name!r}")
+    def primaps_masks(self, train: ExtractStage, threshold: float, coverage: float, gain: float) -> PrimapsMasksStage:
+        """PriMaPs' mask proposals of a train split."""
+        return self._build(("primaps-masks", train.key, threshold, coverage, gain), f"primaps-masks {train.p.split}",
+                           lambda ctx: PrimapsMasksStage(ctx.cache_root, train, threshold, coverage, gain, ctx.crf_workers,
+                                                         ctx.show_progress))
 
     def hierarchy(self, dim: int, seed: int = 0) -> HierarchyStage:
         """Every level of the hierarchy of the fit at ``dim`` (h-NNE's) as the clusterer."""
@@ -294,38 +248,6 @@ class StudyContext:
         return self._build(("hierarchy", dim, seed), f"hierarchy {method} D={dim} seed {seed}", lambda ctx: HierarchyStage(
             ctx.cache_root, ctx.fit(method, dim, seed), ctx.extract("val"), ctx.n_classes, ctx.device, ctx.show_progress),
             (method, dim, seed))
-
-    def future(self) -> list[tuple[StudyContext, list[Stage]]]:
-        """The experiments of the preset's ``future`` section (the paper's open questions): for each
-        configuration, its context and result stages. A configuration that is the preset's own is
-        this context (its results are the study's); the others are variants marked with their family."""
-        f, dims = self.preset.future, list(self.preset.sweep_dims())
-        plan: list[tuple[StudyContext, list[Stage]]] = []
-
-        def variant(family: str, overrides: dict[str, Any]) -> StudyContext:
-            preset = self.preset.with_overrides(overrides)
-            if _resolved(preset) == _resolved(self.preset):
-                return self
-            ctx = self.variant(preset)
-            ctx.family = family  # differs from the preset: drawn by its family's figure, not Fig. 4
-            return ctx
-
-        for clusterer in f.clusterers:
-            ctx = variant("clusterers", {"eval.clusterer": clusterer})
-            plan.append((ctx, [ctx.probe(m, d) for m in f.clusterer_methods for d in dims]))
-        for extra in f.extra_clusters:
-            ctx = variant("over-clustering", {"eval.extra_clusters": extra})
-            plan.append((ctx, [ctx.probe("dino")]))
-        if f.hierarchy:
-            method = registry.hierarchy_method()
-            plan.append((self, [self.hierarchy(dims[0]), self.probe(method, dims[0])]))
-            ctx = variant("hierarchy", {"eval.clusterer": "kmeans"})
-            plan.append((ctx, [ctx.probe(method, dims[0])]))
-        keys = list(f.loss_grid)
-        for values in itertools.product(*f.loss_grid.values()):
-            ctx = variant("loss-grid", dict(zip(keys, values)))
-            plan.append((ctx, [ctx.head(keys[0].split(".")[0], d) for d in dims]))
-        return plan
 
     def import_stego(self, checkpoint: Path, crf: bool = True) -> ImportStegoStage:
         """A released STEGO checkpoint evaluated on the preset's val store (flip TTA as ``eval.flip``)."""
@@ -362,23 +284,7 @@ class StudyContext:
 
     def graph_of(self, targets: list[Stage]) -> list[Node]:
         """``targets`` and every stage upstream of them, as nodes in dependency order."""
-        nodes: dict[int, Node] = {}
-
-        def visit(stage: Stage) -> Node:
-            if id(stage) not in nodes:
-                deps = [visit(up) for up in stage.upstream().values() if not isinstance(up, Artefact)]
-                method, dim, seed, result = self.coords.get(id(stage), (getattr(stage, "method", None), None, None, False))
-                nodes[id(stage)] = Node(self.names.get(id(stage), stage.name), stage, deps, method, dim, seed, result)
-            return nodes[id(stage)]
-
-        for stage in targets:
-            visit(stage)
-        return list(nodes.values())
-
-    def run(self, graph: list[Node], progress: Callable[[Node], None] | None = None, force: list[Stage] = (),
-            wait: bool = True, on_wait: Callable[[Node, str], None] | None = None) -> list[tuple[Node, RunResult]]:
-        """:func:`run_studies` of this context's ``graph`` alone."""
-        return run_studies([(self, graph)], progress, force, wait, on_wait)[0]
+        return graph_of(targets, self.names, self.coords)
 
     def command_for(self, stage: Stage) -> str:
         """The command that makes ``stage`` with this context's preset."""
@@ -393,186 +299,3 @@ class StudyContext:
             return f"stegoscope {cache_schema.remake_command(stage.name)} --dim {stage.run.dim} {preset}"
         return f"stegoscope {cache_schema.remake_command(stage.name)} {preset}"
 
-    # -- what a run would do ----------------------------------------------------------------------
-    def plan(self, graph: list[Node]) -> list[tuple[Node, str, str]]:
-        """(node, ``run`` | ``cached``, why) for each node, without running anything."""
-        runs: set[int] = set()
-        out = []
-        for node in graph:
-            state = node.stage.state()
-            upstream = [n for n in graph if id(n) in node.upstream() and id(n) in runs and not isinstance(n.stage, ExtractStage)]
-            if state == COMPLETE and not upstream:
-                out.append((node, "cached", ""))
-                continue
-            if state == COMPLETE:
-                why = f"upstream reruns ({upstream[0].label})"
-            elif state == PARTIAL:
-                why = "partial: resumes"
-            elif isinstance(node.stage, ExtractStage):
-                why = node.stage.stale_reason() or "missing"
-            else:
-                why = previous_change(node.stage) or "missing"
-            runs.add(id(node))
-            out.append((node, "run", why))
-        return out
-
-    # -- the record of what the study declared ---------------------------------------------------
-    @property
-    def experiment(self) -> str:
-        """This context's experiment within its study: its overrides, hashed (``base`` without)."""
-        overrides = self.preset.overrides
-        return hashlib.sha256(canonical_json(overrides).encode()).hexdigest()[:12] if overrides else "base"
-
-    def record(self, graph: list[Node]) -> Path:
-        """Add ``graph``'s nodes to this experiment's record: its results (what the figures draw),
-        its fits (Fig. 3) and the inputs they read (what `gc` keeps). A record made from other
-        preset content is started afresh (its artefacts stay in the cache)."""
-        path = cache_schema.experiment_record_path(self.cache_root, self.preset.name, self.experiment)
-        content = hashlib.sha256(canonical_json(self.preset.source).encode()).hexdigest()
-        with stage_lock(cache_schema.lock_path(self.cache_root, f"study-{self.preset.name}-{self.experiment}")):
-            old = cache_schema.read_study_record(path)
-            nodes = dict(old.nodes) if old is not None and old.preset_sha256 == content else {}
-            for node in graph:
-                kind = "result" if node.result else "fit" if isinstance(node.stage, ReduceStage) else "input"
-                nodes[node.label] = StudyNode(
-                    key=node.stage.key, output=_relative(node.stage.output, self.cache_root), stage=node.stage.name, kind=kind,
-                    method=node.method, dim=node.dim, seed=node.seed, result=node.result, label=node.stage.label,
-                    headline=bool(node.result and self.headline(node.method, node.dim)), family=self.family)
-            record = StudyRecord(study=self.preset.name, experiment=self.experiment, preset_sha256=content, updated=time.time(),
-                                 nodes=nodes, label=self.preset.label(), overrides=self.preset.overrides,
-                                 preset=None if self.preset.path is None else str(self.preset.path))
-            atomic_write_text(path, json.dumps(record.to_dict(), indent=1, sort_keys=True))
-        return path
-
-
-def run_studies(plans: list[tuple[StudyContext, list[Node]]], progress: Callable[[Node], None] | None = None,
-                force: list[Stage] = (), wait: bool = True,
-                on_wait: Callable[[Node, str], None] | None = None) -> list[list[tuple[Node, RunResult]]]:
-    """Run the graphs of several contexts (the experiments of a sweep, the ``future`` families)
-    as one: every stage once, groups across them (:func:`run_order`); then record each study.
-
-    A node runs when it is not complete, is in ``force``, or is complete but its upstream reran
-    (a re-extraction rewrites the same key's tokens, so it forces nothing). Returns each
-    graph's (node, result) in its order; a stage two graphs share counts as run in the first."""
-    nodes: dict[str, Node] = {}  # one node per stage key, the first graph's
-    for _, graph in plans:
-        for node in graph:
-            nodes.setdefault(node.stage.key, node)
-    upstream = {key: {up.stage.key for up in node.upstream_nodes()} for key, node in nodes.items()}
-    forced, ran, results = {stage.key for stage in force}, set(), {}
-    group = all(ctx.group for ctx, _ in plans)
-    with dask_scheduler(plans[0][0].scheduler):
-        for batch in run_order(list(nodes.values()), group):
-            again = {n.stage.key for n in batch if n.stage.key in forced
-                     or (n.stage.state() == COMPLETE and upstream[n.stage.key] & ran)}
-            for node in batch:
-                if progress is not None:
-                    progress(node)
-            for members in ([n for n in batch if n.stage.key in again], [n for n in batch if n.stage.key not in again]):
-                if not members:
-                    continue
-                waiting = None if on_wait is None else lambda holder, node=members[0]: on_wait(node, holder)
-                for node, result in zip(members, run_group([n.stage for n in members], force=members[0].stage.key in again,
-                                                           wait=wait, on_wait=waiting)):
-                    if not result.skipped and not isinstance(node.stage, ExtractStage):
-                        ran.add(node.stage.key)
-                    results[node.stage.key] = result
-    out, reported = [], set()
-    for ctx, graph in plans:
-        ctx.record(graph)
-        rows = []
-        for node in graph:
-            result = results[node.stage.key]
-            if node.stage.key in reported and not result.skipped:
-                result = RunResult(node.stage, True, 0.0)  # it ran for an earlier graph
-            reported.add(node.stage.key)
-            rows.append((node, result))
-        out.append(rows)
-    return out
-
-
-def run_order(graph: list[Node], group: bool = True) -> list[list[Node]]:
-    """The nodes in the order they run, nodes that run together in one list. Without ``group``:
-    each alone, in graph order. With it: whatever runs alone runs as soon as its upstream is done;
-    a node with a group key waits until nothing else is ready, then runs with every ready node
-    of its key (so the probes of every reducer wait for every fit, and train as one group)."""
-    if not group:
-        return [[node] for node in graph]
-    order, remaining = [], list(graph)
-    keys = {id(node): node.stage.group_key() for node in graph}
-    while remaining:
-        pending = {node.stage.key for node in remaining}
-        ready = [n for n in remaining if not any(d.stage.key in pending for d in n.deps)]
-        alone = [n for n in ready if keys[id(n)] is None]
-        nodes = alone[:1] or [n for n in ready if keys[id(n)] == keys[id(ready[0])]]
-        order.append(nodes)
-        taken = {id(n) for n in nodes}
-        remaining = [n for n in remaining if id(n) not in taken]
-    return order
-
-
-def _relative(path: Path, root: Path) -> str:
-    """``path`` relative to the cache root (``..`` for an artefact given from another local cache)."""
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return os.path.relpath(path, root)
-
-
-def _resolved(preset: Preset) -> Preset:
-    """The preset's parsed settings alone (not how they were given)."""
-    return replace(preset, path=None, source={}, overrides={})
-
-
-def recorded_keys(cache_root: Path) -> set[str]:
-    """The key of every stage that any experiment of any study recorded."""
-    keys = set()
-    for study in cache_schema.list_studies(cache_root):
-        for record in cache_schema.study_records(cache_root, study):
-            keys.update(node.key for node in record.nodes.values())
-    return keys
-
-
-def previous_change(stage: Stage) -> str | None:
-    """What changed since the closest earlier artefact of the same node (same name, another key):
-    ``λ_rand 0.63 → 0.3``; None when there is none."""
-    config, best = stage.config(), None
-    for other in cache_schema.sibling_artefacts(stage.output):
-        try:
-            manifest = read_manifest(other)
-        except cache_schema.StoreError:
-            continue
-        if not manifest or not manifest.config:
-            continue
-        now, before = config_changes(config, manifest.config), config_changes(manifest.config, config)
-        if best is None or len(now) + len(before) < best[0]:
-            best = (len(now) + len(before), now, before)
-    if best is None:
-        return None
-    _, now, before = best
-    names = readable_names(set(now) | set(before))
-    missing = "—"
-    parts = sorted(f"{names[p]} {short_value(before.get(p, missing))} → {short_value(now.get(p, missing))}" for p in names)
-    return "changed: " + "; ".join(parts) if parts else None
-
-
-def node_states(graph: list[Node]) -> dict[int, str]:
-    """complete / partial / missing per node; ``stale`` when complete but something upstream is
-    not, or (extraction) when only a store made from other inputs exists."""
-    own = {id(n): n.stage.state() for n in graph}
-    states = {}
-    for node in graph:
-        state = own[id(node)]
-        if state == COMPLETE and any(own.get(u) != COMPLETE for u in node.upstream()):
-            state = "stale"
-        elif state == MISSING and isinstance(node.stage, ExtractStage) and node.stage.stale_reason():
-            state = "stale"
-        states[id(node)] = state
-    return states
-
-
-def require_complete(stage: Stage, command: str) -> None:
-    """Stop with what is wrong and the command that fixes it unless ``stage`` has finished."""
-    if stage.state() != COMPLETE:
-        problem = stage.note() or f"{stage.output} is not computed yet"
-        raise ConfigError(f"{problem}; run `{command}` (same options) first")

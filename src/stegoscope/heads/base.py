@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from ..ops.transfer import to_device
 from ..probing import CodeSource, Evaluation, Probes, StoreArrays, TokenBatches, TrainingLog, evaluate_with_crf
 from ..reducers import Reducer
 from ..training import Member, Schedule, SharedBatch, Trained, train_group
+
+if TYPE_CHECKING:
+    from ..pipeline import Stage
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,11 @@ class HeadTrainer(ABC):
         return ModuleReducer.of(self, head)
 
     @classmethod
-    def inputs_of(cls, params: HeadParams) -> tuple[str, ...]:
-        """The further artefacts it reads, by the names the study knows (``masks``, ``base``)."""
-        return ()
+    def input_stages(cls, params: HeadParams, study: Any, train: Stage, seed: int) -> dict[str, Stage]:
+        """The further stages whose artefacts it reads, by the names :meth:`load_inputs` gets them
+        under; made by the study's builders (``study.head(method, dim, seed)``,
+        ``study.primaps_masks(train, …)``), so that they are shared and cached like every stage."""
+        return {}
 
     @classmethod
     def code_dim(cls, params: HeadParams, channels: int, head_dim: Callable[[str], int]) -> int | None:
@@ -143,7 +148,7 @@ class HeadTrainer(ABC):
         return None
 
     def load_inputs(self, inputs: dict[str, Path]) -> dict[str, np.ndarray]:
-        """Read the :meth:`inputs_of` artefacts (folder by name); returns arrays (or array-likes that
+        """Read the :meth:`input_stages` artefacts (folder by name); returns arrays (or array-likes that
         index by rows) with a row per train image."""
         return {}
 

@@ -115,8 +115,10 @@ class PrimapsTrainer(HeadTrainer):
         self.base_centroids: torch.Tensor | None = None
 
     @classmethod
-    def inputs_of(cls, params: PrimapsParams) -> tuple[str, ...]:
-        return ("masks", "base") if params.base else ("masks",)
+    def input_stages(cls, params: PrimapsParams, study, train, seed: int) -> dict:
+        """Its train split's mask proposals and, for STEGO+PriMaPs-EM, the base head (at its headline D)."""
+        stages = {"masks": study.primaps_masks(train, params.threshold, params.coverage, params.gain)}
+        return stages | ({"base": study.head(params.base, None, seed)} if params.base else {})
 
     @classmethod
     def code_dim(cls, params: PrimapsParams, channels: int, head_dim) -> int:

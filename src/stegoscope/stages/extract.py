@@ -102,49 +102,53 @@ class ExtractSummary:
     steady_images_per_second: float = field(default=0.0)
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How an extraction runs, not what it makes (none is in the key): the same store results.
+
+    ``workers``: DataLoader decode workers (None: min(4, cores)); ``writers``: threads writing
+    finished shards (None: 2 on CUDA, 1 on CPU); ``skip_bad``: check every sample first and skip
+    unreadable ones, recording them; ``download_weights``: fetch timm's hub copy if it is not
+    here; ``rank`` of ``world``: this process writes the shards s with s % world == rank."""
+
+    batch_size: int = 32
+    workers: int | None = None
+    shard_images: int = cache_schema.DEFAULT_SHARD_IMAGES
+    device: str = "auto"
+    show_progress: bool = True
+    decode: str = DECODE_AUTO
+    compile: bool = False
+    writers: int | None = None
+    skip_bad: bool = False
+    download_weights: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, not {self.decode!r}")
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank must be in 0..world-1, not rank {self.rank} of world {self.world}")
+        if self.workers is None:
+            object.__setattr__(self, "workers", min(4, os.cpu_count() or 1))
+
+
 class ExtractStage(Stage):
     name = "extract"
+    remade_in_place = True  # the same key's tokens again: a re-extraction reruns nothing downstream
     version = 1
 
-    def __init__(
-        self,
-        cache_root: Path,
-        data_root: Path,
-        params: ExtractParams,
-        batch_size: int = 32,
-        workers: int | None = None,
-        shard_images: int = cache_schema.DEFAULT_SHARD_IMAGES,
-        device: str = "auto",
-        show_progress: bool = True,
-        decode: str = DECODE_AUTO,
-        compile: bool = False,
-        writers: int | None = None,
-        skip_bad: bool = False,
-        download_weights: bool = False,
-        rank: int = 0,
-        world: int = 1,
-    ):
+    def __init__(self, cache_root: Path, data_root: Path, params: ExtractParams, **options: Any):
+        """``options``: the fields of :class:`ExtractOptions` (how it runs; not in the key)."""
         super().__init__(cache_root)
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank must be in 0..world-1, not rank {rank} of world {world}")
-        self.rank, self.world = rank, world  # this process writes the shards s with s % world == rank (not in the key)
         self.data_root = Path(data_root)
         self.p = params
-        self.batch_size = batch_size
-        self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        self.shard_images = shard_images
-        self.device = device
-        self.show_progress = show_progress
-        self.decode, self.compile, self.writers = decode, compile, writers
-        self.skip_bad = skip_bad  # check every sample first and skip unreadable ones, recording them
-        self.download_weights = download_weights  # fetch timm's hub copy if it is not here (extract, study)
+        self.options = ExtractOptions(**options)
 
     def decode_mode(self, device: torch.device) -> str:
         """Where JPEGs are decoded: ``auto`` means on the device when it is a GPU."""
-        if self.decode != DECODE_AUTO:
-            return self.decode
+        if self.options.decode != DECODE_AUTO:
+            return self.options.decode
         return DECODE_DEVICE if device.type == "cuda" else DECODE_CPU
 
     # -- identity ------------------------------------------------------------------------------
@@ -168,7 +172,7 @@ class ExtractStage(Stage):
     def weights(self) -> dict[str, Any]:
         weights = Path(self.p.weights) if self.p.weights else None
         identity = weights_identity(self.p.backbone, weights, self.p.seed, lambda path: self._memo.hash(path, full=True),
-                                    self.download_weights)
+                                    self.options.download_weights)
         self._memo.save()
         return identity
 
@@ -243,14 +247,14 @@ class ExtractStage(Stage):
     def find_skipped(self) -> dict[str, str]:
         """With ``skip_bad``: decode every sample once and return the unreadable ones (id → reason).
         Without: stop at the first missing file (cheap, before any compute)."""
-        if not self.skip_bad:
+        if not self.options.skip_bad:
             problems = self.dataset.problems()
             if problems:
                 raise problems[0][1]
             return {}
-        with progress_bar("img", self.show_progress) as bar:
+        with progress_bar("img", self.options.show_progress) as bar:
             task = bar.add_task(f"check {self.dataset.name}/{self.p.split}", total=len(self.dataset))
-            bad = find_bad_samples(self.dataset, self.workers, lambda n: bar.advance(task, n))
+            bad = find_bad_samples(self.dataset, self.options.workers, lambda n: bar.advance(task, n))
         return {self.dataset.ids[i]: reason for i, reason in bad.items()}
 
     def layout(self, n_images: int) -> StoreLayout:
@@ -258,20 +262,20 @@ class ExtractStage(Stage):
         grid = self.p.res // spec.patch_size
         return StoreLayout(
             n_images=n_images, grid=(grid, grid), channels=spec.embed_dim, pixels=(self.p.res, self.p.res),
-            labelled=self.dataset.labelled, with_images=self.p.store_images, shard_images=self.shard_images,
+            labelled=self.dataset.labelled, with_images=self.p.store_images, shard_images=self.options.shard_images,
             flip=self.p.flip, attention=self.p.attention,
         )
 
     def owns(self, shard: int) -> bool:
-        return shard % self.world == self.rank
+        return shard % self.options.world == self.options.rank
 
     def _open_or_create(self, force: bool) -> FeatureStore:
         if not force:
-            store = cache_schema.resume_store(self.output, self.key, self.owns if self.world > 1 else None)
-            if store is not None and self.skip_bad and not store.attrs.bad_samples_checked:
+            store = cache_schema.resume_store(self.output, self.key, self.owns if self.options.world > 1 else None)
+            if store is not None and self.options.skip_bad and not store.attrs.bad_samples_checked:
                 # Started without --skip-bad (it stopped at a bad sample, most likely): its rows
                 # still hold that sample, so the store is made again with bad samples left out.
-                if self.world > 1:
+                if self.options.world > 1:
                     raise StoreError(f"{store.path}: started without --skip-bad, so its rows include unchecked samples; "
                                      "rerun every rank with --skip-bad --force to make it again without bad samples")
                 console.print(f"[yellow]{store.path}: started without --skip-bad; made again with bad samples left out "
@@ -298,21 +302,21 @@ class ExtractStage(Stage):
     def store_attrs(self, skipped: dict[str, str]) -> StoreAttrs:
         """The attributes of this stage's store: its key, parameters, inputs and provenance."""
         _, random = parse_backbone(self.p.backbone)
-        device = resolve_device(self.device)
+        device = resolve_device(self.options.device)
         return StoreAttrs(
             key=self.key, stage=self.name, stage_version=self.version,
             params=self.params(), inputs=self.inputs(), dataset=self.p.dataset, split=self.p.split,
             extraction={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.p).items()},
             dataset_root=str(self.data_root), class_names=list(self.dataset.class_names),
             skipped=[SkippedSample(sid, reason) for sid, reason in skipped.items()],
-            bad_samples_checked=self.skip_bad, pretrained=not random, versions=package_versions(), started=time.time(),
+            bad_samples_checked=self.options.skip_bad, pretrained=not random, versions=package_versions(), started=time.time(),
             # not in the key (the same pixels up to JPEG rounding), but traceable: stores decoded on a GPU
             # before the decode was fenced (docs/benchmarks.md, run 4) are the ones without this entry
             extracted_with={"device": str(device), "decode": self.decode_mode(device)},
         )
 
     def execute(self, force: bool) -> ExtractSummary:
-        if self.world > 1:
+        if self.options.world > 1:
             raise RuntimeError("a rank of several runs through run_rank()")
         start = time.perf_counter()
         return self._fill(self._open_or_create(force), start)
@@ -327,8 +331,8 @@ class ExtractStage(Stage):
         pending = [shard for shard in store.pending_shards() if self.owns(shard)]
         first_batch = (start, 0)
         if pending:
-            first_batch = self._extract(store, layout, samples, pending)
-        if self.world == 1:
+            first_batch = extract_shards(self, store, layout, samples, pending)
+        if self.options.world == 1:
             store.mark_complete()
         end = time.perf_counter()
         n_new = sum(len(range(*layout.shard_slice(s).indices(layout.n_images))) for s in pending)
@@ -353,7 +357,8 @@ class ExtractStage(Stage):
         create = cache_schema.lock_path(self.cache_root, f"{self.key}.create")
         with stage_lock(create, wait, on_wait):
             store = self._open_or_create(False)
-        with stage_lock(cache_schema.lock_path(self.cache_root, f"{self.key}.rank{self.rank}of{self.world}"), wait, on_wait), \
+        rank, world = self.options.rank, self.options.world
+        with stage_lock(cache_schema.lock_path(self.cache_root, f"{self.key}.rank{rank}of{world}"), wait, on_wait), \
                 stage_lock(cache_schema.lock_path(self.cache_root, self.key), wait, on_wait, shared=True):
             summary = self._fill(store, start)
         with stage_lock(create, wait, on_wait):
@@ -362,53 +367,57 @@ class ExtractStage(Stage):
             if not left and not store.complete:
                 store.mark_complete()
         if left:
-            console.print(f"{self.dataset.name}/{self.p.split} rank {self.rank} of {self.world}: done; {len(left)} shards of "
+            console.print(f"{self.dataset.name}/{self.p.split} rank {rank} of {world}: done; {len(left)} shards of "
                           "other ranks are not written yet (the last rank to finish completes the store)", highlight=False)
         return RunResult(self, False, time.perf_counter() - start, summary)
 
-    def _extract(self, store: FeatureStore, layout: StoreLayout, samples: list, pending: list[int]) -> tuple[float, int]:
-        """Extract the pending shards; returns when the first batch arrived and its size."""
-        device = resolve_device(self.device)
-        on_device = self.decode_mode(device) == DECODE_DEVICE
-        spec, random = parse_backbone(self.p.backbone)
-        if random:
-            console.print(f"[bold red]WARNING: {self.p.backbone} has RANDOM weights (seed {self.p.seed}), NOT pretrained DINO.[/]")
-        backbone = build_backbone(self.p.backbone, Path(self.p.weights) if self.p.weights else None, self.p.seed).to(device)
-        if self.compile:
-            backbone = torch.compile(backbone, dynamic=False)
-        rows = [r for s in pending for r in range(*layout.shard_slice(s).indices(layout.n_images))]
-        view = ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, samples, rows, self.p.crop_ratio, on_device)
-        loader = torch.utils.data.DataLoader(
-            view, batch_size=self.batch_size, num_workers=self.workers, pin_memory=device.type == "cuda",
-            collate_fn=view.collate,
-        )
-        writers = self.writers or (2 if device.type == "cuda" else 1)
-        buffers = _ShardBuffers(layout, self.row_ids(samples), pinned=device.type == "cuda", slots=writers + 2)
-        writer = _ShardWriter(store, buffers, writers)
-        label = f"extract {self.dataset.name}/{self.p.split} @{self.p.res}"
-        first_batch = None
-        try:
-            with progress_bar("img", self.show_progress) as bar:
-                task = bar.add_task(label, total=len(rows))
-                for batch in loader:
-                    first_batch = first_batch or (time.perf_counter(), len(batch["index"]))
-                    if on_device:
-                        pixels = device_pixels(batch, self.dataset, self.p.res, self.p.interpolation, self.p.crop_ratio, device)
-                    else:
-                        pixels = batch["pixels"].to(device, non_blocking=True)
-                    arrays = _forward(backbone, pixels, device, layout.flip, layout.attention)
-                    if layout.labelled:
-                        arrays[LABELS] = batch["label"]
-                    if layout.with_images:
-                        arrays[IMAGES] = pixels
-                    for shard in buffers.add(batch["index"].numpy(), arrays):
-                        writer.put(shard)
-                    bar.advance(task, len(batch["index"]))
-        except DatasetError as exc:
-            raise DatasetError.from_worker(exc) from None
-        finally:
-            writer.close()
-        return first_batch
+
+def extract_shards(stage: ExtractStage, store: FeatureStore, layout: StoreLayout, samples: list,
+                   pending: list[int]) -> tuple[float, int] | None:
+    """The extraction pipeline of ``stage``: decode (DataLoader workers or the device), the
+    backbone, shard buffers and writer threads, over the ``pending`` shards of ``store``.
+    Returns when the first batch arrived and its size."""
+    device = resolve_device(stage.options.device)
+    on_device = stage.decode_mode(device) == DECODE_DEVICE
+    spec, random = parse_backbone(stage.p.backbone)
+    if random:
+        console.print(f"[bold red]WARNING: {stage.p.backbone} has RANDOM weights (seed {stage.p.seed}), NOT pretrained DINO.[/]")
+    backbone = build_backbone(stage.p.backbone, Path(stage.p.weights) if stage.p.weights else None, stage.p.seed).to(device)
+    if stage.options.compile:
+        backbone = torch.compile(backbone, dynamic=False)
+    rows = [r for s in pending for r in range(*layout.shard_slice(s).indices(layout.n_images))]
+    view = ExtractionDataset(stage.dataset, stage.p.res, stage.p.interpolation, samples, rows, stage.p.crop_ratio, on_device)
+    loader = torch.utils.data.DataLoader(
+        view, batch_size=stage.options.batch_size, num_workers=stage.options.workers, pin_memory=device.type == "cuda",
+        collate_fn=view.collate,
+    )
+    writers = stage.options.writers or (2 if device.type == "cuda" else 1)
+    buffers = _ShardBuffers(layout, stage.row_ids(samples), pinned=device.type == "cuda", slots=writers + 2)
+    writer = _ShardWriter(store, buffers, writers)
+    label = f"extract {stage.dataset.name}/{stage.p.split} @{stage.p.res}"
+    first_batch = None
+    try:
+        with progress_bar("img", stage.options.show_progress) as bar:
+            task = bar.add_task(label, total=len(rows))
+            for batch in loader:
+                first_batch = first_batch or (time.perf_counter(), len(batch["index"]))
+                if on_device:
+                    pixels = device_pixels(batch, stage.dataset, stage.p.res, stage.p.interpolation, stage.p.crop_ratio, device)
+                else:
+                    pixels = batch["pixels"].to(device, non_blocking=True)
+                arrays = _forward(backbone, pixels, device, layout.flip, layout.attention)
+                if layout.labelled:
+                    arrays[LABELS] = batch["label"]
+                if layout.with_images:
+                    arrays[IMAGES] = pixels
+                for shard in buffers.add(batch["index"].numpy(), arrays):
+                    writer.put(shard)
+                bar.advance(task, len(batch["index"]))
+    except DatasetError as exc:
+        raise DatasetError.from_worker(exc) from None
+    finally:
+        writer.close()
+    return first_batch
 
 
 def _size(nbytes: float) -> str:

@@ -353,7 +353,7 @@ def over_clustering_figure(rows: list[ResultRow]):
     """mIoU vs K' (clusters) on raw DINO, three mappings of clusters to classes."""
     import matplotlib.pyplot as plt
 
-    chosen = [r for r in rows if r.method == "dino" and r.family in (None, "over-clustering")]
+    chosen = [r for r in rows if r.method == registry.raw_method() and r.family in (None, "over-clustering")]
     k_prime = lambda r: _params(r)["n_classes"] + _params(r).get("extra_clusters", 0)  # noqa: E731
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), squeeze=False)
     mappings = (("cluster", "Hungarian, extra clusters dropped (STEGO's evaluation) [QUIRK]"),

@@ -45,7 +45,7 @@ class ImportStegoStage(Stage):
     def __init__(self, cache_root: Path, checkpoint: Path, val: Stage, crf: bool = True, flip: bool = True,
                  device: str = "auto", crf_workers: int = 2, show_progress: bool = True):
         super().__init__(cache_root)
-        self.checkpoint, self.val, self.method = Path(checkpoint), val, "stego"
+        self.checkpoint, self.val, self.method = Path(checkpoint), val, StegoHeadReducer.method
         self.crf, self.flip, self.device, self.crf_workers, self.show_progress = crf, flip, device, crf_workers, show_progress
 
     def params(self) -> dict[str, Any]:
@@ -96,6 +96,6 @@ class ImportStegoStage(Stage):
         begin_artefact(self.output)
         atomic_write_bytes(self.output / METRICS, json.dumps(metrics.to_dict(), indent=1).encode())
         atomic_write_npz(self.output / cache_schema.PAYLOAD, (reducer.state_dict()))
-        write_manifest(self.output, self.manifest(started, method="stego", reducer_class=reducer.method, reducer=reducer.params(),
+        write_manifest(self.output, self.manifest(started, method=self.method, reducer_class=reducer.method, reducer=reducer.params(),
                                                   checkpoint=str(self.checkpoint), dataset=val.attrs.dataset))
         return metrics

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import cache_schema
+from .. import methods as registry
 from ..atomic import atomic_write_bytes
 from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
 from ..models import resolve_device
@@ -53,14 +54,14 @@ class ProbeStage(Stage):
     version = 1
 
     def __init__(self, cache_root: Path, train: Stage, val: Stage, params: ProbeParams, reducer: Stage | None = None,
-                 dim: int | None = None, derived: tuple[Stage, Stage] | None = None, method: str = "dino",
+                 dim: int | None = None, derived: tuple[Stage, Stage] | None = None, method: str | None = None,
                  device: str = "auto", crf_workers: int = 2, show_progress: bool = True):
-        """``reducer``: None (raw tokens, ``method``), or the upstream reduce / head stage or
+        """``reducer``: None (``method``'s codes, the raw tokens by default), or the upstream reduce / head stage or
         finished artefact whose codes are probed (at ``dim`` when it serves every D);
         ``derived``: the stages holding its precomputed train and val codes (h-NNE)."""
         super().__init__(cache_root)
         self.train, self.val, self.p, self.reducer, self.derived = train, val, params, reducer, derived
-        self.method = reducer.method if reducer is not None else method
+        self.method = reducer.method if reducer is not None else method or registry.raw_method()
         self.dim, self.device = dim, device
         self.crf_workers, self.show_progress = crf_workers, show_progress
 

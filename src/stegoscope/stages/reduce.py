@@ -40,6 +40,7 @@ class ReduceStage(Stage):
     fit it does not change (unless a ``max_images`` subset is drawn)."""
 
     name = "reduce"
+    recorded_as = "fit"
     version = 2
 
     def __init__(self, cache_root: Path, train: Stage, method: str, params: Any, dim: int | None = None, seed: int = 0,
@@ -81,7 +82,7 @@ class ReduceStage(Stage):
         atomic_write_npz(self.output / cache_schema.PAYLOAD, reducer.state_dict())
         write_manifest(self.output, self.manifest(
             started, method=self.method, reducer_class=self.cls.method, reducer=reducer.params(), store=str(store.path),
-            dataset=store.attrs.dataset, versions=package_versions(("stegoscope", "numpy", "dask", "hnne"))))
+            dataset=store.attrs.dataset, versions=package_versions(("stegoscope", "numpy", "dask", *self.cls.packages))))
         return reducer
 
 

@@ -44,9 +44,6 @@ class TrainHeadStage(Stage):
         self.name, self.version = f"train-{method}", self.trainer_cls.version
         if self.trainer_cls.uses_knn and knn is None:
             raise ValueError(f"{method} trains with kNN partners: give it the kNN stage")
-        missing = set(self.trainer_cls.inputs_of(params)) - set(self.inputs_)
-        if missing:
-            raise ValueError(f"{method} reads {', '.join(sorted(missing))}: give it those stages")
         self.train, self.val, self.knn = train, val, knn if self.trainer_cls.uses_knn else None
         self.device, self.resident_bytes, self.crf_workers, self.show_progress = device, resident_bytes, crf_workers, show_progress
 
