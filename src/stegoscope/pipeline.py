@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from . import cache_schema, storage
-from .atomic import PARTIAL_SUFFIX, atomic_write_text, remove_partials
-from .records import FileEntry, Manifest, R, RecordError, canonical_json, experiment_id, without_seeds  # noqa: F401 (re-exported)
+from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_npz, atomic_write_text, remove_partials
+from .records import FileEntry, Manifest, R, Record, RecordError, canonical_json, experiment_id, without_seeds  # noqa: F401 (re-exported)
 from .storage import as_path
 
 MISSING, PARTIAL, COMPLETE = "missing", "partial", "complete"
@@ -486,6 +486,24 @@ class Stage(ABC):
                            "inputs": self.inputs(), "config": config, "experiment": experiment_id(config), "label": self.label,
                            "started": started, "finished": finished, "seconds": finished - started, "versions": package_versions(),
                            **about})
+
+    def publish(self, started: float, files: dict[str, Any], **about: Any) -> Manifest:
+        """Save this stage's artefact, the one way every stage does: each of ``files`` (a record
+        as JSON, a dict of arrays as ``.npz``, bytes as they are), then the manifest, last.
+        ``about``: what the output is (see :meth:`manifest`). Files written while computing
+        (a log, resumable chunks) stay; they are listed in the manifest too."""
+        begin_artefact(self.output)
+        for name, content in files.items():
+            path = self.output / name
+            if isinstance(content, Record):
+                atomic_write_text(path, json.dumps(content.to_dict(), indent=1))
+            elif isinstance(content, dict):
+                atomic_write_npz(path, content)
+            else:
+                atomic_write_bytes(path, content)
+        manifest = self.manifest(started, **about)
+        write_manifest(self.output, manifest)
+        return manifest
 
     @property
     @abstractmethod

@@ -16,9 +16,11 @@ instead of D-channel codes; the code norm is accumulated over channel chunks.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import signal
 import time
 import weakref
 from collections.abc import Callable
@@ -339,6 +341,7 @@ class CRFPool:
     def __init__(self, workers: int = 2, timeout: float = 120.0):
         self.workers, self.timeout = workers, timeout
         self.pool: ProcessPoolExecutor | None = None
+        self.pids: Any = None  # a queue each worker puts its pid in when it starts (to kill a hung one)
 
     def map(self, images: list[np.ndarray], probs: list[np.ndarray]) -> list[np.ndarray]:
         return self.run(crf_argmax, list(zip(images, probs)))
@@ -351,7 +354,9 @@ class CRFPool:
         failures = 0
         while True:
             if self.pool is None:
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+                context = get_context("spawn")
+                self.pids = context.SimpleQueue()
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_report_pid, initargs=(self.pids,))
             try:
                 futures = [self.pool.submit(function, job) for job in jobs[len(done):]]
                 for future in futures:
@@ -368,11 +373,17 @@ class CRFPool:
 
     def close(self, kill: bool = False) -> None:
         if self.pool is not None:
-            processes = list(getattr(self.pool, "_processes", {}).values()) if kill else []
             self.pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:  # a hung worker would outlive shutdown()
-                process.terminate()
-            self.pool = None
+            while kill and not self.pids.empty():  # a hung worker would outlive shutdown()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pids.get(), signal.SIGTERM)
+            self.pids.close()
+            self.pool = self.pids = None
+
+
+def _report_pid(pids) -> None:
+    """A CRF worker's first act: say who it is, so that a pool that hangs can be killed."""
+    pids.put(os.getpid())
 
 
 @dataclass

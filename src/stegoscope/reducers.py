@@ -187,6 +187,11 @@ class _Standardized(Reducer):
     def __init__(self, standardize: str = "train"):
         self.standardize = one_of("standardize", standardize, STANDARDIZE)
 
+    def standardized(self, tokens: np.ndarray) -> np.ndarray:
+        """The tokens as the fit saw them: standardised as it was (not centred when ``standardize``
+        is ``none``). h-NNE's anchors live in this space (the hierarchy stage's nearest anchors)."""
+        return self._standardized(tokens, center_when_none=False)
+
     def _standardized(self, tokens: np.ndarray, center_when_none: bool) -> np.ndarray:
         x = np.asarray(tokens, dtype=np.float32)
         if self.standardize == "batch":

@@ -88,7 +88,7 @@ def _reachable(path) -> None:
     """List the root's bucket (or parent) once; turn the backend's failure into an error with the fix."""
     try:
         path.exists()
-        bucket = path.fs._strip_protocol(str(path)).split("/", 1)[0]
+        bucket = path.path.split("/", 1)[0]  # the URL without its protocol: bucket/prefix
         if path.protocol in ("s3", "s3a", "gs", "gcs") and not path.fs.exists(bucket):
             raise CacheLocationError(f"cache {path}: bucket {bucket!r} does not exist; fix: create it, or correct the URL")
     except CacheLocationError:

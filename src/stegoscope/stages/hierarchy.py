@@ -11,7 +11,6 @@ as errors, and many-to-one (which reads the val labels: reported apart).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ import torch.nn.functional as F
 
 from .. import cache_schema
 from .. import methods as registry
-from ..atomic import atomic_write_bytes
 from ..cache_schema import LABELS, METRICS, TOKENS, open_complete_store
 from ..models import resolve_device
 from ..ops.metrics import SegmentationMetrics
-from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
+from ..pipeline import Stage, artefact_state
 from ..probing import StoreArrays, load_reducer
 from ..progress import progress_bar
 from ..records import EvalResult, LevelScores
@@ -51,7 +49,7 @@ def evaluate_levels(reducer, arrays: StoreArrays, n_classes: int, device: torch.
     for start in range(0, len(arrays), batch):
         rows = np.arange(start, min(start + batch, len(arrays)))
         tokens = arrays.rows(TOKENS, rows)
-        z = torch.from_numpy(reducer._standardized(tokens, center_when_none=False)).to(device)
+        z = torch.from_numpy(reducer.standardized(tokens)).to(device)
         nearest = (F.normalize(z, dim=-1) @ unit.T).argmax(dim=-1)  # (B, h, w)
         labels = arrays.tensor(LABELS, rows, device)
         ids = F.interpolate(ids_of[nearest].permute(0, 3, 1, 2).float(), size=labels.shape[-2:], mode="nearest").long()
@@ -97,9 +95,6 @@ class HierarchyStage(Stage):
         with progress_bar("img", self.show_progress) as bar:
             task = bar.add_task("h-NNE hierarchy levels", total=len(arrays))
             levels = evaluate_levels(reducer, arrays, self.n_classes, device, progress=lambda n: bar.advance(task, n))
-        begin_artefact(self.output)
         result = EvalResult(levels=[LevelScores.from_dict(level) for level in levels])
-        atomic_write_bytes(self.output / METRICS, json.dumps(result.to_dict(), indent=1).encode())
-        write_manifest(self.output, self.manifest(started, dataset=val.attrs.dataset, method=self.method,
-                                                  code_dim=self.fit.dim))
+        self.publish(started, {METRICS: result}, dataset=val.attrs.dataset, method=self.method, code_dim=self.fit.dim)
         return levels

@@ -15,11 +15,10 @@ from typing import Any
 import torch
 
 from .. import cache_schema
-from ..atomic import atomic_write_bytes, atomic_write_npz
 from ..cache_schema import METRICS, StoreError, open_complete_store
 from ..models import resolve_device
 from ..models.stego_head import StegoHead, find_setting, read_stego_checkpoint
-from ..pipeline import FileHashMemo, Stage, artefact_state, begin_artefact, write_manifest
+from ..pipeline import FileHashMemo, Stage, artefact_state
 from ..probing import CodeSource, Probes, StoreArrays, evaluate, evaluate_with_crf
 from ..records import EvalResult, StepScores
 from ..reducers import StegoHeadReducer
@@ -93,9 +92,7 @@ class ImportStegoStage(Stage):
         hparams = ckpt["hyper_parameters"]
         settings = {k: find_setting(hparams, k) for k in ("model_type", "dino_patch_size", "dim", "dataset_name", "n_classes")}
         metrics = EvalResult(best=best, best_crf=best_crf, seconds=seconds, checkpoint=json.loads(json.dumps(settings, default=str)))
-        begin_artefact(self.output)
-        atomic_write_bytes(self.output / METRICS, json.dumps(metrics.to_dict(), indent=1).encode())
-        atomic_write_npz(self.output / cache_schema.PAYLOAD, (reducer.state_dict()))
-        write_manifest(self.output, self.manifest(started, method=self.method, reducer_class=reducer.method, reducer=reducer.params(),
-                                                  checkpoint=str(self.checkpoint), dataset=val.attrs.dataset))
+        self.publish(started, {METRICS: metrics, cache_schema.PAYLOAD: reducer.state_dict()},
+                     method=self.method, reducer_class=reducer.method, reducer=reducer.params(),
+                     checkpoint=str(self.checkpoint), dataset=val.attrs.dataset)
         return metrics

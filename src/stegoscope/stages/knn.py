@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from .. import cache_schema
-from ..atomic import atomic_write_npz
 from ..cache_schema import NNS, POOLED, open_complete_store
 from ..models import resolve_device
 from ..ops.knn import knn_blocked, knn_tree
-from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
+from ..pipeline import Stage, artefact_state
 from ..storage import as_path
 
 
@@ -55,9 +54,7 @@ class KnnStage(Stage):
             nns = knn_blocked(store[POOLED][:], self.k, self.block, device.type)
         else:  # dask tasks on the active scheduler, each reading its rows from the store by its path
             nns = knn_tree(_pooled_blocks(store, self.block), self.k, self.block)
-        begin_artefact(self.output)
-        atomic_write_npz(self.output / cache_schema.PAYLOAD, ({NNS: nns}))
-        write_manifest(self.output, self.manifest(started, store=str(store.path)))
+        self.publish(started, {cache_schema.PAYLOAD: {NNS: nns}}, store=str(store.path))
         return nns
 
 

@@ -12,7 +12,6 @@ back as one memory-mapped (N, H, W) array.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from .. import cache_schema
-from ..atomic import atomic_write_bytes, atomic_write_npy
+from ..atomic import atomic_write_npy
 from ..cache_schema import IMAGES, TOKENS, StoreError, load_mask_ids, mask_ids_path, open_complete_store
-from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
+from ..pipeline import Stage, artefact_state, begin_artefact
 from ..probing import CRFPool
 from ..progress import progress_bar
 from ..records import MaskSummary
@@ -98,6 +97,5 @@ class PrimapsMasksStage(Stage):
         finally:
             pool.close()
         summary = MaskSummary(n, float(np.mean(counts)), int(np.sum(np.array(counts) == 0)))
-        atomic_write_bytes(self.output / cache_schema.METRICS, json.dumps(summary.to_dict(), indent=1).encode())
-        write_manifest(self.output, self.manifest(started, store=str(store.path)))
+        self.publish(started, {cache_schema.METRICS: summary}, store=str(store.path))
         return load_mask_ids(self.output)

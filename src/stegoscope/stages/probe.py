@@ -12,7 +12,6 @@ the best step's probes evaluated with the dense CRF.
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ import torch
 
 from .. import cache_schema
 from .. import methods as registry
-from ..atomic import atomic_write_bytes
 from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
 from ..models import resolve_device
-from ..pipeline import Stage, artefact_state, begin_artefact, write_manifest
+from ..pipeline import Stage, artefact_state
 from ..probing import FIT_TOKENS, CodeSource, Evaluation, Probes, StoreArrays, evaluate_with_crf, load_reducer, sample_codes
 from ..records import EvalResult
 from ..reducers import IdentityReducer
@@ -177,12 +175,9 @@ class ProbeMember(Member):
                 self.val_codes, self.probes, self.device, p.extra_as_errors, stage.crf_workers, stage.show_progress)}
             seconds["crf"] = time.perf_counter() - refining
         metrics = EvalResult.of_training(trained.history, trained.best, best_crf, seconds, p.n_classes)
-        begin_artefact(stage.output)
-        atomic_write_bytes(stage.output / METRICS, json.dumps(metrics.to_dict(), indent=1).encode())
         buffer = io.BytesIO()
         torch.save({"best": trained.best_snapshot, "final": final_state}, buffer)
-        atomic_write_bytes(stage.output / PROBES, buffer.getvalue())
         train = self.train_codes.arrays.store
-        write_manifest(stage.output, stage.manifest(started, dataset=train.attrs.dataset, method=stage.method,
-                                                    code_dim=self.dim, seed=p.seed))
+        stage.publish(started, {METRICS: metrics, PROBES: buffer.getvalue()}, dataset=train.attrs.dataset, method=stage.method,
+                      code_dim=self.dim, seed=p.seed)
         return metrics

@@ -22,11 +22,10 @@ import numpy as np
 
 from .. import cache_schema
 from .. import methods as registry
-from ..atomic import atomic_write_npz
 from ..cache_schema import IDS, POOLED, TOKENS, FeatureStore, StoreLayout, open_complete_store
 from ..compute import distributed_workers
 from ..models import resolve_device
-from ..pipeline import Stage, artefact_state, begin_artefact, package_versions, store_state, write_manifest
+from ..pipeline import Stage, artefact_state, package_versions, store_state
 from ..probing import load_reducer
 from ..progress import progress_bar
 from ..records import StoreAttrs
@@ -78,11 +77,9 @@ class ReduceStage(Stage):
         if self.max_images and self.max_images < len(store):
             images = np.random.default_rng(self.seed).choice(len(store), self.max_images, replace=False)
         reducer = self.cls.from_params(self.p, self.dim, self.seed or 0, device).fit(store.token_matrix(images))
-        begin_artefact(self.output)
-        atomic_write_npz(self.output / cache_schema.PAYLOAD, reducer.state_dict())
-        write_manifest(self.output, self.manifest(
-            started, method=self.method, reducer_class=self.cls.method, reducer=reducer.params(), store=str(store.path),
-            dataset=store.attrs.dataset, versions=package_versions(("stegoscope", "numpy", "dask", *self.cls.packages))))
+        self.publish(started, {cache_schema.PAYLOAD: reducer.state_dict()}, method=self.method, reducer_class=self.cls.method,
+                     reducer=reducer.params(), store=str(store.path), dataset=store.attrs.dataset,
+                     versions=package_versions(("stegoscope", "numpy", "dask", *self.cls.packages)))
         return reducer
 
 

@@ -11,7 +11,6 @@ and ``manifest.json`` last.
 from __future__ import annotations
 
 import io
-import json
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -22,11 +21,10 @@ import torch
 
 from .. import cache_schema
 from .. import methods as registry
-from ..atomic import atomic_write_bytes, atomic_write_npz
 from ..cache_schema import FINAL, METRICS, NNS, PROBES, open_complete_store
 from ..heads.base import HeadJob, HeadResult, HeadRun, fit_heads
 from ..models import resolve_device
-from ..pipeline import Stage, artefact_state, begin_artefact, load_npz, write_manifest
+from ..pipeline import Stage, artefact_state, begin_artefact, load_npz
 from ..probing import TrainingLog
 from ..records import EvalResult
 
@@ -103,14 +101,12 @@ class TrainHeadStage(Stage):
 
     def save(self, result: HeadResult, train, started: float) -> EvalResult:
         """The artefact of a trained head (manifest last); returns its metrics."""
-        atomic_write_npz(self.output / FINAL, result.final_head.state_dict())
-        atomic_write_npz(self.output / cache_schema.PAYLOAD, result.best_head.state_dict())
         buffer = io.BytesIO()
         torch.save({"best": result.best_probes, "final": result.final_probes}, buffer)
-        atomic_write_bytes(self.output / PROBES, buffer.getvalue())
         metrics = EvalResult.of_training(result.history, result.best, result.best_crf, result.seconds)
-        atomic_write_bytes(self.output / METRICS, json.dumps(metrics.to_dict(), indent=1).encode())
-        write_manifest(self.output, self.manifest(
-            started, method=self.method, reducer_class=result.best_head.method, reducer=result.best_head.params(),
-            dataset=train.attrs.dataset, code_dim=self.run.dim, seed=self.run.seed, resident=result.resident))
+        files = {FINAL: result.final_head.state_dict(), cache_schema.PAYLOAD: result.best_head.state_dict(),
+                 PROBES: buffer.getvalue(), METRICS: metrics}
+        self.publish(
+            started, files, method=self.method, reducer_class=result.best_head.method, reducer=result.best_head.params(),
+            dataset=train.attrs.dataset, code_dim=self.run.dim, seed=self.run.seed, resident=result.resident)
         return metrics
