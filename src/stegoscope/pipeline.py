@@ -8,16 +8,13 @@ This module knows no particular stage.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import cached_property
 from importlib import metadata
@@ -26,6 +23,7 @@ from typing import Any
 
 from . import cache_schema, storage
 from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_npz, atomic_write_text, remove_partials
+from .locks import LockHeld, lock_at, lock_held  # noqa: F401 (LockHeld re-exported)
 from .records import FileEntry, Manifest, R, Record, RecordError, canonical_json, experiment_id, without_seeds  # noqa: F401 (re-exported)
 from .storage import as_path
 
@@ -344,94 +342,10 @@ def unreachable(cache_root: Path, roots: set[str]) -> list[tuple[Path, int]]:
     return garbage
 
 
-def lock_held(lock: Path) -> bool:
-    """Whether a process holds ``lock`` (shared or exclusive)."""
-    if storage.is_remote(lock):
-        return storage.lease_held(lock)
-    if not lock.exists():
-        return False
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-# -- locks --------------------------------------------------------------------------------------
-
-
-class LockHeld(RuntimeError):
-    """Another process holds the lock of a stage key."""
-
-
-_HELD_LOCKS: set[int] = set()  # file descriptors of the locks this process holds
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that a
-    lock is free as soon as the process that took it dies, whatever its children do."""
-    for fd in list(_HELD_LOCKS):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-@contextmanager
-def stage_lock(path: Path, wait: bool = True, on_wait=None, shared: bool = False) -> Iterator[None]:
-    """A ``flock`` on ``path``: exclusive while a stage writes its key's output, ``shared`` while a
-    stage reads it (so a rewrite of a store waits for its readers, and a reader for the rewrite).
-
-    The kernel drops the lock when its holder dies, so a stale lock of a crashed process is
-    taken over at once; forked children do not keep it. On object storage, where flock means
-    nothing, the lock is a :class:`storage.Lease` (taken over once it expires).
-    """
-    if storage.is_remote(path):
-        held = storage.Lease(path, shared=shared)
-        try:
-            held.acquire(wait, on_wait)
-        except storage.LeaseHeld as exc:
-            raise LockHeld(f"{exc}; it runs or reads the same stage key: wait for it to finish (run without "
-                           f"--no-wait), or for its lease to expire if it died") from None
-        try:
-            yield
-        finally:
-            held.release()
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    _HELD_LOCKS.add(fd)
-    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    try:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            if not shared:
-                holder += " or a stage reading its output"
-            if not wait:
-                raise LockHeld(f"{path} is held by {holder}, which runs or reads the same stage key; "
-                               "wait for it to finish (run without --no-wait)") from None
-            if on_wait is not None:
-                on_wait(holder)
-            fcntl.flock(fd, mode)
-        if not shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
-        yield
-    finally:
-        _HELD_LOCKS.discard(fd)
-        os.close(fd)  # releases the flock
+def stage_lock(path: Path, wait: bool = True, on_wait=None, shared: bool = False):
+    """``with stage_lock(path): …``: the :class:`locks.Lock` of ``path`` taken (a flock, or a
+    lease on object storage), exclusive, or ``shared`` while a stage reads what it guards."""
+    return lock_at(path, shared).taken(wait, on_wait)
 
 
 # -- the stage contract -------------------------------------------------------------------------
