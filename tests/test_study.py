@@ -96,3 +96,52 @@ def test_the_number_of_classes_comes_from_the_dataset_and_preset_without_opening
     assert ctx.n_classes == 5 and ctx.base.n_classes == 5  # the base keeps what the data is, not the experiment's change
     assert ctx.base.preset.probe.steps != 7
     assert not nowhere.exists()
+
+
+def test_a_stage_defined_in_a_test_file_runs_in_a_study_with_one_registry_line(tmp_path, monkeypatch):
+    """A toy stage (the mean token norm of the train store) needs its own class and one line in
+    the command table; the graph, runner, record, skip-when-cached and error hints come free."""
+    import numpy as np
+    import pytest
+
+    from stegoscope import cache_schema
+    from stegoscope.pipeline import Stage, artefact_state, load_npz, read_manifest
+    from stegoscope.runner import recorded_keys
+
+    class TokenNorms(Stage):
+        name, version = "token-norms", 1
+
+        def __init__(self, cache_root, train):
+            super().__init__(cache_root)
+            self.train = train
+
+        def params(self):
+            return {}
+
+        def upstream(self):
+            return {"train": self.train}
+
+        @property
+        def output(self):
+            return cache_schema.artefact_dir(self.cache_root, self.name, "norms", self.key)
+
+        def state(self):
+            return artefact_state(self.output)
+
+        def execute(self, force):
+            store = cache_schema.open_complete_store(self.train.output)
+            tokens = store[cache_schema.TOKENS][:].astype(np.float64)
+            self.publish(0.0, {cache_schema.PAYLOAD: {"mean_norm": np.linalg.norm(tokens, axis=-1).mean().reshape(1)}})
+
+    monkeypatch.setitem(cache_schema.COMMANDS, "token-norms", "study")  # its one registry line
+    ctx = StudyContext(load_preset("demo"), tmp_path / "c", device="cpu", show_progress=False)
+    toy = TokenNorms(ctx.cache_root, ctx.extract("train"))
+    graph = ctx.graph_of([toy])
+    assert [n.label for n in graph] == ["extract train", "token-norms"] and ran(run_graph(ctx, graph)) == 2
+    tokens = cache_schema.open_complete_store(ctx.extract("train").output)[cache_schema.TOKENS][:].astype(np.float64)
+    expected = np.sqrt((tokens**2).sum(-1)).mean()  # by hand
+    np.testing.assert_allclose(load_npz(toy.output)["mean_norm"], [expected], rtol=1e-12)
+    assert ran(run_graph(ctx, graph)) == 0 and toy.key in recorded_keys(ctx.cache_root)  # cached; `gc` keeps it
+    (toy.output / cache_schema.PAYLOAD).write_bytes(b"x")
+    with pytest.raises(cache_schema.StoreError, match=r"rerun the `stegoscope study` command that made it"):
+        read_manifest(toy.output)
