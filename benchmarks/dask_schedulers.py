@@ -7,21 +7,22 @@ the scan behind every PCA and RP fit), each read by the tasks from its path, the
 how far each scheduler's result is from the threaded one's (BLAS may sum in another order in a
 one-thread worker). Prints seconds and the ratio to the threaded scheduler.
 
-    python benchmarks/dask_schedulers.py [--n 20000] [--dim 384] [--tokens-gb 0.5] [--dir /tmp/dask-bench]
+    python benchmarks/dask_schedulers.py [--n 20000] [--dim 384] [--tokens-gb 0.5] [--dir /tmp/dask-bench] [--repeat 1] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 
+from harness import Results, make_parser, time_calls
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, device=None, warmup=0, repeat=1)  # the CPU's schedulers; one scan each by default, as before
     parser.add_argument("--n", type=int, default=20000, help="descriptors (kNN rows)")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--k", type=int, default=30)
@@ -29,6 +30,11 @@ def main() -> None:
     parser.add_argument("--tokens-gb", type=float, default=0.5)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/dask-bench"))
     args = parser.parse_args()
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
     import dask.array as da
     import zarr
 
@@ -44,28 +50,33 @@ def main() -> None:
     tokens = zarr.create_array(str(args.dir / "tokens.zarr"), shape=(rows, args.dim), dtype="float16", chunks=(16384, args.dim))
     for start in range(0, rows, 16384):
         tokens[start : start + 16384] = rng.normal(size=(min(16384, rows - start), args.dim)).astype(np.float16)
-    print(f"kNN of {args.n:,} × {args.dim} (top {args.k}, blocks of {args.block}); moments of {rows:,} × {args.dim} fp16 tokens "
-          f"({rows * args.dim * 2 / 1e9:.2f} GB)")
+    res.line(f"kNN of {args.n:,} × {args.dim} (top {args.k}, blocks of {args.block}); moments of {rows:,} × {args.dim} fp16 tokens "
+             f"({rows * args.dim * 2 / 1e9:.2f} GB); median of {args.repeat}")
+
+    def moments() -> tuple:
+        _MOMENTS.clear()  # measure the scan, not the process's memo of it
+        return streamed_moments(da.from_zarr(str(args.dir / "tokens.zarr")))
+
     results, base = {}, {}
     for scheduler, workers in (("threads", None), ("local-cluster", 1), ("local-cluster", 2)):
         name = scheduler + (f" ×{workers}" if workers else "")
         with dask_scheduler(scheduler, workers or 2):
-            start = time.perf_counter()
-            nns = knn_tree(da.from_zarr(str(args.dir / "pooled.zarr")), args.k, args.block)
-            knn_s = time.perf_counter() - start
-            _MOMENTS.clear()  # measure the scan, not the process's memo of it
-            start = time.perf_counter()
-            n, mean, cov = streamed_moments(da.from_zarr(str(args.dir / "tokens.zarr")))
-            moments_s = time.perf_counter() - start
-        results[name] = (nns, mean, cov)
+            knn = time_calls(lambda: knn_tree(da.from_zarr(str(args.dir / "pooled.zarr")), args.k, args.block),
+                             warmup=args.warmup, repeat=args.repeat)
+            scan = time_calls(moments, warmup=args.warmup, repeat=args.repeat)
+        results[name] = (knn.result, *scan.result[1:])
+        knn_s = res.record(f"{name} kNN", knn.median, "s", show=False)
+        moments_s = res.record(f"{name} moments", scan.median, "s", show=False)
         base.setdefault("knn", knn_s)
         base.setdefault("moments", moments_s)
-        print(f"{name:<18} kNN {knn_s:7.2f} s ({base['knn'] / knn_s:.2f}× threads)   moments {moments_s:7.2f} s "
-              f"({base['moments'] / moments_s:.2f}× threads)")
+        res.line(f"{name:<18} kNN {knn_s:7.2f} s ({base['knn'] / knn_s:.2f}× threads)   moments {moments_s:7.2f} s "
+                 f"({base['moments'] / moments_s:.2f}× threads)")
     first = next(iter(results.values()))
     for name, (nns, mean, cov) in results.items():
-        print(f"{name:<18} neighbours equal to the threaded run's: {np.mean(nns == first[0]):.6f}; "
-              f"largest moment difference: {max(np.abs(mean - first[1]).max(), np.abs(cov - first[2]).max()):.2e}")
+        equal = res.record(f"{name} neighbours equal to the threaded run's", np.mean(nns == first[0]), show=False)
+        gap = res.record(f"{name} largest moment difference", max(np.abs(mean - first[1]).max(), np.abs(cov - first[2]).max()),
+                         show=False)
+        res.line(f"{name:<18} neighbours equal to the threaded run's: {equal:.6f}; largest moment difference: {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ s/step for each and the two ratios (backbone / cache), the host and device time 
 backward, one merged optimiser update (``training.merged``) — against the same heads alone.
 
     python benchmarks/gpu_stego.py [--arch vit_base_patch8] [--batch 32] [--res 224] [--steps 10] [--members 4]
-                                   [--device auto] [--profile]
+                                   [--device auto] [--warmup 1] [--profile] [--json PATH]
+
+Each s/step is the median of ``--steps`` (alias ``--repeat``) steps, each timed alone, after ``--warmup``.
 
 The defaults are the GPU setting of the issue: ViT-B/8 shapes, batch 32. On a CPU, try
 `--arch vit_small_patch8 --batch 8 --steps 3`.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stegoscope.models import resolve_device
+from harness import Results, device_name, make_parser, time_calls
 from stegoscope.models.backbone import build_backbone
 from stegoscope.models.stego_head import StegoHead
 from stegoscope.ops.correlation_loss import CorrelationLoss
@@ -36,18 +38,21 @@ from stegoscope.training import merged
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, warmup=1, repeat=10, aliases={"repeat": ["--steps"]})
     parser.add_argument("--arch", default="vit_base_patch8")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--res", type=int, default=224)
     parser.add_argument("--dim", type=int, default=70)
-    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cached-images", type=int, default=256, help="images in the resident token store")
     parser.add_argument("--members", type=int, default=4, help="heads of the grouped-vs-alone comparison")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--profile", action="store_true", help="print the profiler's table of 5 steps from the cache")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
+    device = res.device
     backbone = build_backbone(f"random:{args.arch}").to(device)
     c, grid, n_classes = backbone.embed_dim, args.res // backbone.patch_size, 27
     images = torch.randn(2 * args.batch, 3, args.res, args.res, device=device)
@@ -83,13 +88,13 @@ def main() -> None:
         feats = cached[rows].permute(0, 3, 1, 2).float()
         return feats[: args.batch], feats[args.batch :]
 
-    def from_cache(step: int) -> None:
+    def from_cache() -> None:
         train_step(*gathered())
 
     grid_members = [member(lam) for lam in torch.linspace(0.3, 0.9, args.members).tolist()]
     group_opts = merged([opt for _, member_opts in grid_members for opt in member_opts])
 
-    def grouped(step: int) -> None:  # one gather, every member's backward, one update
+    def grouped() -> None:  # one gather, every member's backward, one update
         f, f_pos = gathered()
         for opt in group_opts:
             opt.zero_grad()
@@ -98,7 +103,7 @@ def main() -> None:
         for opt in group_opts:
             opt.step()
 
-    def alone(step: int) -> None:  # each member its own gather and update, one after another
+    def alone() -> None:  # each member its own gather and update, one after another
         for member_loss, member_opts in grid_members:
             f, f_pos = gathered()
             for opt in member_opts:
@@ -108,58 +113,66 @@ def main() -> None:
                 opt.step()
 
     def with_backbone(bf16: bool):
-        def step(_: int) -> None:
+        def step() -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 feats = backbone(images).permute(0, 3, 1, 2).float()
             train_step(feats[: args.batch], feats[args.batch :])
 
         return step
 
-    def timed(fn) -> tuple[float, float]:
-        """(wall, host) seconds per step: host is the time to issue the steps; on CUDA, wall waits
-        for the device (CUDA events), so host < wall means the GPU, not Python, sets the pace."""
-        fn(0)  # warm-up
+    def back_to_back(fn) -> tuple[float, float]:
+        """(host, device) seconds per step of ``--steps`` steps issued without waiting: host is the time to
+        issue them, device waits for the last (CUDA events); host < device means the GPU, not Python, sets
+        the pace. The harness times each step alone, synchronised, which cannot show this."""
+        fn()  # warm-up
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             began.record()
         start = time.perf_counter()
-        for step in range(args.steps):
-            fn(step)
-        host = time.perf_counter() - start
+        for _ in range(args.repeat):
+            fn()
+        host = (time.perf_counter() - start) / args.repeat
         if not cuda:
-            return host / args.steps, host / args.steps
+            return host, host
         ended.record()
         torch.cuda.synchronize()
-        return began.elapsed_time(ended) / 1000 / args.steps, host / args.steps
+        return host, began.elapsed_time(ended) / 1000 / args.repeat
 
     def seconds_per_step(fn) -> float:
-        return timed(fn)[0]
+        return time_calls(fn, warmup=args.warmup, repeat=args.repeat, device=device).median
 
     if args.profile:  # where a step from the cache spends its time on the device
         from torch.profiler import ProfilerActivity, profile
 
-        from_cache(0)
+        from_cache()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            for step in range(5):
-                from_cache(step)
+            for _ in range(5):
+                from_cache()
             if device.type == "cuda":
                 torch.cuda.synchronize()
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=50))
-    cache_s, cache_host_s = timed(from_cache)
-    group_s, alone_s = seconds_per_step(grouped), seconds_per_step(alone)
-    fp32_s = seconds_per_step(with_backbone(False))
-    bf16_s = seconds_per_step(with_backbone(True))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}, {args.arch} @{args.res}, batch {args.batch} (+{args.batch} kNN partners), D {args.dim}, {args.steps} steps")
-    print(f"from cache (resident store):  {cache_s:.4f} s/step   host {cache_host_s:.4f} s/step (device-bound: host < wall)")
-    print(f"{args.members} heads grouped:          {group_s:.4f} s/step   alone one after another {alone_s:.4f} s/step   "
-          f"alone / grouped {alone_s / group_s:.2f}x")
-    print(f"with backbone, fp32:          {fp32_s:.4f} s/step   ratio {fp32_s / cache_s:.1f}x")
-    print(f"with backbone, bf16 autocast: {bf16_s:.4f} s/step   ratio {bf16_s / cache_s:.1f}x")
+        res.line(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=50))
+    cache_s = res.record("from cache", seconds_per_step(from_cache), "s/step", show=False)
+    host_s, device_s = back_to_back(from_cache)
+    res.record("from cache back to back, host", host_s, "s/step", show=False)
+    res.record("from cache back to back, device", device_s, "s/step", show=False)
+    group_s = res.record(f"{args.members} heads grouped", seconds_per_step(grouped), "s/step", show=False)
+    alone_s = res.record(f"{args.members} heads alone", seconds_per_step(alone), "s/step", show=False)
+    fp32_s = res.record("with backbone, fp32", seconds_per_step(with_backbone(False)), "s/step", show=False)
+    bf16_s = res.record("with backbone, bf16 autocast", seconds_per_step(with_backbone(True)), "s/step", show=False)
+    res.line(f"{device_name(device)}, {args.arch} @{args.res}, batch {args.batch} (+{args.batch} kNN partners), D {args.dim}, "
+             f"median of {args.repeat} steps")
+    res.line(f"from cache (resident store):  {cache_s:.4f} s/step   back to back: host {host_s:.4f} device {device_s:.4f} s/step "
+             "(device-bound: host < device)")
+    alone_ratio = res.record("alone / grouped", alone_s / group_s, show=False)
+    fp32_ratio, bf16_ratio = (res.record(f"{kind} / cache", s / cache_s, show=False) for kind, s in (("fp32", fp32_s), ("bf16", bf16_s)))
+    res.line(f"{args.members} heads grouped:          {group_s:.4f} s/step   alone one after another {alone_s:.4f} s/step   "
+             f"alone / grouped {alone_ratio:.2f}x")
+    res.line(f"with backbone, fp32:          {fp32_s:.4f} s/step   ratio {fp32_ratio:.1f}x")
+    res.line(f"with backbone, bf16 autocast: {bf16_s:.4f} s/step   ratio {bf16_ratio:.1f}x")
 
 
 if __name__ == "__main__":

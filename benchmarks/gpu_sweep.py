@@ -26,7 +26,7 @@ A measured fraction of the sweep runs, and the rest is scaled from it:
   reported as not measured.
 
     python benchmarks/gpu_sweep.py [--fraction 14] [--probe-dims 3 768] [--rp-dims 100] [--head-dims 100]
-        [--workdir /tmp/stegoscope-sweep] [--device auto] [--set KEY=VALUE ...]
+        [--workdir /tmp/stegoscope-sweep] [--device auto] [--set KEY=VALUE ...] [--json PATH]
 
 A CPU smoke run: `--train-images 12 --val-images 4 --set backbone=random:vit_micro_patch8
 --set extract.splits.train.res=32 --set extract.splits.val.res=48 --fraction 700 --probe-dims 3 --head-dims 16
@@ -47,12 +47,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from harness import Results, device_name, make_parser
 from stegoscope import cache_schema, probing
 from stegoscope.cache_schema import IDS, IMAGES, LABELS, POOLED, TOKENS, TOKENS_FLIP
 from stegoscope.config import load_preset, parse_assignment
-from stegoscope.models import resolve_device
 from stegoscope.pipeline import COMPLETE
 from stegoscope.records import EvalResult
+from stegoscope.runner import run_graph
 from stegoscope.study import StudyContext
 
 FULL_STEPS = 7000
@@ -119,7 +120,7 @@ def fill_store(stage, device: torch.device, n_classes: int, seed: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, warmup=None, repeat=None)  # whole stages of the study, each run once
     parser.add_argument("--fraction", type=int, default=14, help="trained stages run 7000/FRACTION steps")
     parser.add_argument("--probe-dims", type=int, nargs="+", default=[3, 768])
     parser.add_argument("--rp-dims", type=int, nargs="+", default=[100])
@@ -127,17 +128,20 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=2975, help="Cityscapes train images (five crops each)")
     parser.add_argument("--val-images", type=int, default=500)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/stegoscope-sweep"))
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--crf-workers", type=int, default=os.cpu_count())
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="preset override KEY=VALUE")
-    parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--no-group", action="store_true", help="train every probe and head alone (the default trains the "
                         "probes in one group and the heads in another; a member's seconds are then its group's)")
     parser.add_argument("--streamed", action="store_true",
                         help="the profile of the alternative: one PCA probe (seed 1) with nothing placed on the GPU, "
                              "its batches read from the store per step (as before device placement)")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
+    device = res.device
     steps = FULL_STEPS // args.fraction
     overrides = dict(parse_assignment(a) for a in ["backbone=random:vit_base_patch8", *args.overrides])
     try:
@@ -153,18 +157,23 @@ def main() -> None:
     ctx = StudyContext(preset, args.workdir / "cache", data, device=str(device), show_progress=False, crf_workers=args.crf_workers,
                        group=not args.no_group)
 
-    start = time.perf_counter()
+    start = time.perf_counter()  # writing the stores, once (every later run finds them complete)
     written = sum(fill_store(ctx.extract(split), device, ctx.n_classes, seed) for seed, split in enumerate(("train", "val")))
-    print(f"synthetic stores: {written:.1f} GB written in {time.perf_counter() - start:.0f} s")
+    res.record("synthetic stores written", written, "GB", show=False)
+    seconds = res.record("synthetic stores written in", time.perf_counter() - start, "s", show=False)
+    res.line(f"synthetic stores: {written:.1f} GB written in {seconds:.0f} s")
 
     if args.streamed:
         probing.DEVICE_SHARE = 0.0
         stage = ctx.probe("pca", args.probe_dims[0], seed=1)
-        ran = ctx.run(ctx.graph_of([stage]))
+        ran = run_graph(ctx, ctx.graph_of([stage]))
         parts = EvalResult.from_dict(json.loads((stage.output / cache_schema.METRICS).read_text())).seconds
-        print(f"streamed probe pca D={args.probe_dims[0]}, {steps} steps: {sum(r.seconds for _, r in ran):.1f} s; "
-              f"load {parts['load']:.1f} s, train {parts['train']:.1f} s = {parts['train'] / steps * 1000:.1f} ms per step "
-              f"(validations included)")
+        for part, seconds in parts.items():
+            res.record(f"streamed probe {part}", seconds, "s", show=False)
+        total = res.record("streamed probe", sum(r.seconds for _, r in ran), "s", show=False)
+        per_step = res.record("streamed probe train per step", parts["train"] / steps * 1000, "ms", show=False)
+        res.line(f"streamed probe pca D={args.probe_dims[0]}, {steps} steps: {total:.1f} s; "
+                 f"load {parts['load']:.1f} s, train {parts['train']:.1f} s = {per_step:.1f} ms per step (validations included)")
         return
     targets = {"knn": [ctx.knn()], "fit pca": [ctx.fit("pca", None)], "fit rp": [ctx.fit("rp", d) for d in args.rp_dims],
                "probe dino": [ctx.probe("dino")],
@@ -175,14 +184,15 @@ def main() -> None:
 
     def progress(node) -> None:  # one line per finished stage, so that a run cut short still says where it got
         if clock["node"] is not None:
-            print(f"  {clock['node'].label}: {time.perf_counter() - clock['start']:.1f} s", flush=True)
+            res.line(f"  {clock['node'].label}: {time.perf_counter() - clock['start']:.1f} s")
         clock.update(node=node, start=time.perf_counter())
 
-    running = time.perf_counter()
-    results = {id(node.stage): result for node, result in ctx.run(graph, progress=progress)}
+    running = time.perf_counter()  # the whole graph's wall time, once: what a --no-group run is compared by
+    results = {id(node.stage): result for node, result in run_graph(ctx, graph, progress=progress)}
     progress(None)
-    print(f"measured fraction, {'each alone' if args.no_group else 'grouped'}: {time.perf_counter() - running:.1f} s wall "
-          "(compare this line of a --no-group run: the per-kind figures below count a group's time once per member)")
+    wall = res.record(f"measured fraction, {'each alone' if args.no_group else 'grouped'}", time.perf_counter() - running, "s", show=False)
+    res.line(f"measured fraction, {'each alone' if args.no_group else 'grouped'}: {wall:.1f} s wall "
+             "(compare this line of a --no-group run: the per-kind figures below count a group's time once per member)")
     labels = {id(node.stage): node.label for node in graph}
 
     def measured(stage) -> dict[str, float]:
@@ -197,22 +207,23 @@ def main() -> None:
     counts = {"knn": 1, "fit pca": 1, "fit rp": len(dims), "probe dino": 1, "probe pca/rp": 2 * len(dims), "stego": len(dims)}
     for kind, stages in targets.items():
         figures = [measured(s) for s in stages]
-        each = float(np.mean([f["full"] for f in figures]))
+        each = res.record(f"{kind} each (full)", float(np.mean([f["full"] for f in figures])), "s", show=False)
         total += each * counts[kind]
-        rows.append({"kind": kind, "ran": len(stages), "in sweep": counts[kind], "each_full_s": each,
-                     "stages": [{"name": labels[id(s)], **f} for s, f in zip(stages, figures)]})
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{name}; Cityscapes-sized sweep, D ∈ {dims}; trained stages ran {steps} of {FULL_STEPS} steps (×{args.fraction})")
-    print(f"{'stage kind':14s} {'ran':>4s} {'in sweep':>8s} {'each (full) s':>14s}  measured: load / train / crf / other s")
+        for stage, stage_figures in zip(stages, figures):
+            for part, seconds in stage_figures.items():
+                res.record(f"{labels[id(stage)]} {part}", seconds, "s", show=False)
+        rows.append({"kind": kind, "ran": len(stages), "in sweep": counts[kind], "each_full_s": each, "stages": figures})
+    res.line(f"{device_name(device)}; Cityscapes-sized sweep, D ∈ {dims}; trained stages ran {steps} of {FULL_STEPS} steps "
+             f"(×{args.fraction})")
+    res.line(f"{'stage kind':14s} {'ran':>4s} {'in sweep':>8s} {'each (full) s':>14s}  measured: load / train / crf / other s")
     for row in rows:
         detail = "; ".join(" / ".join(f"{s.get(k, 0):.1f}" for k in ("load", "train", "crf", "other"))
                            + (f" ({s['train'] / steps * 1000:.1f} ms/step)" if "train" in s else "") for s in row["stages"])
-        print(f"{row['kind']:14s} {row['ran']:4d} {row['in sweep']:8d} {row['each_full_s']:14.1f}  {detail}")
-    print(f"whole sweep, scaled: {total / 60:.1f} min (goal ≤ 30 min: {'met' if total <= 1800 else 'MISSED'})"
-          + ("" if crf else "; the dense CRF not measured (pydensecrf does not import here)"))
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "fraction": args.fraction, "dims": dims, "rows": rows,
-                                         "total_s": total, "crf_measured": crf}, indent=1))
+        res.line(f"{row['kind']:14s} {row['ran']:4d} {row['in sweep']:8d} {row['each_full_s']:14.1f}  {detail}")
+    res.record("whole sweep, scaled", total / 60, "min", show=False)
+    res.record("dense CRF measured", crf, show=False)
+    res.line(f"whole sweep, scaled: {total / 60:.1f} min (goal ≤ 30 min: {'met' if total <= 1800 else 'MISSED'})"
+             + ("" if crf else "; the dense CRF not measured (pydensecrf does not import here)"))
 
 
 if __name__ == "__main__":

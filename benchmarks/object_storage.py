@@ -8,7 +8,9 @@ reducer fit streams). Prints MB/s and the S3 / local ratio of each. moto keeps o
 memory behind an HTTP server on this machine, so the ratio is the price of the S3 protocol
 (HTTP requests, no page cache), not of a network; a real bucket adds its latency and bandwidth.
 
-    python benchmarks/object_storage.py [--images 256] [--grid 28] [--channels 384] [--shard 32]
+    python benchmarks/object_storage.py [--images 256] [--grid 28] [--channels 384] [--shard 32] [--repeats 2] [--json PATH]
+
+Each read figure is the best of ``--repeats`` reads (after ``--warmup``, none by default); each write is timed once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from harness import Results, make_parser, time_calls
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -44,13 +48,17 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, device=None, warmup=0, repeat=2, aliases={"repeat": ["--repeats"]})
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--grid", type=int, default=28, help="tokens per side (224 px / patch 8)")
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--shard", type=int, default=32, help="images per shard")
-    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
     proc, endpoint = start_moto()
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     try:
@@ -69,15 +77,16 @@ def main() -> None:
         roots = {"local": local_dir / "s.zarr", "s3": storage.cache_path("s3://bench/s.zarr")}
         for where, path in roots.items():
             store = cache_schema.create_feature_store(path, layout, StoreAttrs(key="bench", stage="bench"))
-            start = time.perf_counter()
+            start = time.perf_counter()  # the store written once: a second write would overwrite, not create
             for shard in range(layout.n_shards):
                 rows = layout.shard_slice(shard)
                 store.write_shard(shard, {cache_schema.TOKENS: tokens[rows],
                                           cache_schema.POOLED: tokens[rows].mean((1, 2)).astype(np.float32),
                                           cache_schema.IDS: np.array([str(i) for i in range(rows.start, rows.stop)])})
             store.mark_complete()
-            print(f"{where:5s} write {mb / (time.perf_counter() - start):8.1f} MB/s")
-        print(f"{n} images × {g}×{g}×{c} fp16 = {mb:.0f} MB, shards of {args.shard}; best of {args.repeats}")
+            speed = res.record(f"{where} write", mb / (time.perf_counter() - start), "MB/s", show=False)
+            res.line(f"{where:5s} write {speed:8.1f} MB/s")
+        res.line(f"{n} images × {g}×{g}×{c} fp16 = {mb:.0f} MB, shards of {args.shard}; best of {args.repeat}")
         readers = {
             "raw shard ranges": lambda s: s[cache_schema.TOKENS][:],
             "zarr chunks": lambda s: s[cache_schema.TOKENS].array[:],
@@ -87,19 +96,14 @@ def main() -> None:
             speed = {}
             for where, path in roots.items():
                 store = cache_schema.open_complete_store(path)
-                best = min(_timed(read, store) for _ in range(args.repeats))
-                speed[where] = mb / best
-            print(f"{name:18s} local {speed['local']:8.1f} MB/s   s3 {speed['s3']:8.1f} MB/s   s3/local {speed['s3'] / speed['local']:.2f}")
+                best = time_calls(lambda: read(store), warmup=args.warmup, repeat=args.repeat).min
+                speed[where] = res.record(f"{name} {where}", mb / best, "MB/s", show=False)
+            ratio = res.record(f"{name} s3/local", speed["s3"] / speed["local"], show=False)
+            res.line(f"{name:18s} local {speed['local']:8.1f} MB/s   s3 {speed['s3']:8.1f} MB/s   s3/local {ratio:.2f}")
         np.testing.assert_array_equal(cache_schema.open_complete_store(roots["s3"])[cache_schema.TOKENS][:], tokens)
         shutil.rmtree(local_dir)
     finally:
         proc.terminate()
-
-
-def _timed(read, store) -> float:
-    start = time.perf_counter()
-    read(store)
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ image), then, each in a fresh process and after evicting the store from the page
 
 Prints the throughputs, the ratios fit / read and fit / fit-zarr, and each phase's peak RSS.
 
-    python benchmarks/pca_stream.py [--gb 8] [--channels 384] [--dir /tmp/pca-bench] [--device auto]
+    python benchmarks/pca_stream.py [--gb 8] [--channels 384] [--dir /tmp/pca-bench] [--device auto] [--json PATH]
+
+Each phase runs once (a warm-up would fill the page cache the phase is meant to start without).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from harness import Results, make_parser, resolve_device
 
 
 def evict(path: Path) -> None:
@@ -72,54 +76,60 @@ def phase(path: Path, which: str, device: str) -> dict:
     store = cache_schema.open_feature_store(path)
     tokens = store[cache_schema.TOKENS]
     nbytes = tokens.nbytes
+    if which != "read":  # imports and the device before the clock; the read phase never imports torch (its peak RSS)
+        import dask.array as da
+
+        from stegoscope.reducers import PCA
+
+        kind = resolve_device(device).type
     start = time.perf_counter()
     if which == "read":
         for s in range(store.layout.n_shards):
             tokens[store.layout.shard_slice(s)]
     else:
-        import dask.array as da
-
-        from stegoscope.models import resolve_device
-        from stegoscope.reducers import PCA
-
         matrix = store.token_matrix()
         if which == "fit-zarr":
             n, h, w, c = tokens.shape
             per_chunk = matrix.chunks[0][0] // (h * w)  # the same chunks of whole images
             matrix = da.from_array(tokens.array, chunks=(per_chunk, h, w, c), lock=False).reshape(-1, c)
-        PCA(device=resolve_device(device).type).fit(matrix)
+        PCA(device=kind).fit(matrix)
     seconds = time.perf_counter() - start
     return {"phase": which, "bytes": nbytes, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, warmup=None, repeat=None)
     parser.add_argument("--gb", type=float, default=8.0, help="store size in GB of tokens")
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/pca-bench"))
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", action="store_true", help="keep the store afterwards")
     parser.add_argument("--phase", choices=["read", "fit", "fit-zarr"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    path = args.dir / "tokens.zarr"
-    if args.phase:
-        print(json.dumps(phase(path, args.phase, args.device)))
+    if args.phase:  # a child: its figures go to the parent as one JSON line
+        print(json.dumps(phase(args.dir / "tokens.zarr", args.phase, args.device)))
         return
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
+    path = args.dir / "tokens.zarr"
     build(path, args.gb, args.channels)
     results = {}
     for which in ("read", "fit", "fit-zarr"):
         evict(path)
-        out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--device", args.device, "--phase", which],
+        out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--device", str(res.device), "--phase", which],
                              capture_output=True, text=True, check=True)
-        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[which]
-        print(f"{which:5s} {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.1f} s = {r['gb_per_s']:.3f} GB/s, "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB")
-    ratio = results["fit"]["gb_per_s"] / results["read"]["gb_per_s"]
-    print(f"PCA fit throughput / raw read throughput = {ratio:.2f}; fit peak RSS {results['fit']['peak_rss_gb']:.2f} GB")
-    print(f"PCA fit through the shard reader / through zarr's chunk reader = "
-          f"{results['fit']['gb_per_s'] / results['fit-zarr']['gb_per_s']:.2f}")
+        r = results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        for figure, unit in (("seconds", "s"), ("gb_per_s", "GB/s"), ("peak_rss_gb", "GB")):
+            res.record(f"{which} {figure}", r[figure], unit, show=False)
+        res.line(f"{which:5s} {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.1f} s = {r['gb_per_s']:.3f} GB/s, "
+                 f"peak RSS {r['peak_rss_gb']:.2f} GB")
+    ratio = res.record("PCA fit throughput / raw read throughput", results["fit"]["gb_per_s"] / results["read"]["gb_per_s"], show=False)
+    res.line(f"PCA fit throughput / raw read throughput = {ratio:.2f}; fit peak RSS {results['fit']['peak_rss_gb']:.2f} GB")
+    res.record("PCA fit through the shard reader / through zarr's chunk reader",
+               results["fit"]["gb_per_s"] / results["fit-zarr"]["gb_per_s"], fmt=".2f")
     if not args.keep:
         shutil.rmtree(args.dir)
 

@@ -7,7 +7,11 @@ by the flush that completing a store does anyway, then reads every store's token
 (from the page cache: the read figure is the decode + checksum cost, not the disk's). Prints
 MB/s and each variant's ratio to the plain one, all measured in this one run.
 
-    python benchmarks/store_integrity.py [--images 256] [--shard 64] [--grid 28] [--channels 768] [--dir /tmp]
+    python benchmarks/store_integrity.py [--images 256] [--shard 64] [--grid 28] [--channels 768] [--dir /tmp] [--repeats 5]
+        [--json PATH]
+
+Each figure is the best of ``--repeats`` runs, the variants interleaved (so that drift hits them alike),
+each write and read timed once per run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import Results, make_parser
 from stegoscope import cache_schema
 from stegoscope.cache_schema import IDS, POOLED, TOKENS, WRITTEN, StoreLayout
 from stegoscope.records import StoreAttrs
@@ -49,21 +54,25 @@ def read(path: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, device=None, warmup=None, repeat=5, aliases={"repeat": ["--repeats"]})
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--shard", type=int, default=64)
     parser.add_argument("--grid", type=int, default=28)
     parser.add_argument("--channels", type=int, default=768)
-    parser.add_argument("--repeats", type=int, default=5, help="best of this many runs per variant")
     parser.add_argument("--dir", type=Path, default=None, help="where the stores are written (default: a temp folder)")
     args = parser.parse_args()
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
     tokens = np.random.default_rng(0).normal(size=(args.images, args.grid, args.grid, args.channels)).astype(np.float16)
     megabytes = tokens.nbytes / 1e6
     root = Path(tempfile.mkdtemp(dir=args.dir))
     variants = {"plain": (False, False), "crc32c": (True, False), "flushed flags": (False, True), "both (default)": (True, True)}
     times = {name: (float("inf"), float("inf")) for name in variants}
     try:
-        for r in range(args.repeats):  # variants interleaved, so that drift hits them alike
+        for r in range(args.repeat):  # variants interleaved, so that drift hits them alike
             for name, (checksums, durable) in variants.items():
                 path = root / f"{name.replace(' ', '_')}-{r}.zarr"
                 w = write(path, tokens, args.shard, checksums, durable)
@@ -71,12 +80,16 @@ def main() -> None:
                 shutil.rmtree(path)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{args.images} images of {args.grid}×{args.grid}×{args.channels} fp16 ({megabytes:.0f} MB), "
-          f"{args.shard} per shard, best of {args.repeats}")
+    res.line(f"{args.images} images of {args.grid}×{args.grid}×{args.channels} fp16 ({megabytes:.0f} MB), "
+             f"{args.shard} per shard, best of {args.repeat}")
     plain_write, plain_read = times["plain"]
     for name, (w, r) in times.items():
-        print(f"{name:16s} write {megabytes / w:8.1f} MB/s ({plain_write / w:5.2f}× plain)   "
-              f"read {megabytes / r:8.1f} MB/s ({plain_read / r:5.2f}× plain)")
+        write_speed = res.record(f"{name} write", megabytes / w, "MB/s", show=False)
+        read_speed = res.record(f"{name} read", megabytes / r, "MB/s", show=False)
+        res.record(f"{name} write × plain", plain_write / w, show=False)
+        res.record(f"{name} read × plain", plain_read / r, show=False)
+        res.line(f"{name:16s} write {write_speed:8.1f} MB/s ({plain_write / w:5.2f}× plain)   "
+                 f"read {read_speed:8.1f} MB/s ({plain_read / r:5.2f}× plain)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ stegoscope's numpy encoder (`raw_shards`, the default) and through zarr's codec 
 same bytes). Prints GB/s for each T and the store / raw ratio, all in one run.
 
     python benchmarks/store_throughput.py [--shards 16] [--shard 128] [--threads 1 2 4 8] [--codecs numpy zarr] [--dir /tmp]
+        [--json PATH]
+
+Each write and read is timed once: a store written again is another store, and its read follows its write.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import Results, make_parser
 from stegoscope import cache_schema
 from stegoscope.atomic import fsync_tree
 from stegoscope.cache_schema import IDS, POOLED, TOKENS, StoreLayout
@@ -71,7 +75,7 @@ def raw_write(path: Path, tokens: np.ndarray, shards: int, threads: int) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, device=None, warmup=None, repeat=None)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--shard", type=int, default=128, help="images per shard")
     parser.add_argument("--grid", type=int, default=28)
@@ -81,23 +85,31 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=["numpy", "zarr"], choices=["numpy", "zarr"],
                         help="whole shards through stegoscope's numpy encoder (raw_shards) and/or zarr's pipeline")
     args = parser.parse_args()
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
     tokens = np.random.default_rng(0).normal(size=(args.shard, args.grid, args.grid, args.channels)).astype(np.float16)
     gb = tokens.nbytes * args.shards / 1e9
     root = Path(tempfile.mkdtemp(dir=args.dir))
-    print(f"{args.shards} shards of {args.shard} images of {args.grid}×{args.grid}×{args.channels} fp16 ({gb:.2f} GB); "
-          f"{os.cpu_count()} CPUs")
+    res.line(f"{args.shards} shards of {args.shard} images of {args.grid}×{args.grid}×{args.channels} fp16 ({gb:.2f} GB); "
+             f"{os.cpu_count()} CPUs")
     try:
         for threads in args.threads:
             d = raw_write(root / "raw", tokens, args.shards, threads)
             shutil.rmtree(root / "raw")
-            line = f"{threads:2d} threads: raw write {gb / d:5.2f} GB/s"
+            line = f"{threads:2d} threads: raw write {res.record(f'{threads} threads raw write', gb / d, 'GB/s', show=False):5.2f} GB/s"
             for codec in args.codecs:
                 use_zarr_codec(codec == "zarr")
                 w = store_write(root / "s.zarr", tokens, args.shards, threads)
                 r = store_read(root / "s.zarr", threads)
                 shutil.rmtree(root / "s.zarr")
-                line += f" | {codec}: write {gb / w:5.2f} GB/s ({d / w:4.2f}× raw), read {gb / r:5.2f} GB/s"
-            print(line, flush=True)
+                write_speed = res.record(f"{threads} threads {codec} write", gb / w, "GB/s", show=False)
+                ratio = res.record(f"{threads} threads {codec} write × raw", d / w, show=False)
+                read_speed = res.record(f"{threads} threads {codec} read", gb / r, "GB/s", show=False)
+                line += f" | {codec}: write {write_speed:5.2f} GB/s ({ratio:4.2f}× raw), read {read_speed:5.2f} GB/s"
+            res.line(line)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

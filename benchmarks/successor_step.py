@@ -11,6 +11,9 @@ view), PriMaPs-EM 2 (the clean view for the teacher, the photometric view for th
 bf16 autocast on CUDA. Same batch, same device, one run. Prints s/step for each and the ratio.
 
     python benchmarks/successor_step.py [--arch vit_small_patch8] [--batch 32] [--res 224] [--steps 5] [--device auto]
+        [--warmup 2] [--json PATH]
+
+Each s/step is the median of ``--steps`` (alias ``--repeat``) steps, each timed alone, after ``--warmup``.
 
 On a CPU, try `--arch vit_small_patch8 --batch 4 --res 112 --steps 2`.
 """
@@ -18,15 +21,14 @@ On a CPU, try `--arch vit_small_patch8 --batch 4 --res 112 --steps 2`.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from harness import Results, make_parser, time_calls
 from stegoscope import methods as registry
 from stegoscope.cache_schema import ATTENTION, MASK_IDS
 from stegoscope.heads.base import HeadRun, TokenBatch
-from stegoscope.models import resolve_device
 from stegoscope.models.backbone import build_backbone
 from stegoscope.ops.hidden_positives import attention_neighbour_weights
 from stegoscope.probing import Probes
@@ -50,17 +52,20 @@ class ResidentBatches:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, warmup=2, repeat=5, aliases={"repeat": ["--steps"]})
     parser.add_argument("--arch", default="vit_small_patch8")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--res", type=int, default=224)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--cached-images", type=int, default=256)
     parser.add_argument("--heads", nargs="+", default=list(FORWARDS))
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    with Results(args) as res:
+        run(args, res)
+
+
+def run(args: argparse.Namespace, res: Results) -> None:
+    device = res.device
     backbone = build_backbone(f"random:{args.arch}").to(device)
     c, grid, n_classes = backbone.embed_dim, args.res // backbone.patch_size, 27
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -70,8 +75,9 @@ def main() -> None:
     mask_ids = torch.randint(0, 8, (args.cached_images, args.res, args.res), generator=g).to(torch.uint8).to(device)
     images = torch.randn(args.batch, 3, args.res, args.res, generator=g).to(device)
     data = ResidentBatches(cached, labels)
-    print(f"{device}; {args.arch} at {args.res} px ({grid}×{grid}×{c} tokens); batch {args.batch}; {args.steps} steps after 2 warm-up")
-    print(f"{'head':<10}{'cache s/step':>14}{'backbone s/step':>17}{'forwards':>10}{'ratio':>8}")
+    res.line(f"{device}; {args.arch} at {args.res} px ({grid}×{grid}×{c} tokens); batch {args.batch}; "
+             f"median of {args.repeat} steps after {args.warmup} warm-up")
+    res.line(f"{'head':<10}{'cache s/step':>14}{'backbone s/step':>17}{'forwards':>10}{'ratio':>8}")
     for name in args.heads:
         spec = registry.get(name)
         params = spec.params(**({"batch_size": args.batch} | SMALL.get(name, {})))
@@ -114,21 +120,11 @@ def main() -> None:
                     attention[torch.as_tensor(rows, device=device)] = attention_neighbour_weights(logits, (grid, grid)).half()
             step(first.permute(0, 3, 1, 2).float(), rows)
 
-        timings = [_seconds(from_cache, args.steps, device), _seconds(with_backbone, args.steps, device)]
-        print(f"{name:<10}{timings[0]:>14.4f}{timings[1]:>17.4f}{FORWARDS[name]:>10}{timings[1] / timings[0]:>8.1f}")
-
-
-def _seconds(step, steps: int, device: torch.device) -> float:
-    for _ in range(2):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+        cache_s, backbone_s = (res.record(f"{name} {kind}", time_calls(fn, warmup=args.warmup, repeat=args.repeat, device=device).median,
+                                          "s/step", show=False)
+                               for kind, fn in (("from cache", from_cache), ("with backbone", with_backbone)))
+        ratio = res.record(f"{name} backbone / cache", backbone_s / cache_s, show=False)
+        res.line(f"{name:<10}{cache_s:>14.4f}{backbone_s:>17.4f}{FORWARDS[name]:>10}{ratio:>8.1f}")
 
 
 if __name__ == "__main__":
