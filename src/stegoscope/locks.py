@@ -42,11 +42,6 @@ class Lock(ABC):
     def release(self) -> None:
         """Give it back."""
 
-    @abstractmethod
-    def still_ours(self) -> bool:
-        """Whether no other process has taken it over since it was taken (checked before
-        anything is published)."""
-
     @contextmanager
     def taken(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[Lock]:
         self.acquire(wait, on_wait)
@@ -93,9 +88,6 @@ class FileLock(Lock):
         FileLock.open_fds.discard(self.fd)
         os.close(self.fd)  # releases the flock
 
-    def still_ours(self) -> bool:
-        return True  # the kernel never hands a held flock to another process
-
     @staticmethod
     def held(path: Path) -> bool:
         if not path.exists():
@@ -137,9 +129,6 @@ class LeaseLock(Lock):
 
     def release(self) -> None:
         self.lease.release()
-
-    def still_ours(self) -> bool:
-        return self.lease.renew()
 
     @staticmethod
     def held(path: Path) -> bool:
