@@ -17,6 +17,9 @@ import pytest
 
 from conftest import invoke, write_directory_dataset, write_micro_preset
 from stegoscope import cache_schema, storage
+from stegoscope.locks import LeaseLock
+from stegoscope.pipeline import Stage, artefact_state, run_stage, write_manifest
+from stegoscope.records import Manifest
 from stegoscope.storage import Lease, LeaseHeld
 from test_reliability import assert_same_store, crash, extract_args, store_of
 
@@ -149,7 +152,7 @@ def test_missing_credentials_and_a_missing_backend_package_name_their_fix(s3, tm
     assert list(tmp_path.iterdir()) == [tmp_path / "none"] or list(tmp_path.iterdir()) == []
 
 
-def test_leases_exclude_a_second_holder_are_renewed_and_an_expired_one_is_taken_over(s3):
+def test_leases_exclude_a_second_holder_are_renewed_and_an_expired_one_is_taken_over(s3, tmp_path):
     path = storage.cache_path(f"s3://{BUCKET}/leases/key.lock")
     first = Lease(path, seconds=1.5)
     first.acquire()
@@ -165,9 +168,18 @@ def test_leases_exclude_a_second_holder_are_renewed_and_an_expired_one_is_taken_
     second.acquire(wait=True, on_wait=waits.append, poll=0.2)  # taken over once expired
     assert len(waits) == 1 and "expires in" in waits[0]
     assert second.mine == "x-00000001" and storage.lease_held(path)
-    with pytest.raises(storage.LeaseLost, match="took it over"):  # what a stage calls before it publishes
-        storage.ensure_held()
+    held = (LeaseLock(path), LeaseLock(path))
+    held[0].lease, held[1].lease = first, second
+    directory = tmp_path / "artefact"
+    directory.mkdir()
+    (directory / "payload.npz").write_bytes(b"x")
+    manifest = Manifest(key="k", stage="toy", finished=0.0)
+    with pytest.raises(storage.LeaseLost, match="took it over"):  # what publishing checks first, with the run's locks
+        write_manifest(directory, manifest, held=held)
+    assert not (directory / "manifest.json").exists()  # nothing published
     assert first.renew() is False and first.lost  # the hung holder learns it lost its lease
+    write_manifest(directory, manifest, held=held[1:])  # the new holder publishes
+    assert (directory / "manifest.json").exists()
     first.release()  # and leaves the new holder's lease alone
     assert Lease(path).leases().keys() == {"x-00000001"}
     second.release()
@@ -188,6 +200,36 @@ def test_leases_exclude_a_second_holder_are_renewed_and_an_expired_one_is_taken_
     with pytest.warns(UserWarning, match="no conditional"), pytest.raises(LeaseHeld, match="refuses instead of waiting"):
         unconditional.acquire(wait=True)
     writer.release()
+
+
+def test_a_stage_whose_lease_was_taken_over_while_it_ran_publishes_nothing(s3):
+    """The runner hands a stage the locks it took for it; a stage paused past its lease's expiry
+    (another run took the key over meanwhile) stops before its manifest."""
+    class Paused(Stage):
+        name, version = "paused", 1
+
+        def params(self):
+            return {}
+
+        @property
+        def output(self):
+            return cache_schema.artefact_dir(self.cache_root, self.name, "x", self.key)
+
+        def state(self):
+            return artefact_state(self.output)
+
+        def execute(self, force):
+            (lease,) = [lock.lease for lock in self.held]
+            lease._stop.set()  # the run hangs past its lease (2 s here) …
+            lease._renewer.join()
+            time.sleep(2.2)
+            Lease(lease.path).acquire(wait=False)  # … and another run takes the key over
+            self.publish(time.time(), {cache_schema.PAYLOAD: {"x": np.zeros(1)}})
+
+    stage = Paused(storage.cache_path(f"s3://{BUCKET}/paused"))
+    with pytest.raises(storage.LeaseLost, match="took it over"):
+        run_stage(stage)
+    assert artefact_state(stage.output) != "complete" and stage.held == ()
 
 
 def test_two_creators_of_one_generation_one_wins(s3):

@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -50,9 +51,10 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_text, fsync_paths, fsync_tree, remove_partials
+from .locks import Lock, check_held
 from .raw_shards import ShardLayout
 from .records import RecordError, StoreAttrs, StudyRecord
-from .storage import as_path, ensure_held, file_sizes, is_remote, read_npy, stamp, zarr_options
+from .storage import as_path, file_sizes, is_remote, read_npy, stamp, zarr_options
 
 SCHEMA_VERSION = 1
 
@@ -515,12 +517,13 @@ class StoreWriter(StoreFiles):
         if local:
             fsync_paths([self.path / f for shard in shards for f in self.shard_files(WRITTEN, shard)], self.path)
 
-    def mark_complete(self) -> None:
-        """Flush everything to disk, then mark complete; the inventory is written last."""
+    def mark_complete(self, held: Iterable[Lock] = ()) -> None:
+        """Flush everything to disk, then mark complete; the inventory is written last.
+        ``held``: the locks the run holds; if one was taken over, nothing is published."""
         pending = self.pending_shards()
         if pending:
             raise StoreError(f"{self.path}: shards {pending[:8]} are not written; cannot mark complete")
-        ensure_held()  # a run whose lease was taken over publishes nothing
+        check_held(held)
         (self.path / DAMAGE).unlink(missing_ok=True)  # every damaged shard was rewritten
         fsync_tree(self.path)
         self.group.attrs["status"] = STATUS_COMPLETE
@@ -738,18 +741,14 @@ def _disagreement(store: FeatureStore, attrs: StoreAttrs) -> str | None:
     for name in (LABELS, IMAGES):
         if name in group and tuple(group[name].shape[1:3]) != pixels:
             return f"{name} is {tuple(group[name].shape[1:3])} pixels, the attrs say {pixels}"
-    spec = attrs.params
-    if "res" in spec:  # an extraction store: the grid and width follow from res and the backbone
-        patch, width = spec["backbone"]["patch_size"], spec["backbone"]["embed_dim"]
-        if (h, w, c) != (spec["res"] // patch, spec["res"] // patch, width):
-            return (f"tokens are {h}×{w}×{c} but the attrs say res {spec['res']}, patch {patch}, "
-                    f"width {width} ({spec['res'] // patch}×{spec['res'] // patch}×{width})")
-        if bool(spec.get("store_images")) != (IMAGES in group):
-            return f"the attrs say store_images={spec.get('store_images')} but images is {'' if IMAGES in group else 'not '}there"
-        if bool(spec.get("flip")) != (TOKENS_FLIP in group):
-            return f"the attrs say flip={spec.get('flip')} but tokens_flip is {'' if TOKENS_FLIP in group else 'not '}there"
-        if bool(spec.get("attention")) != (ATTENTION in group):
-            return f"the attrs say attention={spec.get('attention')} but {ATTENTION} is {'' if ATTENTION in group else 'not '}there"
+    extracted = attrs.extracted_arrays()
+    if extracted is not None:  # an extraction store: the grid and width follow from res and the backbone
+        e, grid = extracted, extracted.grid
+        if (h, w, c) != (grid, grid, e.width):
+            return f"tokens are {h}×{w}×{c} but the attrs say res {e.res}, patch {e.patch}, width {e.width} ({grid}×{grid}×{e.width})"
+        for flag, name, said in ((e.images, IMAGES, "store_images"), (e.flip, TOKENS_FLIP, "flip"), (e.attention, ATTENTION, "attention")):
+            if flag != (name in group):
+                return f"the attrs say {said}={flag} but {name} is {'' if name in group else 'not '}there"
     return None
 
 

@@ -5,7 +5,9 @@ reads it (so a rewrite of a store waits for its readers, and a reader for the re
 local cache it is a :class:`FileLock` (``flock``: the kernel drops it when its holder dies, so a
 crashed process's lock is taken over at once; forked children do not keep it); on object
 storage, where flock means nothing, a :class:`LeaseLock` (a :class:`storage.Lease`, taken over
-once it expires). :func:`lock_at` is the one place that chooses.
+once it expires). :func:`lock_at` is the one place that chooses. The runner hands a stage the
+locks it took for it (``Stage.held``); the stage passes them to whatever publishes, which calls
+:func:`check_held` first, so a run whose lease was taken over publishes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +43,10 @@ class Lock(ABC):
     @abstractmethod
     def release(self) -> None:
         """Give it back."""
+
+    def check(self) -> None:
+        """Raise when another process took this lock over while it was held; called before
+        anything is published under it. A flock cannot be taken from a live holder: nothing to do."""
 
     @contextmanager
     def taken(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[Lock]:
@@ -130,9 +136,18 @@ class LeaseLock(Lock):
     def release(self) -> None:
         self.lease.release()
 
+    def check(self) -> None:
+        self.lease.check()  # storage.LeaseLost when it expired and was taken over
+
     @staticmethod
     def held(path: Path) -> bool:
         return storage.lease_held(path)
+
+
+def check_held(held: Iterable[Lock]) -> None:
+    """Before publishing: raise if any of the locks a run was handed has been taken over."""
+    for lock in held:
+        lock.check()
 
 
 def lock_at(path: Path, shared: bool = False) -> Lock:

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import cache_schema, storage
 from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_npz, atomic_write_text, remove_partials
-from .locks import LockHeld, lock_at, lock_held  # noqa: F401 (LockHeld re-exported)
+from .locks import Lock, LockHeld, check_held, lock_at, lock_held  # noqa: F401 (LockHeld re-exported)
 from .records import FileEntry, Manifest, R, Record, RecordError, canonical_json, experiment_id, without_seeds  # noqa: F401 (re-exported)
 from .storage import as_path
 
@@ -150,13 +150,14 @@ def _artefact_files(directory: Path) -> list[Path]:
             if name.rsplit("/", 1)[-1] != MANIFEST and not name.endswith(PARTIAL_SUFFIX)]
 
 
-def write_manifest(directory: Path, manifest: Manifest, files: Iterable[Path] | None = None) -> None:
+def write_manifest(directory: Path, manifest: Manifest, files: Iterable[Path] | None = None, held: Iterable[Lock] = ()) -> None:
     """Write the manifest last: it lists the artefact's files (default: all in ``directory``)
-    with size and sha256, so a file that is later truncated or changed is noticed before it is read."""
+    with size and sha256, so a file that is later truncated or changed is noticed before it is read.
+    ``held``: the locks the run holds; if one was taken over, nothing is published."""
     directory = as_path(directory)
     files = {p.relative_to(directory).as_posix(): FileEntry(p.stat().st_size, sha256_file(p))
              for p in (_artefact_files(directory) if files is None else map(as_path, files))}
-    storage.ensure_held()  # a run whose lease was taken over publishes nothing
+    check_held(held)
     atomic_write_text(directory / MANIFEST, json.dumps(replace(manifest, files=files).to_dict(), indent=2, sort_keys=True))
 
 
@@ -368,6 +369,7 @@ class Stage(ABC):
 
     def __init__(self, cache_root: Path):
         self.cache_root = as_path(cache_root)
+        self.held: tuple[Lock, ...] = ()  # the locks the runner took for this run (see run_group), checked before publishing
 
     @abstractmethod
     def params(self) -> dict[str, Any]:
@@ -416,7 +418,7 @@ class Stage(ABC):
             else:
                 atomic_write_bytes(path, content)
         manifest = self.manifest(started, **about)
-        write_manifest(self.output, manifest)
+        write_manifest(self.output, manifest, held=self.held)
         return manifest
 
     @property
@@ -529,18 +531,23 @@ def run_group(stages: list[Stage], force: bool = False, wait: bool = True, on_wa
     todo = sorted((s for s in stages if id(s) not in skipped), key=lambda s: s.key)
     done: dict[int, RunResult] = {}
     if todo:
-        with ExitStack() as locks:
-            for stage in todo:
-                locks.enter_context(stage_lock(cache_schema.lock_path(stage.cache_root, stage.key), wait=wait, on_wait=on_wait))
+        with ExitStack() as held:
+            take = lambda key, root, shared=False: held.enter_context(  # noqa: E731
+                stage_lock(cache_schema.lock_path(root, key), wait=wait, on_wait=on_wait, shared=shared))
+            locks = [take(stage.key, stage.cache_root) for stage in todo]
             # Whoever held a lock before us may have finished the same work.
             for stage in [s for s in todo if not force and s.state() == COMPLETE]:
                 skipped[id(stage)] = RunResult(stage, True, time.perf_counter() - start)
             todo = [s for s in todo if id(s) not in skipped]
             read = {up.key: up for stage in todo for up in stage.upstream().values() if up.output.suffix == ".zarr"}
-            for key in sorted(read):
-                locks.enter_context(stage_lock(cache_schema.lock_path(read[key].cache_root, key), wait=wait, on_wait=on_wait,
-                                               shared=True))
-            details = type(todo[0]).execute_group(todo, force) if todo else []
+            locks += [take(key, read[key].cache_root, shared=True) for key in sorted(read)]
+            for stage in todo:
+                stage.held = tuple(locks)
+            try:
+                details = type(todo[0]).execute_group(todo, force) if todo else []
+            finally:
+                for stage in todo:
+                    stage.held = ()
             seconds = time.perf_counter() - start
             done = {id(stage): RunResult(stage, False, seconds, detail) for stage, detail in zip(todo, details)}
     return [skipped.get(id(s)) or done[id(s)] for s in stages]

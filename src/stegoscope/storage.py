@@ -153,28 +153,12 @@ def remove_tree(path) -> None:
 LEASE_SECONDS = 60.0  # default lifetime of a lease; $STEGOSCOPE_LEASE_SECONDS overrides it
 
 
-_WARNED: set[str] = set()  # protocols whose missing conditional put was reported
-
-
 class LeaseHeld(RuntimeError):
     """Another process holds a live lease."""
 
 
 class LeaseLost(RuntimeError):
     """This process's lease expired and another process took it over."""
-
-
-_HELD: set = set()  # the leases this process holds now
-
-
-def ensure_held() -> None:
-    """Renew every lease this process holds, now; raise LeaseLost if another process took one
-    over (called before anything is published: a manifest, a store's completion)."""
-    for held in list(_HELD):
-        if not held.renew():
-            raise LeaseLost(f"{held.path}: this run's lease expired and another process took it over while it ran "
-                            f"(it was paused or cut off for longer than the lease's {held.seconds:g} s); nothing more "
-                            "is published: rerun the command, finished work is skipped")
 
 
 class Lease:
@@ -186,8 +170,8 @@ class Lease:
     holder, host, pid, start time and expiry; a thread renews it every third of ``seconds``.
     A lease past its expiry belongs to a dead (or hung) process: an exclusive taker creates the
     next generation, and a renewer that finds a newer generation (or another holder in its
-    object) knows its lease is lost (``lost``): :func:`ensure_held`, called before a manifest or
-    a store's completion is published, then stops the stage.
+    object) knows its lease is lost (``lost``): :meth:`check`, called through the stage's
+    :class:`locks.LeaseLock` before a manifest or a store's completion is published, then stops it.
 
     On a backend without an atomic create-only PUT (see ``CONDITIONAL_PUT``) a lease is only
     checked, then written: it says so, and refuses to run when another live lease exists
@@ -251,8 +235,7 @@ class Lease:
     # -- acquire / release -----------------------------------------------------------------
     def acquire(self, wait: bool = True, on_wait: Callable[[str], None] | None = None, poll: float | None = None) -> None:
         poll = poll if poll is not None else min(5.0, self.seconds / 4)
-        if not self.conditional and self.path.protocol not in _WARNED:
-            _WARNED.add(self.path.protocol)
+        if not self.conditional:  # once per protocol: the message names it, and Python shows a message once
             warnings.warn(f"{self.path.protocol}:// has no conditional (create-only) put that stegoscope trusts: two runs "
                           "of one stage key starting at the same moment cannot be excluded, so run one writer per key "
                           "(a run that finds another's live lease refuses to start)", stacklevel=2)
@@ -307,7 +290,6 @@ class Lease:
             time.sleep(poll)
 
     def _start_renewing(self) -> None:
-        _HELD.add(self)
         self._renewer = threading.Thread(target=self._renew_loop, name=f"lease {self.path.name}", daemon=True)
         self._renewer.start()
 
@@ -333,8 +315,15 @@ class Lease:
         self.path.fs.pipe_file(key, self._record())
         return True
 
+    def check(self) -> None:
+        """Renew this lease now; LeaseLost if another process took it over (called before
+        anything is published under it: a manifest, a store's completion)."""
+        if not self.renew():
+            raise LeaseLost(f"{self.path}: this run's lease expired and another process took it over while it ran "
+                            f"(it was paused or cut off for longer than the lease's {self.seconds:g} s); nothing more "
+                            "is published: rerun the command, finished work is skipped")
+
     def release(self) -> None:
-        _HELD.discard(self)
         self._stop.set()
         if self._renewer is not None and self._renewer is not threading.current_thread():
             self._renewer.join()

@@ -333,7 +333,7 @@ class ExtractStage(Stage):
         if pending:
             first_batch = extract_shards(self, store, layout, samples, pending)
         if self.options.world == 1:
-            store.mark_complete()
+            store.mark_complete(self.held)
         end = time.perf_counter()
         n_new = sum(len(range(*layout.shard_slice(s).indices(layout.n_images))) for s in pending)
         steady = (n_new - first_batch[1]) / max(end - first_batch[0], 1e-9)
@@ -361,11 +361,11 @@ class ExtractStage(Stage):
         with stage_lock(cache_schema.lock_path(self.cache_root, f"{self.key}.rank{rank}of{world}"), wait, on_wait), \
                 stage_lock(cache_schema.lock_path(self.cache_root, self.key), wait, on_wait, shared=True):
             summary = self._fill(store, start)
-        with stage_lock(create, wait, on_wait):
+        with stage_lock(create, wait, on_wait) as held:
             store = cache_schema.open_feature_store(self.output, mode="r+", verify=False)
             left = store.pending_shards()
             if not left and not store.complete:
-                store.mark_complete()
+                store.mark_complete((held,))
         if left:
             console.print(f"{self.dataset.name}/{self.p.split} rank {rank} of {world}: done; {len(left)} shards of "
                           "other ranks are not written yet (the last rank to finish completes the store)", highlight=False)

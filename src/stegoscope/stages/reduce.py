@@ -136,7 +136,7 @@ class ProjectStage(Stage):
                                for shard in shards])
                 bar.advance(task, sum(_rows(src, s) for s in shards))
         store = cache_schema.open_feature_store(self.output, mode="r+", verify=False)
-        store.mark_complete()
+        store.mark_complete(self.held)
         return store
 
 
