@@ -82,6 +82,18 @@ def test_a_preset_value_of_the_wrong_type_names_the_file_the_key_the_value_and_t
     assert str(info.value).startswith(str(load_preset("demo").path))
 
 
+def test_a_registration_sets_its_defaults_under_the_presets_values():
+    """STEGO+PriMaPs-EM is PriMaPs-EM with ``base`` from its registry line; a preset may still
+    change it, to a head PriMaPs-EM can train on."""
+    demo = load_preset("demo")
+    assert demo.method_params("stego-primaps").base == "stego" and demo.method_params("primaps").base == ""
+    assert load_preset("demo", {"stego-primaps.base": "smooseg"}).method_params("stego-primaps").base == "smooseg"
+    for base in ("primaps", "pca", "nothing"):
+        with pytest.raises(ConfigError, match=f"base must be .* not '{base}'"):
+            load_preset("demo", {"stego-primaps.base": base})
+    assert load_preset("demo").future.clusterer_methods == ("pca", "rp")  # the fitted reducers of Fig. 4
+
+
 def test_preset_values_of_the_right_type_pass_as_yaml_writes_them():
     preset = load_preset("demo", {"stego.lambda_rand": 1, "eval.flip": False, "dims": (4, 16), "data_root": None})
     assert preset.method_params("stego", 4).lambda_rand == 1 and preset.dims == (4, 16) and preset.eval.flip is False

@@ -126,7 +126,7 @@ class FutureConfig:
     """
 
     clusterers: tuple[str, ...] = ()
-    clusterer_methods: tuple[str, ...] = ("pca", "rp")
+    clusterer_methods: tuple[str, ...] = field(default_factory=lambda: tuple(registry.fig4_fits()))
     extra_clusters: tuple[int, ...] = ()
     hierarchy: bool = False
     loss_grid: dict[str, tuple] = field(default_factory=dict)
@@ -273,7 +273,7 @@ class Preset:
         """The parameters of ``method`` (its section, or its defaults) at ``dim``."""
         spec = registry.get(method)
         if spec.kind == registry.HEAD:
-            params = self.heads.get(method) or spec.params()
+            params = self.heads.get(method) or spec.params(**spec.with_defaults({}))
             return replace(params, **self.per_dim.get(method, {}).get(dim, {}))
         return self.reduce.get(method) or spec.params()
 
@@ -378,7 +378,7 @@ def _head_sections(merged: dict[str, Any], where) -> tuple[dict, dict, dict]:
         if "dim" in values:
             dims[name] = int(values.pop("dim"))
         overrides = {int(d): dict(o or {}) for d, o in (values.pop("per_dim", None) or {}).items()}
-        heads[name] = params = _section(spec.params, values, name, where)
+        heads[name] = params = _section(spec.params, spec.with_defaults(values), name, where)
         for d, changes in overrides.items():
             _section(spec.params, {**_as_dict(params), **changes}, f"{name}.per_dim.{d}", where)
         per_dim[name] = overrides

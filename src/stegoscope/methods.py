@@ -49,6 +49,9 @@ class Method:
         clusterer (h-NNE's FINCH levels; ``stages/hierarchy.py``).
     raw : the backbone's tokens as they are (the identity reducer): what ``future.extra_clusters``
         probes and what ``probe --reducer identity`` means.
+    defaults : ``(key, value)`` pairs this registration sets in its parameter class, under a
+        preset's own values: a variant of another method (STEGO+PriMaPs-EM is PriMaPs-EM with
+        ``base`` set to the STEGO head).
 
     The classes are imported, and checked, when first used (:attr:`params`, :attr:`cls`): the
     registry's names, titles and help cost no import of torch.
@@ -66,6 +69,7 @@ class Method:
     against: str | None = None
     hierarchy: bool = False
     raw: bool = False
+    defaults: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
         if self.kind not in (REDUCER, HEAD):
@@ -98,6 +102,10 @@ class Method:
     def field_names(self) -> set[str]:
         return {f.name for f in fields(self.params)}
 
+    def with_defaults(self, values: dict) -> dict:
+        """A preset section's ``values`` over this registration's :attr:`defaults`."""
+        return {**dict(self.defaults), **values}
+
 
 METHODS: dict[str, Method] = {}
 
@@ -119,9 +127,14 @@ def names(kind: str | None = None) -> list[str]:
     return [m.name for m in METHODS.values() if kind is None or m.kind == kind]
 
 
-def in_fig4() -> list[str]:
+def in_fig4(kind: str | None = None) -> list[str]:
     """The paper's methods its Fig. 4 draws (those with a figure of their own are left out)."""
-    return [m.name for m in METHODS.values() if m.paper and m.against is None]
+    return [m.name for m in METHODS.values() if m.paper and m.against is None and kind in (None, m.kind)]
+
+
+def fig4_fits() -> list[str]:
+    """The fitted reducers of Fig. 4 (PCA, RP): the codes ``future.clusterers`` compares clusterers on."""
+    return [name for name in in_fig4(REDUCER) if not METHODS[name].raw]
 
 
 def hierarchy_method() -> str:
@@ -154,5 +167,5 @@ register(Method("hp", HEAD, H + "hp:HPParams", H + "hp:HPTrainer", "HP", "h", ta
                 help="HP (hidden positives, attention-weighted local positives) from the cache"))
 register(Method("primaps", HEAD, H + "primaps:PrimapsParams", H + "primaps:PrimapsTrainer", "PriMaPs-EM", "X", table2=True,
                 paper=False, help="PriMaPs-EM (mask proposals, EM with an EMA teacher) on raw DINO tokens, from the cache"))
-register(Method("stego-primaps", HEAD, H + "primaps:StegoPrimapsParams", H + "primaps:PrimapsTrainer", "STEGO+PriMaPs-EM", "x",
-                table2=True, paper=False, help="PriMaPs-EM on a trained STEGO head's codes"))
+register(Method("stego-primaps", HEAD, H + "primaps:PrimapsParams", H + "primaps:PrimapsTrainer", "STEGO+PriMaPs-EM", "x",
+                table2=True, paper=False, help="PriMaPs-EM on a trained STEGO head's codes", defaults=(("base", "stego"),)))

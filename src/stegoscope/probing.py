@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import os
 import signal
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_write_bytes
-from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, open_feature_store
+from .cache_schema import IMAGES, INVENTORY, LABELS, LOG, PROBES, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, open_feature_store
 from .compute import distributed_workers
 from .ops.crf import crf_argmax, softmax
 from .ops.kmeans import CLUSTERERS, ClusterLookup, EuclideanLookup, FixedCentroids, lloyd_kmeans
@@ -308,6 +309,31 @@ class Probes(nn.Module):
         self.linear.load_state_dict(snapshot["linear"])
         self.cluster.load_state_dict(snapshot["cluster"])
         return self
+
+
+@dataclass(frozen=True)
+class ProbeWeights:
+    """An artefact's ``probes.pt``: both probes' weights (:meth:`Probes.snapshot`) at the best
+    validation and at the last step. Read with ``weights_only`` (tensors only, nothing runs)."""
+
+    best: dict[str, dict[str, torch.Tensor]]
+    final: dict[str, dict[str, torch.Tensor]]
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"best": self.best, "final": self.final}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def read(cls, directory: Path) -> ProbeWeights:
+        with (as_path(directory) / PROBES).open("rb") as fh:
+            data = torch.load(fh, weights_only=True, map_location="cpu")
+        return cls(data["best"], data["final"])
+
+    @property
+    def best_centroids(self) -> torch.Tensor:
+        """The cluster probe's centroids at the best validation."""
+        return self.best["cluster"]["clusters"]
 
 
 def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],

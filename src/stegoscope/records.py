@@ -236,6 +236,31 @@ class StoreAttrs(Record):
     source_store: str | None = None  # a projected store: the store it projects
     method: str | None = None  # a projected store: the method of the fit that projects it
 
+    def extracted_arrays(self) -> ExtractedArrays | None:
+        """What an extraction's key parameters say its arrays are (None for a projected store)."""
+        p = self.params
+        if "res" not in p:
+            return None
+        return ExtractedArrays(p["res"], p["backbone"]["patch_size"], p["backbone"]["embed_dim"], bool(p.get("store_images")),
+                               bool(p.get("flip")), bool(p.get("attention")))
+
+
+@dataclass(frozen=True)
+class ExtractedArrays:
+    """The arrays an extraction writes, as its key parameters give them: tokens of a
+    ``grid × grid × width`` grid (``res // patch``), and the optional arrays it was asked for."""
+
+    res: int
+    patch: int
+    width: int
+    images: bool
+    flip: bool
+    attention: bool
+
+    @property
+    def grid(self) -> int:
+        return self.res // self.patch
+
 
 # -- evaluations --------------------------------------------------------------------------------
 

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache_schema import MASK_IDS, PROBES, load_mask_ids
+from ..cache_schema import MASK_IDS, load_mask_ids
 from ..ops.ema import ema_update
 from ..ops.kmeans import ClusterLookup, FixedCentroids
 from ..ops.primaps import class_weighted_ce, ema_decay, majority_labels
-from ..probing import TokenBatches, load_reducer
+from ..probing import ProbeWeights, TokenBatches, load_reducer
 from ..reducers import IdentityReducer, Reducer
 from ..training import BatchOrder
 from .base import HeadParams, HeadTrainer, TokenBatch
@@ -61,21 +61,16 @@ class PrimapsParams(HeadParams):
     coverage: float = 0.95
     gain: float = 10.0
     train_split: str = "train"
-    base: str = ""  # "stego": STEGO+PriMaPs-EM, on the codes of the preset's STEGO head at its headline D
+    base: str = ""  # a head's name: on the codes of the preset's head at its headline D (STEGO+PriMaPs-EM, methods.py)
 
     def __post_init__(self):
         super().__post_init__()
         if self.gamma < 0 or self.ema_every < 1 or not 0 <= self.ema_beta <= 1 or self.init_epochs < 0 or self.init_images < 1:
             raise ValueError(f"gamma ≥ 0, ema_every ≥ 1, ema_beta in [0, 1], init_epochs ≥ 0 and init_images ≥ 1: {self}")
-        if self.base not in ("", "stego"):
-            raise ValueError(f"base must be '' (raw DINO tokens) or 'stego', not {self.base!r}")
+        from .. import methods as registry
 
-
-@dataclass(frozen=True)
-class StegoPrimapsParams(PrimapsParams):
-    """``stego-primaps:``: PriMaPs-EM on a trained STEGO head's codes (README "Train with STEGO")."""
-
-    base: str = "stego"
+        if self.base and (self.base not in registry.names(registry.HEAD) or issubclass(registry.get(self.base).params, PrimapsParams)):
+            raise ValueError(f"base must be '' (raw DINO tokens) or a head PriMaPs-EM can train on, not {self.base!r}")
 
 
 class PrimapsHead(nn.Module):
@@ -127,8 +122,7 @@ class PrimapsTrainer(HeadTrainer):
     def load_inputs(self, inputs: dict[str, Path]) -> dict[str, np.ndarray]:
         if "base" in inputs:
             self.base = load_reducer(inputs["base"])
-            with (inputs["base"] / PROBES).open("rb") as fh:
-                self.base_centroids = torch.load(fh, weights_only=True)["best"]["cluster"]["clusters"]
+            self.base_centroids = ProbeWeights.read(inputs["base"]).best_centroids
         return {MASK_IDS: load_mask_ids(inputs["masks"])}
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ the best step's probes evaluated with the dense CRF.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from .. import methods as registry
 from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state
-from ..probing import FIT_TOKENS, CodeSource, Evaluation, Probes, StoreArrays, evaluate_with_crf, load_reducer, sample_codes
+from ..probing import FIT_TOKENS, CodeSource, Evaluation, Probes, ProbeWeights, StoreArrays, evaluate_with_crf, load_reducer, sample_codes
 from ..records import EvalResult
 from ..reducers import IdentityReducer
 from ..training import Member, Schedule, SharedBatch, Trained, train_group
@@ -175,9 +174,8 @@ class ProbeMember(Member):
                 self.val_codes, self.probes, self.device, p.extra_as_errors, stage.crf_workers, stage.show_progress)}
             seconds["crf"] = time.perf_counter() - refining
         metrics = EvalResult.of_training(trained.history, trained.best, best_crf, seconds, p.n_classes)
-        buffer = io.BytesIO()
-        torch.save({"best": trained.best_snapshot, "final": final_state}, buffer)
         train = self.train_codes.arrays.store
-        stage.publish(started, {METRICS: metrics, PROBES: buffer.getvalue()}, dataset=train.attrs.dataset, method=stage.method,
+        files = {METRICS: metrics, PROBES: ProbeWeights(trained.best_snapshot, final_state).to_bytes()}
+        stage.publish(started, files, dataset=train.attrs.dataset, method=stage.method,
                       code_dim=self.dim, seed=p.seed)
         return metrics

@@ -10,14 +10,11 @@ and ``manifest.json`` last.
 
 from __future__ import annotations
 
-import io
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .. import cache_schema
 from .. import methods as registry
@@ -25,7 +22,7 @@ from ..cache_schema import FINAL, METRICS, NNS, PROBES, open_complete_store
 from ..heads.base import HeadJob, HeadResult, HeadRun, fit_heads
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, load_npz
-from ..probing import TrainingLog
+from ..probing import ProbeWeights, TrainingLog
 from ..records import EvalResult
 
 
@@ -101,11 +98,9 @@ class TrainHeadStage(Stage):
 
     def save(self, result: HeadResult, train, started: float) -> EvalResult:
         """The artefact of a trained head (manifest last); returns its metrics."""
-        buffer = io.BytesIO()
-        torch.save({"best": result.best_probes, "final": result.final_probes}, buffer)
         metrics = EvalResult.of_training(result.history, result.best, result.best_crf, result.seconds)
         files = {FINAL: result.final_head.state_dict(), cache_schema.PAYLOAD: result.best_head.state_dict(),
-                 PROBES: buffer.getvalue(), METRICS: metrics}
+                 PROBES: ProbeWeights(result.best_probes, result.final_probes).to_bytes(), METRICS: metrics}
         self.publish(
             started, files, method=self.method, reducer_class=result.best_head.method, reducer=result.best_head.params(),
             dataset=train.attrs.dataset, code_dim=self.run.dim, seed=self.run.seed, resident=result.resident)
