@@ -12,7 +12,7 @@ DATA_ROOT ?=
 ARGS    ?=
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint demo demo-future docs-figures features status clean
+.PHONY: install test test-slow lint demo demo-future docs-figures features status clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ install:
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# The tests marked `slow` (kills at every kind of write, S3 end to end, pynndescent's first index
+# build): minutes each; CI runs them after `make test`.
+test-slow:
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m slow
 
 lint:
 	$(BIN)/ruff check

@@ -73,6 +73,9 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
+
+
 def test_a_study_on_s3_gives_the_local_results_bit_for_bit_and_writes_nothing_local(s3, tmp_path, monkeypatch):
     preset = write_micro_preset(tmp_path / "micro.yaml", train="{res: 32}")
     workdir = tmp_path / "cwd"
@@ -245,6 +248,9 @@ def _crash(mode, arg, *args, wait=True, lease_seconds=2):
     return crash(mode, arg, *args, wait=wait, env={"STEGOSCOPE_LEASE_SECONDS": str(lease_seconds)})
 
 
+@pytest.mark.slow
+
+
 def test_an_extraction_sigkilled_on_s3_resumes_and_two_ranks_write_one_store(s3, tmp_path):
     args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)), shard_size=2)
     assert invoke(*args, "--cache", tmp_path / "local").exit_code == 0
@@ -284,6 +290,9 @@ def test_a_store_on_s3_reads_back_as_written_through_every_reader(s3, tmp_path):
     np.testing.assert_array_equal(tokens.array[1:4], whole[1:4])  # zarr's own reader
     np.testing.assert_array_equal(store.token_matrix().compute(), whole.reshape(-1, whole.shape[-1]))
     assert store.damage() == {}
+
+
+@pytest.mark.slow
 
 
 def test_a_stage_sigkilled_on_s3_before_its_manifest_reruns_to_the_local_result(s3, tmp_path, monkeypatch):

@@ -150,10 +150,9 @@ def test_the_hnne_map_from_arrays_equals_hnne_own_transform(dim):
                                           HNNEMap.from_arrays(arrays, "map_")), expected)
 
 
-def test_an_hnne_fit_round_trips_through_npz_and_its_index_path_finds_the_same_anchors(monkeypatch):
+def _hnne_rebuilt_through_npz():
     import io
 
-    import stegoscope.reducers as reducers
     from stegoscope.reducers import HNNE
 
     tokens = dino_like_tokens(n_images=24).reshape(-1, 24)
@@ -162,15 +161,27 @@ def test_an_hnne_fit_round_trips_through_npz_and_its_index_path_finds_the_same_a
     np.savez(buffer, **fitted.state_dict())
     buffer.seek(0)
     with np.load(buffer, allow_pickle=False) as payload:
-        rebuilt = HNNE.from_state(fitted.params(), {key: payload[key] for key in payload.files})
-    exact = fitted.transform(tokens[:100])
-    np.testing.assert_array_equal(rebuilt.transform(tokens[:100]), exact)
-    z = rebuilt._standardized(tokens[:100], center_when_none=False)
+        return tokens, fitted, HNNE.from_state(fitted.params(), {key: payload[key] for key in payload.files})
+
+
+def test_an_hnne_fit_round_trips_through_npz():
+    from stegoscope.reducers import HNNE
+
+    tokens, fitted, rebuilt = _hnne_rebuilt_through_npz()
+    np.testing.assert_array_equal(rebuilt.transform(tokens[:100]), fitted.transform(tokens[:100]))
+    with pytest.raises(ValueError, match="never read"):
+        HNNE.from_state(fitted.params(), {"mean_": fitted.mean_, "scale_": fitted.scale_, "model_": np.zeros(3, np.uint8)})
+
+
+@pytest.mark.slow  # pynndescent compiles its index builder on first use (about a minute here)
+def test_the_hnne_index_path_finds_the_anchors_of_the_exact_path(monkeypatch):
+    import stegoscope.reducers as reducers
+
+    tokens, _, rebuilt = _hnne_rebuilt_through_npz()
+    z = rebuilt.standardized(tokens[:100])
     monkeypatch.setattr(reducers, "needs_index", lambda n_points, n_anchors: True)  # as hnne above 400e6 pairs
     agree = rebuilt._nearest(z) == reducers.nearest_anchor_exact(z, rebuilt.map_.anchors, "cosine")
     assert agree.mean() >= 0.98
-    with pytest.raises(ValueError, match="never read"):
-        HNNE.from_state(fitted.params(), {"mean_": fitted.mean_, "scale_": fitted.scale_, "model_": np.zeros(3, np.uint8)})
 
 
 # -- the reduce stage through the CLI -----------------------------------------------------------

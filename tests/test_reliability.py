@@ -82,6 +82,9 @@ def traced_reference(tmp_path, args) -> tuple[Path, list[str]]:
 # -- 1. crash anywhere --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+
+
 def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_store(tmp_path):
     args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)))
     root, traced = traced_reference(tmp_path, args)
@@ -131,6 +134,9 @@ def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_stor
             assert f"{len(flagged)} reused" in rerun.output or "cached" in rerun.output, (label, rerun.output)
 
 
+@pytest.mark.slow
+
+
 def test_a_power_cut_during_extraction_loses_no_flagged_shard(tmp_path):
     args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)), shard_size=2)
     root, writes = traced_reference(tmp_path, args)
@@ -156,6 +162,9 @@ def _micro_preset(tmp_path) -> Path:
 
 def _manifests(cache):
     return {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.name in ("manifest.json", "inventory.json")}
+
+
+@pytest.mark.slow
 
 
 def test_killed_analysis_stages_leave_no_manifest_and_rerun_only_themselves(tmp_path):
@@ -503,6 +512,9 @@ def test_disk_full_in_an_artefact_stage_leaves_nothing_complete(extracted, tmp_p
     (rp,) = (cache / "artefacts" / "reduce").glob("rp4-*")
     assert sorted(p.name for p in rp.iterdir()) == []  # no manifest, no temporaries
     assert invoke(*args).exit_code == 0 and (rp / "manifest.json").exists()
+
+
+@pytest.mark.slow
 
 
 def test_two_ranks_write_the_store_of_one_process_and_a_killed_rank_resumes_alone(tmp_path):
