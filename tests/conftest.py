@@ -1,6 +1,11 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One compute thread per xdist worker (and its subprocesses), set before numpy and torch load:
+    # two workers of two threads each on two cores spin-wait on each other (README, "Install and test").
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 from pathlib import Path  # noqa: E402
 

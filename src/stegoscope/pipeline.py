@@ -294,8 +294,7 @@ def store_problem(path: Path, key: str) -> str | None:
 def begin_artefact(directory: Path) -> None:
     """Create the artefact directory and drop any old manifest, so a crash leaves it incomplete."""
     directory = as_path(directory)
-    if not storage.is_remote(directory):  # object storage has no folders to make
-        directory.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(directory)
     (directory / MANIFEST).unlink(missing_ok=True)
     remove_partials(directory)
 

@@ -137,6 +137,12 @@ def stamp(path) -> str:
     return str(path.stat().st_mtime_ns)
 
 
+def make_dirs(path) -> None:
+    """A local folder and its parents; nothing on object storage, which has no folders."""
+    if not is_remote(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
 def remove_tree(path) -> None:
     """Delete a folder (a prefix of objects) and everything under it."""
     if is_remote(path):
