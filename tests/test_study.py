@@ -96,6 +96,14 @@ def test_the_number_of_classes_comes_from_the_dataset_and_preset_without_opening
     assert ctx.n_classes == 5 and ctx.base.n_classes == 5  # the base keeps what the data is, not the experiment's change
     assert ctx.base.preset.probe.steps != 7
     assert not nowhere.exists()
+    # its graph's nodes say which experiment declared them: the overrides' hash, as the study record names it
+    import hashlib
+    import json
+
+    expected = hashlib.sha256(json.dumps({"n_classes": 5, "probe.steps": 7}, sort_keys=True, separators=(",", ":")).encode())
+    graph = ctx.graph_of([ctx.probe("dino")])
+    assert {node.experiment for node in graph} == {expected.hexdigest()[:12]}
+    assert {node.experiment for node in ctx.base.graph_of([ctx.base.probe("dino")])} == {"base"}
 
 
 def test_a_stage_defined_in_a_test_file_runs_in_a_study_with_one_registry_line(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ by a dotted path: ``stego.lambda_rand=0.5``, ``reduce.pca.max_images=5000``,
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import types
 import typing
@@ -289,6 +290,12 @@ class Preset:
     def label(self) -> str:
         """What this preset changes relative to its file, e.g. ``λ_rand=0.5``."""
         return describe({tuple(k.split(".")): v for k, v in self.overrides.items()})
+
+    def experiment(self) -> str:
+        """Its experiment within its study: its overrides, hashed (``base`` without)."""
+        from .records import canonical_json  # records reads presets' types from here
+
+        return hashlib.sha256(canonical_json(self.overrides).encode()).hexdigest()[:12] if self.overrides else "base"
 
 
 def _section(cls, values, name: str, where) -> Any:

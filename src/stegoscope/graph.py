@@ -20,6 +20,7 @@ class Node:
     dim: int | None = None
     seed: int | None = None
     result: bool = False  # its artefact holds metrics (a probe or a head)
+    experiment: str = ""  # the experiment of its study that declared it (Preset.experiment)
 
     def upstream_nodes(self) -> list[Node]:
         """Every node upstream of this one."""
@@ -41,7 +42,7 @@ class Node:
         return "result" if self.result else self.stage.recorded_as
 
 
-def graph_of(targets: Iterable[Stage], names: dict[int, str], coords: dict[int, tuple]) -> list[Node]:
+def graph_of(targets: Iterable[Stage], names: dict[int, str], coords: dict[int, tuple], experiment: str = "") -> list[Node]:
     """``targets`` and every stage upstream of them (not artefacts given by their folder), as nodes
     in dependency order; ``names`` and ``coords`` (method, dim, seed, result) by stage id."""
     nodes: dict[int, Node] = {}
@@ -50,7 +51,7 @@ def graph_of(targets: Iterable[Stage], names: dict[int, str], coords: dict[int, 
         if id(stage) not in nodes:
             deps = [visit(up) for up in stage.upstream().values() if not isinstance(up, Artefact)]
             method, dim, seed, result = coords.get(id(stage), (getattr(stage, "method", None), None, None, False))
-            nodes[id(stage)] = Node(names.get(id(stage), stage.name), stage, deps, method, dim, seed, result)
+            nodes[id(stage)] = Node(names.get(id(stage), stage.name), stage, deps, method, dim, seed, result, experiment)
         return nodes[id(stage)]
 
     for stage in targets:

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import cache_schema
 from .atomic import atomic_write_text
 from .compute import dask_scheduler
-from .config import ConfigError, Preset, config_changes, readable_names, short_value
+from .config import ConfigError, config_changes, readable_names, short_value
 from .graph import Node, run_order
 from .pipeline import COMPLETE, PARTIAL, RunResult, Stage, canonical_json, read_manifest, run_group, stage_lock
 from .records import StudyNode, StudyRecord
@@ -130,17 +130,11 @@ def require_complete(stage: Stage, command: str) -> None:
 # -- the record of what the study declared --------------------------------------------------
 
 
-def experiment_name(preset: Preset) -> str:
-    """A context's experiment within its study: its overrides, hashed (``base`` without)."""
-    overrides = preset.overrides
-    return hashlib.sha256(canonical_json(overrides).encode()).hexdigest()[:12] if overrides else "base"
-
-
 def record_experiment(ctx: StudyContext, graph: list[Node]) -> Path:
     """Add ``graph``'s nodes to this experiment's record: its results (what the figures draw),
     its fits (Fig. 3) and the inputs they read (what `gc` keeps). A record made from other
     preset content is started afresh (its artefacts stay in the cache)."""
-    experiment = experiment_name(ctx.preset)
+    experiment = ctx.preset.experiment()
     path = cache_schema.experiment_record_path(ctx.cache_root, ctx.preset.name, experiment)
     content = hashlib.sha256(canonical_json(ctx.preset.source).encode()).hexdigest()
     with stage_lock(cache_schema.lock_path(ctx.cache_root, f"study-{ctx.preset.name}-{experiment}")):

@@ -284,7 +284,7 @@ class StudyContext:
 
     def graph_of(self, targets: list[Stage]) -> list[Node]:
         """``targets`` and every stage upstream of them, as nodes in dependency order."""
-        return graph_of(targets, self.names, self.coords)
+        return graph_of(targets, self.names, self.coords, self.preset.experiment())
 
     def command_for(self, stage: Stage) -> str:
         """The command that makes ``stage`` with this context's preset."""
