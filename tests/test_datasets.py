@@ -70,3 +70,27 @@ def test_synthetic_is_deterministic_and_has_distinct_classes(tmp_path):
     means = np.stack([pixels[labels == k].mean(0) for k in present])
     gaps = np.linalg.norm(means[:, None] - means[None], axis=-1)[np.triu_indices(len(present), 1)]
     assert gaps.min() > 40  # classes differ in colour
+
+
+def test_each_dataset_colours_its_classes_with_its_conventional_palette_and_ignored_pixels_black():
+    from stegoscope.data import palette_of
+    from stegoscope.data.cityscapes import CLASS_NAMES as CITYSCAPES
+    from stegoscope.data.palettes import colorize, distinct, voc_colormap
+
+    # PASCAL VOC's colour map, by hand: background, aeroplane, bicycle, bird, boat, …, person (15)
+    voc = voc_colormap()
+    assert [tuple(voc[i]) for i in (0, 1, 2, 3, 4, 8, 15)] == [
+        (0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (64, 0, 0), (192, 128, 128)]
+    coco = palette_of("cocostuff27", 27)
+    assert coco.shape == (27, 3) and tuple(coco[0]) == (128, 0, 0) and tuple(coco[26]) == tuple(voc[27])  # from entry 1
+    city = palette_of("cityscapes", 27)
+    colours = {name: tuple(city[CITYSCAPES.index(name)]) for name in ("road", "sky", "car", "bicycle")}
+    assert colours == {"road": (128, 64, 128), "sky": (70, 130, 180), "car": (0, 0, 142), "bicycle": (119, 11, 32)}
+    assert [tuple(c) for c in palette_of("potsdam", 3)] == [(255, 255, 255), (0, 0, 255), (0, 255, 0)]  # ISPRS: impervious, building, tree
+    own = palette_of("directory", 7)
+    assert np.array_equal(own, distinct(7)) and len({tuple(c) for c in own}) == 7 and not (own == 0).all(1).any()
+
+    labels = np.array([[0, 1, -1], [2, 26, 255]])
+    rgb = colorize(labels, city)
+    for (y, x), k in np.ndenumerate(labels):
+        assert tuple(rgb[y, x]) == (tuple(city[k]) if 0 <= k < 27 else (0, 0, 0))

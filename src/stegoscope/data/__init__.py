@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import palettes
 from .base import DatasetError, SegmentationDataset
 from .cityscapes import Cityscapes27
 from .cocostuff import Cocostuff27
@@ -32,6 +33,13 @@ def declared_classes(name: str, n_classes: int | None = None) -> int | None:
     ``n_classes`` (a directory dataset's, from its preset); None when neither says."""
     known = len(DATASETS[name].class_names) if name in DATASETS else 0
     return known or n_classes
+
+
+def palette_of(name: str, n_classes: int) -> np.ndarray:
+    """(n_classes, 3) uint8: the colours of dataset ``name``'s classes (``palettes.py``), or
+    distinct ones where it declares none (a directory dataset)."""
+    own = DATASETS[name].palette if name in DATASETS else ()
+    return np.asarray(own[:n_classes], np.uint8).reshape(-1, 3) if len(own) >= n_classes else palettes.distinct(n_classes)
 
 
 def open_dataset(name: str, root: Path, split: str, n_classes: int | None = None) -> SegmentationDataset:
@@ -139,6 +147,6 @@ def find_bad_samples(dataset: SegmentationDataset, workers: int = 0, progress=No
 
 
 __all__ = [
-    "DATASETS", "DatasetError", "DirectoryDataset", "ExtractionDataset", "SegmentationDataset",
+    "DATASETS", "DatasetError", "palette_of", "DirectoryDataset", "ExtractionDataset", "SegmentationDataset",
     "SyntheticDataset", "find_bad_samples", "open_dataset", "write_synthetic",
 ]

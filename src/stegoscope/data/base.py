@@ -47,6 +47,7 @@ class SegmentationDataset(ABC):
 
     name: str = ""
     class_names: tuple[str, ...] = ()
+    palette: tuple[tuple[int, int, int], ...] = ()  # its classes' colours (palettes.py); none: distinct ones
 
     def __init__(self, root: Path, split: str):
         self.root = Path(root)

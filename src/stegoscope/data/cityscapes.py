@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import palettes
 from .base import DatasetError, SegmentationDataset, check_label_values, read_label_png
 from .cocostuff import find_subdir
 
@@ -43,6 +44,7 @@ def map_label_ids(raw: np.ndarray) -> np.ndarray:
 class Cityscapes27(SegmentationDataset):
     name = "cityscapes"
     class_names = CLASS_NAMES
+    palette = palettes.CITYSCAPES_27
 
     def __init__(self, root: Path, split: str):
         super().__init__(root, split)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import palettes
 from .base import DatasetError, SegmentationDataset, check_label_values, read_label_png, require_file
 
 CLASS_NAMES = (
@@ -60,6 +61,7 @@ def find_subdir(root: Path, name: str, marker: str) -> Path:
 class Cocostuff27(SegmentationDataset):
     name = "cocostuff27"
     class_names = CLASS_NAMES
+    palette = palettes.COCOSTUFF_27
 
     def __init__(self, root: Path, split: str):
         super().__init__(root, split)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import palettes
 from .base import SKIP_HINT, DatasetError, SegmentationDataset, check_label_values, require_file
 from .cocostuff import find_subdir
 
@@ -77,6 +78,7 @@ def map_potsdam_label(path: Path, gt: np.ndarray) -> np.ndarray:
 
 class _PotsdamTiles(SegmentationDataset):
     class_names = CLASS_NAMES
+    palette = palettes.POTSDAM_3
 
     def read_image(self, path: Path) -> Image.Image:
         return mat_to_rgb(path, load_mat(path, "img"))
