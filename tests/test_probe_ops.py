@@ -81,6 +81,19 @@ def test_extra_clusters_dropped_by_default_counted_as_errors_on_request():
     assert confusion(preds, target, 2, 3).sum() == 4 and confusion(preds, target, 2, 3, extra_as_errors=True).sum() == 6
 
 
+def test_one_images_scores_count_its_present_classes_and_its_labelled_pixels_only():
+    from stegoscope.ops.metrics import image_scores
+
+    target = np.array([[0, 0, 1], [1, -1, 3]])  # classes 0 and 1 present (3 is not a class of 3), one ignored
+    pred = np.array([[0, 1, 1], [-1, 2, 0]])  # −1: an unmatched cluster
+    # labelled pixels: (0,0) 0→0 ✓, (0,1) 0→1 ✗, (0,2) 1→1 ✓, (1,0) 1→−1 ✗
+    # IoU(0) = 1 / |{(0,0), (0,1)}| = 1/2; IoU(1) = 1 / |{(0,1), (0,2), (1,0)}| = 1/3; class 2, predicted only on
+    # an ignored pixel, is not present
+    miou, accuracy = image_scores(pred, target, n_classes=3)
+    assert miou == pytest.approx((1 / 2 + 1 / 3) / 2 * 100) and accuracy == pytest.approx(50.0)
+    assert all(np.isnan(image_scores(pred, np.full_like(target, -1), 3)))
+
+
 def test_confusion_of_tensors_is_counted_where_they_are():
     target = torch.tensor([[0, 0, 1], [1, -1, 1]])
     preds = torch.tensor([[0, 1, 1], [2, 0, 1]])  # cluster 2 is an extra cluster; -1 an unlabelled pixel

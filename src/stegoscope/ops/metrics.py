@@ -82,6 +82,20 @@ def scores(hist: np.ndarray) -> dict:
     }
 
 
+def image_scores(pred: np.ndarray, target: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """One image's (mIoU over the classes present in its ground truth, pixel accuracy), in %, of a
+    prediction already mapped to classes (an unmatched cluster, −1, is a miss). Ignored pixels do
+    not count; both are NaN for an image without a labelled pixel."""
+    target, pred = np.asarray(target).ravel(), np.asarray(pred).ravel()
+    labelled = (target >= 0) & (target < n_classes)
+    t, p = target[labelled], pred[labelled]
+    if not len(t):
+        return float("nan"), float("nan")
+    present = np.unique(t)
+    ious = [((p == c) & (t == c)).sum() / ((p == c) | (t == c)).sum() for c in present]
+    return float(np.mean(ious) * 100), float((p == t).mean() * 100)
+
+
 def many_to_one(stats: np.ndarray) -> np.ndarray:
     """cluster → the class most of its pixels have (−1 for empty clusters): the standard mapping for
     over-clustering. It is fitted on the labels it is scored against, so it is reported apart."""
