@@ -65,7 +65,7 @@ methods: [pca, stego]
 dims: [4]
 stego: {{steps: 6, batch_size: 4, dim: 4}}
 probe: {{steps: 6, batch_size: 4}}
-eval: {{val_every: 3}}
+eval: {{val_every: 3, keep_predictions: none}}  # tests/test_predictions.py keeps them
 """
 
 

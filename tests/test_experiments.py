@@ -191,7 +191,7 @@ def test_import_stego_uses_the_study_val_store_or_names_the_flag(tmp_path):
 
     cache = tmp_path / "c"
     preset = write_micro_preset(tmp_path / "micro.yaml", extra="methods: []\n")
-    preset.write_text(preset.read_text().replace("eval: {val_every: 3}", "eval: {val_every: 3, flip: true}"))
+    preset.write_text(preset.read_text().replace("eval: {val_every: 3,", "eval: {val_every: 3, flip: true,"))
     ok("extract", "--preset", preset, "--cache", cache, "--device", "cpu", "--workers", 0, "--no-progress")
     write_stego_ckpt(tmp_path / "s.ckpt", in_dim=96, n_classes=4)
     ok("import-stego", tmp_path / "s.ckpt", "--preset", preset, "--cache", cache, "--no-crf", "--no-progress")

@@ -1,5 +1,7 @@
 """Metrics on hand-built confusions, both k-means probes, and the dense CRF."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -204,12 +206,17 @@ def test_crf_pool_gives_the_in_process_labels_and_a_hung_pool_stops_with_a_messa
     images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(3)]
     probs = [softmax(rng.normal(size=(3, 24, 24))) for _ in range(3)]
     expected = [dense_crf(image, p).argmax(0) for image, p in zip(images, probs)]
-    pool = CRFPool(workers=1)
+    pool = CRFPool(workers=2)
     try:
         for got, want in zip(pool.map(images, probs), expected):
             np.testing.assert_array_equal(got, want)
+        started = [pool.pids.get() for _ in range(2) if not pool.pids.empty()]
     finally:
         pool.close()
+    assert started
+    for pid in started:  # closed means gone: a worker left starting would find its queue's semaphore unlinked
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     for got, want in zip(CRFPool(workers=0).map(images, probs), expected):
         np.testing.assert_array_equal(got, want)
     hung = CRFPool(workers=1, timeout=1e-4)  # every image "hangs": the first pool and its replacement time out

@@ -18,7 +18,8 @@ def ran(done):
 
 
 def test_study_runs_once_and_recomputes_only_the_downstream_of_a_deleted_node(tmp_path):
-    preset = load_preset("demo", {"methods": ["dino", "rp", "pca"], "dims": [4], "probe.steps": 10, "eval.val_every": 10})
+    preset = load_preset("demo", {"methods": ["dino", "rp", "pca"], "dims": [4], "probe.steps": 10, "eval.val_every": 10,
+                                  "eval.keep_predictions": "none"})
     cache = tmp_path / "c"
     ctx = StudyContext(preset, cache, device="cpu", show_progress=False)
     graph = ctx.graph()

@@ -47,8 +47,8 @@ def plant(artefact, **arrays) -> None:
 def test_a_pickle_planted_in_a_head_artefact_is_refused_with_the_artefact_named_and_never_run(tmp_path):
     import numpy.testing._private.utils as np_utils
 
-    preset = write_micro_preset(tmp_path / "micro.yaml",
-                                extra="smooseg: {steps: 3, batch_size: 4, dim: 4}\neval: {val_every: 3, crf: none}\n")
+    preset = write_micro_preset(tmp_path / "micro.yaml", extra="smooseg: {steps: 3, batch_size: 4, dim: 4}\n"
+                                "eval: {val_every: 3, crf: none, keep_predictions: none}\n")
     cache, marker = tmp_path / "c", tmp_path / "PWNED"
     runner = CliRunner()
     out = runner.invoke(app, ["study", str(preset), "--cache", str(cache), "--only", "smooseg", "--no-progress"])

@@ -27,6 +27,7 @@ from . import methods as registry
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"  # wheel installs (force-included)
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # editable installs
 CRF_WHERE = ("table2", "all", "none")
+KEEP_PREDICTIONS = ("none", "headline", "all")
 DEFAULT_HEAD_DIM = 70
 CONFIG_STRUCTURE = {"params", "inputs"}  # levels of a stage's config tree, left out of labels
 EXTRACT_KEYS = ("splits", "interpolation", "batch_size", "shard_images")  # live under ``extract:``
@@ -91,7 +92,9 @@ class EvalConfig:
     counted as errors with ``extra_as_errors`` (every result also reports both other mappings:
     ``cluster_extra_as_errors/…`` and ``cluster_many_to_one/…``). ``clusterer``: the probes'
     cluster probe (``ops.kmeans.CLUSTERERS``; heads always train STEGO's cosine one). ``val_every``:
-    validation interval in steps.
+    validation interval in steps. ``keep_predictions``: which results keep their per-image
+    predictions over val for ``stegoscope report`` (``headline``: the Table 2 rows, i.e. raw DINO
+    and the heads at their headline D; ``all``; ``none``).
     """
 
     flip: bool = False
@@ -100,10 +103,13 @@ class EvalConfig:
     extra_as_errors: bool = False
     val_every: int = 100
     clusterer: str = "cosine"
+    keep_predictions: str = "headline"
 
     def __post_init__(self):
         if self.crf not in CRF_WHERE:
             raise ValueError(f"crf must be one of {CRF_WHERE}, not {self.crf!r}")
+        if self.keep_predictions not in KEEP_PREDICTIONS:
+            raise ValueError(f"keep_predictions must be one of {KEEP_PREDICTIONS}, not {self.keep_predictions!r}")
         from .ops.kmeans import CLUSTERERS
 
         if self.clusterer not in CLUSTERERS:

@@ -335,6 +335,16 @@ class ProbeWeights:
         """The cluster probe's centroids at the best validation."""
         return self.best["cluster"]["clusters"]
 
+    def best_probes(self, dim: int, n_classes: int, extra_clusters: int = 0, clusterer: str = "cosine",
+                    own_clusters: str | None = None) -> Probes:
+        """The probes at the best validation, rebuilt: a probe's (its ``clusterer``), or a head's
+        linear probe with the head's own centroids scored by ``own_clusters`` (a metric)."""
+        probes = Probes(dim, n_classes, extra_clusters, clusterer)
+        if own_clusters is None:
+            return probes.restore(self.best)
+        probes.linear.load_state_dict(self.best["linear"])
+        return probes.with_cluster(FixedCentroids(self.best_centroids, own_clusters))
+
 
 def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],
                      channel_chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,7 +409,9 @@ class CRFPool:
 
     def close(self, kill: bool = False) -> None:
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            # Unless killing a hung pool, wait for the workers to exit: a worker still starting
+            # reads the pid queue's semaphore, which goes when the queue is dropped below.
+            self.pool.shutdown(wait=not kill, cancel_futures=True)
             while kill and not self.pids.empty():  # a hung worker would outlive shutdown()
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pids.get(), signal.SIGTERM)
@@ -492,22 +504,30 @@ def _scored(lin: SegmentationMetrics, clu: SegmentationMetrics) -> dict[str, Any
     return out
 
 
+def predict(source: CodeSource, probes: Probes, device: torch.device, rows: np.ndarray, labels: torch.Tensor,
+            crf: CRFPool | None = None) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
+    """One batch's (linear class, cluster) predictions at the labels' resolution: on the device
+    that holds the scores, or, refined by the dense CRF in ``crf``'s pool, on the host."""
+    codes = source.tensor(rows, device).permute(0, 3, 1, 2)
+    logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
+    if crf is None:
+        return logits.argmax(1), cosines.argmax(1)
+    images = list(source.arrays.rows(IMAGES, rows))
+    lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
+    alpha = 1.0 if probes.cluster.metric == "dot" else CLUSTER_ALPHA  # PriMaPs-EM: log_softmax of raw logits
+    return lin_pred, np.stack(crf.map(images, [softmax(alpha * x) for x in cosines.cpu().numpy()]))
+
+
 def _count(source: CodeSource, probes: Probes, device: torch.device, rows: np.ndarray, lin: SegmentationMetrics,
            clu: SegmentationMetrics, crf: CRFPool | None = None, labels: torch.Tensor | None = None) -> None:
     """Add one batch's linear and cluster predictions (± the CRF) to the confusion counts
-    (``labels``: the rows' labels on ``device``, when already gathered)."""
-    store = source.arrays
+    (``labels``: the rows' labels on ``device``, when already gathered), where the predictions
+    are (a GPU, without copying label maps back)."""
     if labels is None:
-        labels = store.tensor(LABELS, rows, device)
-    codes = source.tensor(rows, device).permute(0, 3, 1, 2)
-    logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
-    if crf is None:  # counted where the scores are (a GPU, without copying label maps back)
-        lin_pred, clu_pred = logits.argmax(1), cosines.argmax(1)
-    else:
-        images, labels = list(store.rows(IMAGES, rows)), labels.cpu().numpy()
-        lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
-        alpha = 1.0 if probes.cluster.metric == "dot" else CLUSTER_ALPHA  # PriMaPs-EM: log_softmax of raw logits
-        clu_pred = np.stack(crf.map(images, [softmax(alpha * x) for x in cosines.cpu().numpy()]))
+        labels = source.arrays.tensor(LABELS, rows, device)
+    lin_pred, clu_pred = predict(source, probes, device, rows, labels, crf)
+    if crf is not None:
+        labels = labels.cpu().numpy()
     lin.update(lin_pred, labels)
     clu.update(clu_pred, labels)
 

@@ -35,6 +35,7 @@ from .stages.extract import ExtractParams, ExtractStage
 from .stages.hierarchy import HierarchyStage
 from .stages.import_stego import ImportStegoStage
 from .stages.knn import KnnStage
+from .stages.predictions import PredictionsStage
 from .stages.primaps_masks import PrimapsMasksStage
 from .stages.probe import ProbeParams, ProbeStage
 from .stages.reduce import ProjectStage, ReduceStage
@@ -168,8 +169,7 @@ class StudyContext:
                      for split in ("train", "val"))  # type: ignore[return-value]
 
     def headline(self, method: str, dim: int | None) -> bool:
-        """Whether this result is a row of Table 2: a Table 2 method (raw DINO; a head at its
-        headline D)."""
+        """Whether this result is a row of Table 2 (raw DINO; a Table 2 head at its headline D)."""
         spec = registry.get(method)
         return spec.table2 and (spec.kind == registry.REDUCER or spec.cls.fixed_dim or dim == self.preset.head_dim(method))
 
@@ -254,6 +254,14 @@ class StudyContext:
         return self._build(("import-stego", str(checkpoint), crf), f"import-stego {Path(checkpoint).name}", lambda ctx: ImportStegoStage(
             ctx.cache_root, checkpoint, ctx.extract("val"), crf, ctx.preset.eval.flip, ctx.device, ctx.crf_workers, ctx.show_progress))
 
+    def predictions(self, results: list[Stage]) -> list[PredictionsStage]:
+        """Per-image predictions over val of the probes and heads ``eval.keep_predictions`` keeps."""
+        keep = self.preset.eval.keep_predictions
+        kept = [r for r in results if isinstance(r, (ProbeStage, TrainHeadStage)) and keep != "none"
+                and (keep == "all" or self.headline(*self.coords[id(r)][:2]))]
+        return [self._build(("predictions", r.key), f"predictions {self.names[id(r)]}", lambda ctx, r=r: PredictionsStage(
+            ctx.cache_root, r, ctx.device, ctx.crf_workers, ctx.show_progress)) for r in kept]
+
     # -- the graph --------------------------------------------------------------------------------
     def results(self, only: list[str] | None = None, dims: list[int] | None = None,
                 seeds: list[int] | None = None) -> list[Stage]:
@@ -280,7 +288,8 @@ class StudyContext:
     def graph(self, only: list[str] | None = None, dims: list[int] | None = None, seeds: list[int] | None = None) -> list[Node]:
         """Every node of the study in dependency order: the extraction of the train and val
         splits, the :meth:`results` and all they read (further splits only where a result does)."""
-        return self.graph_of([self.extract("train"), self.extract("val")] + self.results(only, dims, seeds))
+        results = self.results(only, dims, seeds)
+        return self.graph_of([self.extract("train"), self.extract("val")] + results + self.predictions(results))
 
     def graph_of(self, targets: list[Stage]) -> list[Node]:
         """``targets`` and every stage upstream of them, as nodes in dependency order."""

@@ -115,6 +115,7 @@ class HeadTrainer(ABC):
     version: ClassVar[int] = 1
     row_arrays: ClassVar[tuple[str, ...]] = ()  # further train-store arrays each batch carries
     fixed_dim: ClassVar[bool] = False  # its code dimension follows from its inputs (:meth:`code_dim`), not the sweep
+    own_clusters: ClassVar[str | None] = None  # the metric of the head's own centroids (:meth:`clusters`); None: the probe's
 
     def __init__(self, params: HeadParams, run: HeadRun, channels: int):
         self.params, self.run, self.channels = params, run, channels

@@ -102,6 +102,7 @@ def logits(feats: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> 
 class PrimapsTrainer(HeadTrainer):
     params_class = PrimapsParams
     uses_knn = False
+    own_clusters = "dot"  # θ_M's prototypes, scored by raw dot products
     fixed_dim = True
 
     def __init__(self, params: PrimapsParams, run, channels: int):
@@ -194,7 +195,7 @@ class PrimapsTrainer(HeadTrainer):
         return feats, loss, {"loss/em": loss, "em/supervised": supervised}
 
     def clusters(self, head: PrimapsHead) -> FixedCentroids:
-        return FixedCentroids(head.weight(teacher=True).detach().clone(), "dot")
+        return FixedCentroids(head.weight(teacher=True).detach().clone(), self.own_clusters)
 
     def export(self, head: PrimapsHead) -> Reducer:
         """The features θ_M reads: the base head, or the raw tokens."""

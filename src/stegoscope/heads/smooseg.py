@@ -68,6 +68,7 @@ class SmooSegTrainer(HeadTrainer):
     params_class = SmooSegParams
     version = 2  # 2: the exported head is its state dict and parameters, not a pickled module
     uses_knn = False
+    own_clusters = "cosine"  # the teacher prototypes
 
     def make_head(self) -> SmooSegHead:
         return SmooSegHead(self.channels, self.run.dim, self.run.n_classes + self.run.extra_clusters, self.params.dropout)
@@ -93,4 +94,4 @@ class SmooSegTrainer(HeadTrainer):
         ema_update(head.teacher, head.student, self.params.alpha)
 
     def clusters(self, head: SmooSegHead) -> FixedCentroids:
-        return FixedCentroids(head.teacher.detach().clone(), "cosine")
+        return FixedCentroids(head.teacher.detach().clone(), self.own_clusters)

@@ -21,12 +21,12 @@ import torch
 
 from .. import cache_schema
 from .. import methods as registry
-from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, StoreError, open_complete_store
+from ..cache_schema import IMAGES, LABELS, METRICS, PROBES, TOKENS, TOKENS_FLIP, FeatureStore, StoreError, open_complete_store
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state
 from ..probing import FIT_TOKENS, CodeSource, Evaluation, Probes, ProbeWeights, StoreArrays, evaluate_with_crf, load_reducer, sample_codes
 from ..records import EvalResult
-from ..reducers import IdentityReducer
+from ..reducers import IdentityReducer, Reducer
 from ..training import Member, Schedule, SharedBatch, Trained, train_group
 
 
@@ -94,6 +94,25 @@ class ProbeStage(Stage):
         p = self.p
         return ("probe", self.train.key, self.val.key, p.steps, p.batch_size, p.val_every, p.seed, self.device)
 
+    def loaded_reducer(self) -> Reducer:
+        return load_reducer(self.reducer.output, self.dim) if self.reducer is not None else IdentityReducer()
+
+    def val_source(self, val: FeatureStore, device: torch.device, reducer: Reducer) -> CodeSource:
+        """The codes this stage evaluates: ``reducer``'s of the val tokens (or its precomputed val
+        codes), with flip TTA as asked, and the images where the CRF refines them."""
+        derived = StoreArrays(open_complete_store(self.derived[1].output), (TOKENS,), device=device) if self.derived else None
+        tokens = () if self.derived else (TOKENS, TOKENS_FLIP)
+        images = (IMAGES,) if self.p.crf else ()
+        return CodeSource(StoreArrays(val, (*tokens, LABELS, *images), device=device), reducer, derived, flip=self.p.flip_tta)
+
+    def rebuilt(self, device: torch.device) -> Evaluation:
+        """Its best validation, rebuilt from its artefact (nothing retrained): the codes and the best probes."""
+        p = self.p
+        source = self.val_source(open_complete_store(self.val.output), device, self.loaded_reducer())
+        dim = source(np.array([0])).shape[-1]
+        probes = ProbeWeights.read(self.output).best_probes(dim, p.n_classes, p.extra_clusters, p.clusterer)
+        return Evaluation(source, probes.to(device), p.extra_as_errors)
+
     def execute(self, force: bool) -> EvalResult:
         return self.execute_group([self], force)[0]
 
@@ -129,14 +148,11 @@ class ProbeMember(Member):
     def __init__(self, stage: ProbeStage, train, val, device: torch.device):
         super().__init__(stage.p.seed)
         p, self.stage, self.device = stage.p, stage, device
-        reducer = load_reducer(stage.reducer.output, stage.dim) if stage.reducer is not None else IdentityReducer()
-        train_derived, val_derived = ((StoreArrays(open_complete_store(s.output), (TOKENS,), device=device) for s in stage.derived)
-                                      if stage.derived else (None, None))
-        tokens = () if stage.derived else (TOKENS, TOKENS_FLIP)  # precomputed codes stand in for the tokens
-        images = (IMAGES,) if p.crf else ()
-        self.train_codes = CodeSource(StoreArrays(train, (*tokens[:1], LABELS), device=device), reducer, train_derived)
-        self.val_codes = CodeSource(StoreArrays(val, (*tokens, LABELS, *images), device=device), reducer, val_derived,
-                                    flip=p.flip_tta)
+        reducer = stage.loaded_reducer()
+        train_derived = StoreArrays(open_complete_store(stage.derived[0].output), (TOKENS,), device=device) if stage.derived else None
+        tokens = () if stage.derived else (TOKENS,)  # precomputed codes stand in for the tokens
+        self.train_codes = CodeSource(StoreArrays(train, (*tokens, LABELS), device=device), reducer, train_derived)
+        self.val_codes = stage.val_source(val, device, reducer)
         self.dim = self.train_codes(np.array([0])).shape[-1]
         with self.random.active():
             self.probes = Probes(self.dim, p.n_classes, p.extra_clusters, p.clusterer).to(device)

@@ -16,13 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import cache_schema
 from .. import methods as registry
-from ..cache_schema import FINAL, METRICS, NNS, PROBES, open_complete_store
+from ..cache_schema import FINAL, IMAGES, LABELS, METRICS, NNS, PROBES, TOKENS, TOKENS_FLIP, open_complete_store
 from ..heads.base import HeadJob, HeadResult, HeadRun, fit_heads
 from ..models import resolve_device
 from ..pipeline import Stage, artefact_state, begin_artefact, load_npz
-from ..probing import ProbeWeights, TrainingLog
+from ..probing import CodeSource, Evaluation, ProbeWeights, StoreArrays, TrainingLog, load_reducer
 from ..records import EvalResult
 
 
@@ -67,6 +69,16 @@ class TrainHeadStage(Stage):
         p, run = self.p, self.run
         return ("train", self.train.key, self.val.key, self.knn.key if self.knn is not None else None, p.steps, p.batch_size,
                 p.knn_neighbors, run.val_every, run.seed, self.device, self.resident_bytes)
+
+    def rebuilt(self, device: torch.device) -> Evaluation:
+        """Its best validation, rebuilt from its artefact (nothing retrained): the best head's
+        codes of the val tokens (flip TTA where val has flips), and the probes it was scored with."""
+        run = self.run
+        arrays = StoreArrays(open_complete_store(self.val.output), (TOKENS, TOKENS_FLIP, LABELS, *((IMAGES,) if run.crf else ())),
+                             device=device)
+        probes = ProbeWeights.read(self.output).best_probes(run.dim, run.n_classes, run.extra_clusters,
+                                                            own_clusters=self.trainer_cls.own_clusters)
+        return Evaluation(CodeSource(arrays, load_reducer(self.output), flip=True), probes.to(device), run.extra_as_errors)
 
     def execute(self, force: bool) -> EvalResult:
         return self.execute_group([self], force)[0]
