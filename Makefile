@@ -47,6 +47,7 @@ DOCS_CACHE ?= .stegoscope-cache/docs-demo
 docs-figures:
 	$(BIN)/stegoscope demo --cache $(DOCS_CACHE)
 	cp $(DOCS_CACHE)/figures/demo/fig4_miou_vs_dim.png docs/demo_fig4.png
+	$(BIN)/python docs/screenshot.py $(DOCS_CACHE)/reports/demo/index.html docs/demo_report.png
 
 # Extract train and val tokens of one dataset preset, e.g. `make features DATASET=potsdam DATA_ROOT=/data`.
 features:

@@ -247,6 +247,10 @@ def figures_dir(cache_root: Path) -> Path:
     return as_path(cache_root) / "figures"
 
 
+def reports_dir(cache_root: Path) -> Path:
+    return as_path(cache_root) / "reports"
+
+
 def features_dir(cache_root: Path) -> Path:
     return as_path(cache_root) / "features"
 

@@ -542,6 +542,32 @@ def figures(
 
 @app.command()
 @user_errors
+def report(
+    study_names: Annotated[Optional[list[str]], typer.Option("--study", help="The study (its preset's name); repeat for several. "
+                                                             "Default: every study that has run.")] = None,
+    cache: CacheOpt = DEFAULT_CACHE,
+    out: Annotated[Optional[str], typer.Option("--out", callback=lambda v: v and _cache_root(v),
+                                               help="Output folder or URL (default <cache>/reports/<study>).")] = None,
+    images: Annotated[int, typer.Option("--images", min=0, help="Gallery images: the worst, median and best thirds by the "
+                                                                "headline result's per-image mIoU.")] = 24,
+    ids: Annotated[Optional[list[str]], typer.Option("--ids", help="Val image ids to show in the gallery as well; repeat.")] = None,
+) -> None:
+    """A static HTML page per study (index.html and its images; opens from disk): the study, Table 2, the figures, per-class
+    IoU and confusion, a gallery and every val image's mIoU. Reads the cache only: it runs no stage."""
+    from .report import write_report
+
+    names = list(study_names or cache_schema.list_studies(cache))
+    if not names:
+        console.print("no study has run in this cache yet; run `stegoscope study PRESET` first")
+    for name in names:
+        folder = (out or cache_schema.reports_dir(cache)) / name if not out or len(names) > 1 else out
+        index = write_report(cache, name, folder, images, list(ids or ()))
+        console.print(f"report {name}: 0 stages run (the cache is only read)", highlight=False)
+        print(index)
+
+
+@app.command()
+@user_errors
 def verify(
     paths: Annotated[
         Optional[list[str]],
@@ -690,7 +716,7 @@ FUTURE = "future"  # `study --only future`: the preset's open-question experimen
 
 
 def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None, only=None, dims=None, seeds=None,
-               device=None, scheduler=None, flip=None, dry_run=False, progress=True, group=None) -> list:
+               device=None, scheduler=None, flip=None, dry_run=False, progress=True, group=None, report=True) -> list:
     """Run (or with ``dry_run`` plan) every experiment of a study; the contexts that ran."""
     from .future import future_experiments
     from .progress import progress_bar
@@ -734,6 +760,10 @@ def _run_study(preset: str, cache: Path, data_root=None, sets=None, sweeps=None,
         path = cache_schema.study_dir(cache, base.preset.name) / "results.csv"
         atomic_write_text(path, results_csv(rows))
         print(path)
+        if report:
+            from .report import write_report
+
+            print(write_report(cache, base.preset.name, cache_schema.reports_dir(cache) / base.preset.name))
     return contexts
 
 
@@ -775,9 +805,12 @@ def study(
     group: Annotated[Optional[bool], typer.Option("--group/--no-group", help="Train the probes (and the heads) that read the same train "
                                                   "store on the same batch schedule together, in one pass; each result is bit for bit "
                                                   "the one it gets alone (default: the preset's train.group, true).")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report",
+                                         help="Write the study's HTML report at the end (<cache>/reports/<study>/index.html; "
+                                              "`stegoscope report`).")] = True,
 ) -> None:
     """Run the whole study of a preset — extract, kNN, reducers, heads, probes — skipping what is cached."""
-    _run_study(preset, cache, data_root, sets, sweeps, only, dims, seeds, device, scheduler, flip, dry_run, progress, group)
+    _run_study(preset, cache, data_root, sets, sweeps, only, dims, seeds, device, scheduler, flip, dry_run, progress, group, report)
 
 
 @app.command()
@@ -787,16 +820,18 @@ def demo(
     device: DeviceOpt = None,
 ) -> None:
     """The embedded default, end to end on the built-in synthetic dataset (small random ViT, CPU):
-    the study, then its figures and a Table-2-style summary."""
+    the study, then its figures, a Table-2-style summary and its HTML report."""
+    from .report import write_report
     from .stages.figures import render
 
     start = time.perf_counter()
-    _run_study("demo", cache, device=device)
+    _run_study("demo", cache, device=device, report=False)
     folder = cache_schema.figures_dir(cache) / "demo"
     written = render(cache, folder, ["demo"])
     console.print((folder / "table2.md").read_text(), highlight=False, markup=False, soft_wrap=True)
     for name, paths in written.items():
         print(f"{name}: " + "  ".join(str(p) for p in paths))
+    print(f"report: {write_report(cache, 'demo', cache_schema.reports_dir(cache) / 'demo')}")
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
 
 
