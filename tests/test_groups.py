@@ -83,8 +83,6 @@ def test_grouped_members_equal_solo_runs_and_cached_members_are_not_retrained(tm
 
 
 @pytest.mark.slow
-
-
 def test_a_group_killed_while_it_saves_resumes_to_the_uninterrupted_result(tmp_path):
     preset = write_micro_preset(tmp_path / "micro.yaml", extra=EXTRA)
     reference, trace = tmp_path / "reference", tmp_path / "renames.txt"

@@ -74,8 +74,6 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-
-
 def test_a_study_on_s3_gives_the_local_results_bit_for_bit_and_writes_nothing_local(s3, tmp_path, monkeypatch):
     preset = write_micro_preset(tmp_path / "micro.yaml", train="{res: 32}")
     workdir = tmp_path / "cwd"
@@ -96,10 +94,11 @@ def test_a_study_on_s3_gives_the_local_results_bit_for_bit_and_writes_nothing_lo
     assert ours.keys() == theirs.keys() - local_only
     assert any(name.startswith("features/") for name in ours) and any(name.startswith("artefacts/knn/") for name in ours)
     # every array, payload and table byte for byte; what differs says when or where it was made
-    made_when = ("manifest.json", "metrics.json", "log.jsonl", "zarr.json", ".pdf", ".png", "inventory.json")
+    made_when = ("manifest.json", "metrics.json", "log.jsonl", "zarr.json", ".pdf", ".png", "inventory.json", "index.html")
     same = [name for name in ours if not name.endswith(made_when) and not name.startswith(("studies/", "memo/"))]
     assert {n for n in same if ours[n] != theirs[n]} == set()
     assert ours["figures/micro/results.csv"] == theirs["figures/micro/results.csv"]
+    assert b"Study micro" in ours["reports/micro/index.html"]  # the study's report, written to the bucket
     assert len([n for n in same if n.endswith((".npz", ".pt"))]) >= 4 and len([n for n in same if "/c/" in n]) > 10
     for name in ours:
         if name.endswith("metrics.json"):  # every measured number, without the timings
@@ -249,8 +248,6 @@ def _crash(mode, arg, *args, wait=True, lease_seconds=2):
 
 
 @pytest.mark.slow
-
-
 def test_an_extraction_sigkilled_on_s3_resumes_and_two_ranks_write_one_store(s3, tmp_path):
     args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)), shard_size=2)
     assert invoke(*args, "--cache", tmp_path / "local").exit_code == 0
@@ -293,8 +290,6 @@ def test_a_store_on_s3_reads_back_as_written_through_every_reader(s3, tmp_path):
 
 
 @pytest.mark.slow
-
-
 def test_a_stage_sigkilled_on_s3_before_its_manifest_reruns_to_the_local_result(s3, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     preset = write_micro_preset(tmp_path / "micro.yaml")

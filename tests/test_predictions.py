@@ -12,15 +12,17 @@ from stegoscope.cache_schema import LABELS, open_complete_store
 from stegoscope.pipeline import load_npz
 
 
-def _hand_scores(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[float, list[float]]:
-    """mIoU and per-class IoU (%) from a class map, counted pixel by pixel: the reference §8 definitions."""
+def _hand_scores(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[float, list[float], list[float], list[float]]:
+    """mIoU and per-class IoU, precision and recall (%) from a class map, counted pixel by pixel
+    (the reference §8 definitions): together they pin down the confusion matrix's diagonal and margins."""
     valid = (labels >= 0) & (labels < n_classes)
     p, t = pred[valid].astype(int), labels[valid].astype(int)
-    ious = []
-    for c in range(n_classes):
-        union = np.sum((p == c) | (t == c))
-        ious.append(np.sum((p == c) & (t == c)) / union * 100 if union else np.nan)
-    return float(np.nanmean(ious)), ious
+    ratio = lambda a, b: a / b * 100 if b else np.nan  # noqa: E731
+    hits = [np.sum((p == c) & (t == c)) for c in range(n_classes)]
+    ious = [ratio(hits[c], np.sum((p == c) | (t == c))) for c in range(n_classes)]
+    precision = [ratio(hits[c], np.sum(p == c)) for c in range(n_classes)]
+    recall = [ratio(hits[c], np.sum(t == c)) for c in range(n_classes)]
+    return float(np.nanmean(ious)), ious, precision, recall
 
 
 def _image_miou(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
@@ -53,9 +55,10 @@ def test_kept_predictions_are_the_maps_the_metrics_were_scored_from_and_are_rema
             for probe in ("cluster", "linear"):
                 maps = payload[f"{probe}{suffix}"]
                 assert maps.dtype == np.uint8 and maps.shape == labels.shape
-                miou, per_class = _hand_scores(maps, labels, 4)
+                miou, iou, precision, recall = _hand_scores(maps, labels, 4)
                 assert miou == pytest.approx(row[f"{probe}/mIoU"], abs=1e-9), (folder.name, probe, suffix)
-                np.testing.assert_allclose(per_class, row[f"{probe}/per_class_iou"], atol=1e-9)
+                for mine, theirs in ((iou, "iou"), (precision, "precision"), (recall, "recall")):
+                    np.testing.assert_allclose(mine, row[f"{probe}/per_class_{theirs}"], atol=1e-9)
                 for i in range(len(labels)):
                     assert payload[f"{probe}{suffix}_scores"][i, 0] == pytest.approx(_image_miou(maps[i], labels[i], 4), abs=1e-4)
                     accuracy = np.mean(maps[i][labels[i] >= 0] == labels[i][labels[i] >= 0]) * 100

@@ -83,8 +83,6 @@ def traced_reference(tmp_path, args) -> tuple[Path, list[str]]:
 
 
 @pytest.mark.slow
-
-
 def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_store(tmp_path):
     args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)))
     root, traced = traced_reference(tmp_path, args)
@@ -135,8 +133,6 @@ def test_extract_killed_at_every_kind_of_write_resumes_to_the_uninterrupted_stor
 
 
 @pytest.mark.slow
-
-
 def test_a_power_cut_during_extraction_loses_no_flagged_shard(tmp_path):
     args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)), shard_size=2)
     root, writes = traced_reference(tmp_path, args)
@@ -165,8 +161,6 @@ def _manifests(cache):
 
 
 @pytest.mark.slow
-
-
 def test_killed_analysis_stages_leave_no_manifest_and_rerun_only_themselves(tmp_path):
     preset, cache = _micro_preset(tmp_path), tmp_path / "c"
     common = ["--preset", preset, "--cache", cache, "--device", "cpu"]
@@ -515,8 +509,6 @@ def test_disk_full_in_an_artefact_stage_leaves_nothing_complete(extracted, tmp_p
 
 
 @pytest.mark.slow
-
-
 def test_two_ranks_write_the_store_of_one_process_and_a_killed_rank_resumes_alone(tmp_path):
     # batches of 2 within shards of 2: each rank's batches are the single process's, so the bytes agree
     args = extract_args(write_directory_dataset(tmp_path / "data", n_train=7, n_val=1, size=(40, 32)), shard_size=2)

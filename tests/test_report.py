@@ -9,17 +9,15 @@ import pytest
 from PIL import Image
 
 from conftest import ok, write_micro_preset
-from stegoscope.cache_schema import IDS, LABELS, open_complete_store
+from stegoscope.cache_schema import LABELS, open_complete_store
 from stegoscope.data import palette_of
 from stegoscope.ops.metrics import image_scores
 from stegoscope.pipeline import load_npz, read_manifest, read_record
 from stegoscope.records import EvalResult
 
-ASKED = "val_00004"
-
 
 class Page(HTMLParser):
-    """Every img, link, element id and table cell (with its data-value and row id) of a page."""
+    """Every img, link, element id and table cell (its row's id, data-key and data-value) of a page."""
 
     def __init__(self):
         super().__init__()
@@ -36,7 +34,49 @@ class Page(HTMLParser):
         if tag == "a":
             self.links.append(attrs["href"])
         if tag == "td" and "data-value" in attrs:
-            self.cells.append((self.row, attrs["data-value"]))
+            self.cells.append((self.row, attrs.get("data-key"), attrs["data-value"]))
+
+
+def check_report(index: Path, cache: Path, asked: str) -> None:
+    """The report at ``index`` against the cache it was written from: every image a PNG of its
+    stated size, every link resolving, every score its artefact's metrics.json, every per-image
+    mIoU recomputed from the stored prediction and the val labels, gallery pixels in the palette."""
+    page = Page()
+    page.feed(index.read_text())
+    for img in page.images:
+        with Image.open(index.parent / img["src"]) as png:
+            assert png.format == "PNG" and png.size == (int(img["width"]), int(img["height"])), img
+    for href in page.links:
+        assert href.startswith("#") and href[1:] in page.ids or (index.parent / href).exists(), href
+
+    val = open_complete_store(next((cache / "features").glob("*-val-*.zarr")))
+    labels, ids = val[LABELS][:], val.ids
+    palette = palette_of(val.attrs.dataset, len(val.attrs.class_names))
+    kept = sorted((cache / "artefacts" / "predictions").iterdir())
+    assert kept
+    per_image = {(r, k): float(v) for r, k, v in page.cells if r and r.startswith("img-") and k}
+    assert {r for r, _ in per_image} == {f"img-{i}" for i in range(len(labels))}  # every val image
+    for folder in kept:
+        result = next(p for p in (cache / "artefacts").glob("*/*") if p.name.endswith(read_manifest(folder).inputs[0][:12]))
+        metrics, payload = read_record(result, "metrics.json", EvalResult), load_npz(folder)
+        for crf, row in metrics.kept():  # each score shown is the artefact's metrics.json
+            shown = {k: float(v) for r, k, v in page.cells if r == f"score-{folder.name}-{crf}"}
+            assert shown == {f"{probe}/{m}": getattr(row.probes[probe], m) for probe in ("cluster", "linear")
+                             for m in ("mIoU", "Accuracy")}
+            maps = payload["cluster" + ("_crf" if crf == "yes" else "")]
+            for i in range(len(labels)):  # recomputed from the stored prediction and the val labels
+                expected = image_scores(np.where(maps[i] == 255, -1, maps[i]), labels[i], len(palette))[0]
+                value = per_image[(f"img-{i}", f"{folder.name}/cluster{'_crf' if crf == 'yes' else ''}")]
+                assert value == np.float32(expected) or np.isnan(expected) and np.isnan(value)
+        row = ids.index(asked)  # the asked-for image is in the gallery, each class in its colour
+        assert f"g-{row}" in page.ids
+        drawn = np.asarray(Image.open(index.parent / "gallery" / f"{row}-{folder.name}-cluster.png"))
+        stored = payload["cluster"][row]
+        for k in np.unique(stored[stored != 255]):
+            y, x = np.argwhere(stored == k)[0]
+            assert tuple(drawn[y, x]) == tuple(palette[k])
+    truth = np.asarray(Image.open(index.parent / "gallery" / f"{ids.index(asked)}-truth.png"))
+    assert (truth[labels[ids.index(asked)] < 0] == 0).all() and (truth.reshape(-1, 3) != 0).any(1).any()  # ignored pixels black
 
 
 def test_the_report_shows_the_kept_predictions_as_stored_and_scored(tmp_path):
@@ -44,54 +84,23 @@ def test_the_report_shows_the_kept_predictions_as_stored_and_scored(tmp_path):
     preset.write_text(preset.read_text().replace("keep_predictions: none", "keep_predictions: headline"))
     cache = tmp_path / "c"
     ok("study", preset, "--cache", cache, "--device", "cpu", "--no-progress", "--no-report")
-    out = ok("report", "--cache", cache, "--out", tmp_path / "r", "--images", "3", "--ids", ASKED)
+    out = ok("report", "--cache", cache, "--out", tmp_path / "r", "--images", "3", "--ids", "val_00004")
     assert "0 stages run" in out
-    index = tmp_path / "r" / "index.html"
-    page = Page()
-    page.feed(index.read_text())
+    assert [p.name[:6] for p in (cache / "artefacts" / "predictions").iterdir()] == ["stego4"]  # PCA is not a Table 2 row
+    check_report(tmp_path / "r" / "index.html", cache, "val_00004")
 
-    for img in page.images:  # every image exists, is a PNG of the stated size
-        with Image.open(index.parent / img["src"]) as png:
-            assert png.format == "PNG" and png.size == (int(img["width"]), int(img["height"])), img
-    for href in page.links:  # every link resolves
-        assert href.startswith("#") and href[1:] in page.ids or (index.parent / href).exists(), href
 
-    (kept,) = sorted((cache / "artefacts" / "predictions").iterdir())  # STEGO at its headline D: PCA is not a Table 2 row
-    result = next(p for p in (cache / "artefacts").glob("train_stego/*") if p.name.endswith(read_manifest(kept).inputs[0][:12]))
-    metrics = read_record(result, "metrics.json", EvalResult)
-    for crf, row in metrics.kept():  # each score shown is the artefact's metrics.json
-        shown = [float(v) for r, v in page.cells if r == f"score-{kept.name}-{crf}"]
-        c, lin = row.probes["cluster"], row.probes["linear"]
-        assert shown == [c.mIoU, c.Accuracy, lin.mIoU, lin.Accuracy]
-
-    val = open_complete_store(next((cache / "features").glob("*-val-*.zarr")))
-    labels, ids, payload = val[LABELS][:], [str(i) for i in val[IDS][:]], load_npz(kept)
-    rows: dict[str, list[str]] = {}
-    for r, v in page.cells:
-        if r and r.startswith("img-"):
-            rows.setdefault(r, []).append(v)
-    assert len(rows) == len(labels)  # every val image
-    for r, (name, no_crf, with_crf) in rows.items():  # recomputed from the stored map and the val labels
-        i = int(r[4:])
-        assert name == ids[i]
-        for value, maps in ((no_crf, payload["cluster"]), (with_crf, payload["cluster_crf"])):
-            expected = image_scores(np.where(maps[i] == 255, -1, maps[i]), labels[i], 4)[0]
-            assert float(value) == np.float32(expected) or np.isnan(expected) and value == "nan"
-    first = [r for r in rows][0]
-    worst = np.nanargmin(payload["cluster_crf_scores"][:, 0])
-    assert first == f"img-{worst}"  # worst first
-    assert f"g-{ids.index(ASKED)}" in page.ids  # the asked-for image is in the gallery
-
-    palette = palette_of("synthetic", 4)
-    row = ids.index(ASKED)
-    drawn = np.asarray(Image.open(index.parent / "gallery" / f"{row}-{kept.name}-cluster_crf.png"))
-    stored = payload["cluster_crf"][row]
-    for k in np.unique(stored[stored != 255]):
-        y, x = np.argwhere(stored == k)[0]
-        assert tuple(drawn[y, x]) == tuple(palette[k])  # a pixel of class k has colour k
-    truth = np.asarray(Image.open(index.parent / "gallery" / f"{row}-truth.png"))
-    assert (truth[labels[row] < 0] == 0).all()  # ignored pixels black
-    assert Path(index).stat().st_size < 200_000
+@pytest.mark.slow
+def test_the_demo_report(tmp_path):
+    cache = tmp_path / "c"
+    out = ok("demo", "--cache", cache)
+    index = Path(out.rsplit("report: ", 1)[1].split()[0])
+    assert index == cache / "reports" / "demo" / "index.html"
+    assert len([p for p in (index.parent / "gallery").glob("*-truth.png")]) == 24
+    check_report(index, cache, "val_00000")
+    again = ok("report", "--cache", cache, "--study", "demo", "--ids", "val_00031")
+    assert "0 stages run" in again
+    check_report(index, cache, "val_00031")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

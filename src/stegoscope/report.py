@@ -157,12 +157,14 @@ def gallery_rows(scores: np.ndarray, n_images: int, ids: list[int]) -> list[int]
     return list(dict.fromkeys(ids + [i for i in picked if 0 <= i < len(order)]))
 
 
-def _cell(value, digits: int = 2) -> str:
+def _cell(value, digits: int = 2, key: str = "") -> str:
+    """A table cell showing ``value`` rounded, with its exact value (and what it is, ``key``) as data."""
+    key = f" data-key=\"{html.escape(key)}\"" if key else ""
     if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "<td data-value=\"nan\">–</td>"
+        return f"<td data-value=\"nan\"{key}>–</td>"
     if isinstance(value, float):
-        return f"<td data-value=\"{value!r}\">{value:.{digits}f}</td>"
-    return f"<td>{html.escape(str(value))}</td>"
+        return f"<td data-value=\"{value!r}\"{key}>{value:.{digits}f}</td>"
+    return f"<td{key}>{html.escape(str(value))}</td>"
 
 
 def write_report(cache_root: Path, study: str, out_dir: Path, n_images: int = 24, ids: list[str] = ()) -> Path:
@@ -265,7 +267,9 @@ def _results_section(kept: list[Kept], labels: np.ndarray, names: list[str], pal
         for crf, row in k.metrics.kept():
             c, lin = row.probes["cluster"], row.probes["linear"]
             parts.append(f"<tr id=\"score-{k.slug}-{crf}\"><td>{html.escape(k.title)}</td><td>{crf}</td><td>{row.step}</td>"
-                         + "".join(_cell(v) for v in (c.mIoU, c.Accuracy, lin.mIoU, lin.Accuracy)) + "</tr>")
+                         + "".join(_cell(v, key=k) for v, k in ((c.mIoU, "cluster/mIoU"), (c.Accuracy, "cluster/Accuracy"),
+                                                                (lin.mIoU, "linear/mIoU"), (lin.Accuracy, "linear/Accuracy")))
+                         + "</tr>")
     parts.append("</table>")
     for k in kept:
         parts.append(f"<h3>{html.escape(k.title)}</h3>")
@@ -304,6 +308,7 @@ def _per_image_section(kept: list[Kept], headline: Kept, image_ids: list[str], s
         name = html.escape(image_ids[row])
         link = f"<a href=\"#g-{row}\">{name}</a>" if row in shown else name
         parts.append(f"<tr id=\"img-{row}\"><td data-value=\"{name}\">{link}</td>"
-                     + "".join(_cell(float(k.payload[f"cluster{s}_scores"][row, 0]), 1) for k, s in columns) + "</tr>")
+                     + "".join(_cell(float(k.payload[f"cluster{s}_scores"][row, 0]), 1, f"{k.slug}/cluster{s}") for k, s in columns)
+                     + "</tr>")
     parts.append("</tbody></table>")
     return "\n".join(parts)
