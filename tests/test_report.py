@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ok, write_micro_preset
+from conftest import invoke, ok, write_micro_preset
 from stegoscope.cache_schema import LABELS, open_complete_store
 from stegoscope.data import palette_of
 from stegoscope.ops.metrics import image_scores
@@ -87,6 +87,8 @@ def test_the_report_shows_the_kept_predictions_as_stored_and_scored(tmp_path):
     out = ok("report", "--cache", cache, "--out", tmp_path / "r", "--images", "3", "--ids", "val_00004")
     assert "0 stages run" in out
     assert [p.name[:6] for p in (cache / "artefacts" / "predictions").iterdir()] == ["stego4"]  # PCA is not a Table 2 row
+    wrong = invoke("report", "--cache", cache, "--out", tmp_path / "r", "--ids", "val_99")
+    assert wrong.exit_code == 2 and "val_99" in wrong.output and "-val-" in wrong.output  # the store named
     check_report(tmp_path / "r" / "index.html", cache, "val_00004")
 
 

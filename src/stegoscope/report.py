@@ -99,12 +99,19 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _figure_png(fig) -> bytes:
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, whatever display the machine has
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -113,8 +120,7 @@ def _class_maps(maps: np.ndarray) -> np.ndarray:
 
 
 def _per_class_figure(kept: Kept, names: list[str], palette: np.ndarray) -> bytes:
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     row = kept.metrics.best_crf or kept.metrics.best
     iou = np.nan_to_num(np.asarray(row.probes["cluster"].per_class_iou, float))
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(names)), 3))
@@ -128,8 +134,7 @@ def _per_class_figure(kept: Kept, names: list[str], palette: np.ndarray) -> byte
 
 def _confusion_figure(kept: Kept, labels: np.ndarray, names: list[str]) -> bytes:
     """Rows: ground truth, normalised; columns: the mapped cluster prediction."""
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = len(names)
     suffix = kept.suffixes[-1]
     pred, truth = _class_maps(kept.payload[f"cluster{suffix}"]).ravel(), labels.ravel().astype(np.int64)
@@ -191,7 +196,10 @@ def write_report(cache_root: Path, study: str, out_dir: Path, n_images: int = 24
         palette = palette_of(val.attrs.dataset or "", n_classes)
         sections += [_legend(names, palette), _results_section(kept, labels, names, palette, out_dir)]
         image_ids = val.ids
-        wanted = [image_ids.index(i) for i in ids if i in image_ids]
+        unknown = [i for i in ids if i not in image_ids]
+        if unknown:
+            raise ValueError(f"{val.path}: no val image {unknown[:3]} (--ids); its ids look like {image_ids[:2]}")
+        wanted = [image_ids.index(i) for i in ids]
         headline = next((k for k in kept if registry.get(k.manifest.method).kind == registry.HEAD), kept[0])
         rows = gallery_rows(headline.payload[f"cluster{headline.suffixes[-1]}_scores"][:, 0], n_images, wanted)
         sections += [_gallery_section(kept, val, labels, palette, rows, image_ids, out_dir),
