@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ok, write_micro_preset
 from stegoscope.cache_schema import LABELS, open_complete_store
-from stegoscope.pipeline import load_npz
+from stegoscope.stages import predictions
+from stegoscope.stages.predictions import load_predictions
 
 
 def _hand_scores(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[float, list[float], list[float], list[float]]:
@@ -32,7 +33,8 @@ def _image_miou(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
                           for c in present]) * 100)
 
 
-def test_kept_predictions_are_the_maps_the_metrics_were_scored_from_and_are_remade_without_retraining(tmp_path):
+def test_kept_predictions_are_the_maps_the_metrics_were_scored_from_and_are_remade_without_retraining(tmp_path, monkeypatch):
+    monkeypatch.setattr(predictions, "CHUNK", 4)  # 6 val images: two chunks
     preset = write_micro_preset(tmp_path / "micro.yaml", extra="smooseg: {steps: 3, batch_size: 4, dim: 4}\n")
     preset.write_text(preset.read_text().replace("methods: [pca, stego]", "methods: [pca, stego, smooseg]")
                       .replace("keep_predictions: none", "keep_predictions: all"))
@@ -48,7 +50,7 @@ def test_kept_predictions_are_the_maps_the_metrics_were_scored_from_and_are_rema
         manifest = json.loads((folder / "manifest.json").read_text())
         (result,) = [p for p in (cache / "artefacts").glob("*/*") if p.name.endswith(manifest["inputs"][0][:12])]
         metrics = json.loads((result / "metrics.json").read_text())
-        payload = load_npz(folder)
+        payload = load_predictions(folder)
         with_crf = metrics.get("best_crf") is not None
         assert ("cluster_crf" in payload) == with_crf == (not folder.name.startswith("pca"))  # eval.crf: table2 (heads at D)
         for suffix, row in [("", metrics["best"])] + ([("_crf", metrics["best_crf"])] if with_crf else []):
@@ -67,11 +69,21 @@ def test_kept_predictions_are_the_maps_the_metrics_were_scored_from_and_are_rema
     again = ok("study", preset, "--cache", cache, "--device", "cpu", "--no-progress")
     assert "0 stages run" in again
     # a cache made before predictions were kept: they are made from the stored weights alone
-    before = {p.name: load_npz(p) for p in kept}
+    before = {p.name: load_predictions(p) for p in kept}
     for folder in kept:
         shutil.rmtree(folder)
     remade = ok("study", preset, "--cache", cache, "--device", "cpu", "--no-progress")
     assert "3 stages run" in remade
     for folder in kept:
+        assert sorted(p.name for p in folder.glob("chunk-*")) == ["chunk-00000.npz", "chunk-00001.npz"]
         for name, array in before[folder.name].items():
-            np.testing.assert_array_equal(load_npz(folder)[name], array)
+            np.testing.assert_array_equal(load_predictions(folder)[name], array)
+    # killed after its first chunk: the rerun writes only the second
+    stego = kept[-1]
+    first = (stego / "chunk-00000.npz").stat().st_mtime_ns
+    (stego / "manifest.json").unlink()
+    (stego / "chunk-00001.npz").unlink()
+    assert "1 stages run" in ok("study", preset, "--cache", cache, "--device", "cpu", "--no-progress")
+    assert (stego / "chunk-00000.npz").stat().st_mtime_ns == first
+    for name, array in before[stego.name].items():
+        np.testing.assert_array_equal(load_predictions(stego)[name], array)

@@ -12,8 +12,9 @@ from conftest import invoke, ok, write_micro_preset
 from stegoscope.cache_schema import LABELS, open_complete_store
 from stegoscope.data import palette_of
 from stegoscope.ops.metrics import image_scores
-from stegoscope.pipeline import load_npz, read_manifest, read_record
+from stegoscope.pipeline import read_manifest, read_record
 from stegoscope.records import EvalResult
+from stegoscope.stages.predictions import load_predictions
 
 
 class Page(HTMLParser):
@@ -58,7 +59,7 @@ def check_report(index: Path, cache: Path, asked: str) -> None:
     assert {r for r, _ in per_image} == {f"img-{i}" for i in range(len(labels))}  # every val image
     for folder in kept:
         result = next(p for p in (cache / "artefacts").glob("*/*") if p.name.endswith(read_manifest(folder).inputs[0][:12]))
-        metrics, payload = read_record(result, "metrics.json", EvalResult), load_npz(folder)
+        metrics, payload = read_record(result, "metrics.json", EvalResult), load_predictions(folder)
         for crf, row in metrics.kept():  # each score shown is the artefact's metrics.json
             shown = {k: float(v) for r, k, v in page.cells if r == f"score-{folder.name}-{crf}"}
             assert shown == {f"{probe}/{m}": getattr(row.probes[probe], m) for probe in ("cluster", "linear")

@@ -26,10 +26,10 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .cache_schema import IMAGES, LABELS, METRICS, open_complete_store
 from .data import palette_of
 from .data.palettes import colorize
-from .pipeline import load_npz, read_manifest, read_record
+from .pipeline import read_manifest, read_record
 from .records import EvalResult, Manifest, StudyRecord
 from .stages.figures import collect, table2
-from .stages.predictions import UNMATCHED
+from .stages.predictions import UNMATCHED, load_predictions
 from .storage import as_path
 
 SORT_SCRIPT = """
@@ -86,7 +86,7 @@ def kept_predictions(cache_root: Path, record: StudyRecord) -> list[Kept]:
         title = registry.get(result.method).title + (f" D={result.dim}" if result.dim else "")
         title += f" seed {result.seed}" if result.seed else ""
         out.append(Kept(title, folder, cache_root / result.output, manifest, read_record(cache_root / result.output, METRICS, EvalResult),
-                        load_npz(folder)))
+                        load_predictions(folder)))
     order = list(registry.METHODS)
     return sorted(out, key=lambda k: (order.index(k.manifest.method), k.title))
 
