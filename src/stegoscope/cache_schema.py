@@ -56,6 +56,11 @@ from .raw_shards import ShardLayout
 from .records import RecordError, StoreAttrs, StudyRecord
 from .storage import as_path, file_sizes, is_remote, read_npy, stamp, zarr_options
 
+# Our own files beside a store's arrays (sources.json, inventory.json) are not zarr's business.
+# zarr warns about each whenever a group's members are listed, from its event-loop thread, where
+# a catch_warnings around our call does not reach: hence a filter for that message alone.
+warnings.filterwarnings("ignore", category=UserWarning, message=r"Object at \S+\.json is not recognized as a component of a Zarr")
+
 SCHEMA_VERSION = 1
 
 TOKENS, POOLED, LABELS, IMAGES, IDS, WRITTEN = "tokens", "pooled", "labels", "images", "ids", "written"
@@ -533,8 +538,6 @@ class StoreWriter(StoreFiles):
         self.group.attrs["status"] = STATUS_COMPLETE
         with warnings.catch_warnings():  # "not part of the v3 spec": xarray reads it all the same
             warnings.filterwarnings("ignore", category=UserWarning, message=".*[Cc]onsolidated metadata")
-            # our own files beside the arrays (sources.json): not zarr's business
-            warnings.filterwarnings("ignore", category=UserWarning, message=".*not recognized as a component")
             zarr.consolidate_metadata(self.group.store)
         atomic_write_text(self.path / INVENTORY, json.dumps({"files": _file_sizes(self.path)}, sort_keys=True))
 
