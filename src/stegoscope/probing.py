@@ -504,12 +504,12 @@ def _scored(lin: SegmentationMetrics, clu: SegmentationMetrics) -> dict[str, Any
     return out
 
 
-def predict(source: CodeSource, probes: Probes, device: torch.device, rows: np.ndarray, labels: torch.Tensor,
+def predict(source: CodeSource, probes: Probes, device: torch.device, rows: np.ndarray, size: tuple[int, int],
             crf: CRFPool | None = None) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
-    """One batch's (linear class, cluster) predictions at the labels' resolution: on the device
+    """One batch's (linear class, cluster) predictions at ``size`` (the labels'): on the device
     that holds the scores, or, refined by the dense CRF in ``crf``'s pool, on the host."""
     codes = source.tensor(rows, device).permute(0, 3, 1, 2)
-    logits, cosines = upsampled_scores(codes, probes, labels.shape[-2:])
+    logits, cosines = upsampled_scores(codes, probes, size)
     if crf is None:
         return logits.argmax(1), cosines.argmax(1)
     images = list(source.arrays.rows(IMAGES, rows))
@@ -525,7 +525,7 @@ def _count(source: CodeSource, probes: Probes, device: torch.device, rows: np.nd
     are (a GPU, without copying label maps back)."""
     if labels is None:
         labels = source.arrays.tensor(LABELS, rows, device)
-    lin_pred, clu_pred = predict(source, probes, device, rows, labels, crf)
+    lin_pred, clu_pred = predict(source, probes, device, rows, tuple(labels.shape[-2:]), crf)
     if crf is not None:
         labels = labels.cpu().numpy()
     lin.update(lin_pred, labels)

@@ -26,6 +26,7 @@ from .atomic import atomic_write_bytes, atomic_write_text
 from .cache_schema import IMAGES, LABELS, METRICS, open_complete_store
 from .data import palette_of
 from .data.palettes import colorize
+from .ops.metrics import confusion
 from .pipeline import read_manifest, read_record
 from .records import EvalResult, Manifest, StudyRecord
 from .stages.figures import collect, table2
@@ -137,9 +138,7 @@ def _confusion_figure(kept: Kept, labels: np.ndarray, names: list[str]) -> bytes
     plt = _pyplot()
     n = len(names)
     suffix = kept.suffixes[-1]
-    pred, truth = _class_maps(kept.payload[f"cluster{suffix}"]).ravel(), labels.ravel().astype(np.int64)
-    keep = (truth >= 0) & (truth < n) & (pred >= 0)
-    counts = np.bincount(truth[keep] * n + pred[keep], minlength=n * n).reshape(n, n).astype(float)
+    counts = confusion(_class_maps(kept.payload[f"cluster{suffix}"]), labels, n).T.astype(float)  # rows: truth
     rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * n + 2), max(3.5, 0.3 * n + 1.5)))
     ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)

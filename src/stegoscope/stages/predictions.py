@@ -103,7 +103,7 @@ class PredictionsStage(Stage):
         for start in range(0, len(rows), self.batch):
             batch = rows[start : start + self.batch]
             linear, cluster = (np.asarray(p.cpu() if isinstance(p, torch.Tensor) else p) for p in
-                               predict(source, evaluation.probes, device, batch, source.arrays.tensor(LABELS, batch, device), crf))
+                               predict(source, evaluation.probes, device, batch, labels.shape[1:3], crf))
             out.setdefault(f"linear{suffix}", []).append(linear.astype(np.uint8))
             out.setdefault(f"cluster{suffix}", []).append(to_class[cluster])
         out = {name: np.concatenate(parts) for name, parts in out.items()}
