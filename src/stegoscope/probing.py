@@ -282,10 +282,14 @@ class Probes(nn.Module):
             centroids = lloyd_kmeans(x, k, seed=seed, device=x.device, spherical=self.clusterer == "spherical-kmeans")
         self.cluster.clusters.copy_(torch.as_tensor(centroids, dtype=torch.float32))
 
-    def losses(self, code: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(linear, cluster) losses of codes (B, D, h, w) against labels (B, H, W)."""
+    def losses(
+        self, code: torch.Tensor, labels: torch.Tensor, linear_input: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear, cluster) losses of codes (B, D, h, w) against labels (B, H, W); the linear probe
+        reads ``linear_input`` instead when given (the same code, not detached)."""
         labels = torch.where((labels >= 0) & (labels < self.n_classes), labels, -1)
-        logits = F.interpolate(self.linear(code), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        linear_code = code if linear_input is None else linear_input
+        logits = F.interpolate(self.linear(linear_code), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         # a batch without a labelled pixel gives no linear loss, decided on the device (no host branch)
         linear = torch.where((labels >= 0).any(), F.cross_entropy(logits, labels, ignore_index=-1), logits.new_zeros(()))
         cluster, _ = self.cluster(code, None)
@@ -336,14 +340,15 @@ class ProbeWeights:
         return self.best["cluster"]["clusters"]
 
     def best_probes(self, dim: int, n_classes: int, extra_clusters: int = 0, clusterer: str = "cosine",
-                    own_clusters: str | None = None) -> Probes:
+                    own_clusters: str | None = None, crf_alpha: float | None = None) -> Probes:
         """The probes at the best validation, rebuilt: a probe's (its ``clusterer``), or a head's
-        linear probe with the head's own centroids scored by ``own_clusters`` (a metric)."""
+        linear probe with the head's own centroids scored by ``own_clusters`` (a metric; ``crf_alpha``
+        its CRF temperature, None: the metric's default)."""
         probes = Probes(dim, n_classes, extra_clusters, clusterer)
         if own_clusters is None:
             return probes.restore(self.best)
         probes.linear.load_state_dict(self.best["linear"])
-        return probes.with_cluster(FixedCentroids(self.best_centroids, own_clusters))
+        return probes.with_cluster(FixedCentroids(self.best_centroids, own_clusters, crf_alpha))
 
 
 def upsampled_scores(codes: torch.Tensor, probes: Probes, size: tuple[int, int],
@@ -514,7 +519,7 @@ def predict(source: CodeSource, probes: Probes, device: torch.device, rows: np.n
         return logits.argmax(1), cosines.argmax(1)
     images = list(source.arrays.rows(IMAGES, rows))
     lin_pred = np.stack(crf.map(images, [softmax(x) for x in logits.cpu().numpy()]))
-    alpha = 1.0 if probes.cluster.metric == "dot" else CLUSTER_ALPHA  # PriMaPs-EM: log_softmax of raw logits
+    alpha = getattr(probes.cluster, "crf_alpha", None) or CLUSTER_ALPHA
     return lin_pred, np.stack(crf.map(images, [softmax(alpha * x) for x in cosines.cpu().numpy()]))
 
 

@@ -56,6 +56,11 @@ class HeadParams:
         if min(self.steps, self.batch_size, self.knn_neighbors) < 1 or self.lr <= 0:
             raise ValueError(f"steps, batch_size, knn_neighbors and lr must be positive: {self}")
 
+    @property
+    def total_steps(self) -> int:
+        """The optimiser steps of its batch schedule (a head trained in phases counts them all)."""
+        return self.steps
+
 
 @dataclass(frozen=True)
 class HeadRun:
@@ -116,6 +121,8 @@ class HeadTrainer(ABC):
     row_arrays: ClassVar[tuple[str, ...]] = ()  # further train-store arrays each batch carries
     fixed_dim: ClassVar[bool] = False  # its code dimension follows from its inputs (:meth:`code_dim`), not the sweep
     own_clusters: ClassVar[str | None] = None  # the metric of the head's own centroids (:meth:`clusters`); None: the probe's
+    crf_alpha: ClassVar[float | None] = None  # the CRF's unary is softmax(alpha · its cluster scores); None: the evaluation's default
+    select: ClassVar[str] = "cluster/mIoU"  # the validation metric whose best step is kept ("step": the last, no selection)
 
     def __init__(self, params: HeadParams, run: HeadRun, channels: int):
         self.params, self.run, self.channels = params, run, channels
@@ -167,6 +174,12 @@ class HeadTrainer(ABC):
         trained alongside (None: the probe's)."""
         return None
 
+    def labels_reach_head(self, step: int) -> bool:
+        """Whether the linear probe's loss at ``step`` trains the head too (CAUSE's released step 3,
+        a leak of the ground truth into the evaluated head, kept only as an option); else the
+        probes train on the detached code."""
+        return False
+
     def fit(self, train: FeatureStore, val: FeatureStore, nns: np.ndarray | None, device: torch.device, log: TrainingLog,
             resident_bytes: float = 4e9, crf_workers: int = 2, show_progress: bool = True, label: str = "train",
             extras: dict[str, np.ndarray] | None = None) -> HeadResult:
@@ -180,7 +193,7 @@ class HeadTrainer(ABC):
         """The batch schedule it trains on: heads with equal schedules train in one group."""
         p, run = self.params, self.run
         neighbours = min(p.knn_neighbors, nns.shape[1] - 1) if nns is not None else 0
-        return Schedule(p.steps, p.batch_size, run.val_every, run.seed, neighbours)
+        return Schedule(p.total_steps, p.batch_size, run.val_every, run.seed, neighbours)
 
     def exported(self, head: nn.Module, train_after: bool = True) -> Reducer:
         """The head in eval mode as a reducer, from a CPU copy: the live head stays where it trains."""
@@ -210,6 +223,7 @@ class HeadMember(Member):
         trainer, run = job.trainer, job.trainer.run
         super().__init__(run.seed)
         self.trainer, self.log, self.extras = trainer, job.log, job.extras
+        self.select = trainer.select
         self.data, self.device = data, device
         self.val_arrays = val_arrays
         for name, array in self.extras.items():
@@ -231,7 +245,8 @@ class HeadMember(Member):
         partner_feats = shared.partner_feats if trainer.uses_knn else None
         batch = TokenBatch(rows, shared.feats, shared.labels, partner_feats, further, shared.step)
         code, loss, logged = trainer.loss(self.head, batch, self.generator)
-        loss_linear, loss_cluster = self.probes.losses(code.detach(), shared.labels)
+        leaked = code if trainer.labels_reach_head(shared.step) else None
+        loss_linear, loss_cluster = self.probes.losses(code.detach(), shared.labels, linear_input=leaked)
         total = loss + loss_linear + loss_cluster
         total.backward()
         trainer.after_backward(self.head)

@@ -73,11 +73,13 @@ class FixedCentroids(nn.Module):
     """Centroids fitted before training (Lloyd's k-means, scikit-learn) or taken from a trained
     head (SmooSeg's teacher prototypes, PriMaPs-EM's θ_M), scored by ``metric``: ``cosine``,
     ``euclidean`` or ``dot`` (raw dot products, PriMaPs-EM's prototypes); its loss is zero and it
-    has nothing to train."""
+    has nothing to train. ``crf_alpha``: the CRF's unary is softmax(crf_alpha · scores); None: the
+    evaluation's default, or 1 for ``dot`` (PriMaPs-EM's log_softmax of raw logits)."""
 
-    def __init__(self, centroids: torch.Tensor, metric: str):
+    def __init__(self, centroids: torch.Tensor, metric: str, crf_alpha: float | None = None):
         super().__init__()
         self.metric = metric
+        self.crf_alpha = 1.0 if crf_alpha is None and metric == "dot" else crf_alpha
         self.register_buffer("clusters", torch.as_tensor(centroids, dtype=torch.float32))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:

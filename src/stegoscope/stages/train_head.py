@@ -67,7 +67,7 @@ class TrainHeadStage(Stage):
         """Heads of every D, λ, b (and method) read the same batches when they share the stores,
         the kNN pairs and the batch schedule."""
         p, run = self.p, self.run
-        return ("train", self.train.key, self.val.key, self.knn.key if self.knn is not None else None, p.steps, p.batch_size,
+        return ("train", self.train.key, self.val.key, self.knn.key if self.knn is not None else None, p.total_steps, p.batch_size,
                 p.knn_neighbors, run.val_every, run.seed, self.device, self.resident_bytes)
 
     def rebuilt(self, device: torch.device) -> Evaluation:
@@ -77,7 +77,8 @@ class TrainHeadStage(Stage):
         arrays = StoreArrays(open_complete_store(self.val.output), (TOKENS, TOKENS_FLIP, LABELS, *((IMAGES,) if run.crf else ())),
                              device=device)
         probes = ProbeWeights.read(self.output).best_probes(run.dim, run.n_classes, run.extra_clusters,
-                                                            own_clusters=self.trainer_cls.own_clusters)
+                                                            own_clusters=self.trainer_cls.own_clusters,
+                                                            crf_alpha=self.trainer_cls.crf_alpha)
         return Evaluation(CodeSource(arrays, load_reducer(self.output), flip=True), probes.to(device), run.extra_as_errors)
 
     def execute(self, force: bool) -> EvalResult:
