@@ -154,3 +154,15 @@ def test_a_stage_defined_in_a_test_file_runs_in_a_study_with_one_registry_line(t
     (toy.output / cache_schema.PAYLOAD).write_bytes(b"x")
     with pytest.raises(cache_schema.StoreError, match=r"rerun the `stegoscope study` command that made it"):
         read_manifest(toy.output)
+
+
+def test_every_shipped_preset_loads_and_its_heads_read_splits_it_declares():
+    from stegoscope.config import available_presets
+
+    names = available_presets()
+    assert {"demo", "cocostuff27", "cityscapes", "potsdam", "cocostuff27_dinov2", "cityscapes_dinov2"} <= set(names)
+    for name in names:
+        preset = load_preset(name)
+        for method, params in preset.heads.items():
+            for split in (getattr(params, "train_split", "train"), getattr(params, "mediator_split", "train")):
+                assert split in preset.splits, f"{name}: {method} reads split {split!r}, not declared"

@@ -27,6 +27,9 @@ HEADS = """smooseg: {steps: 6, batch_size: 4, dim: 4}
 hp: {steps: 6, batch_size: 4, dim: 4, pool_size: 8, renew_every: 3, warmup: 2}
 primaps: {steps: 6, batch_size: 4, init_images: 8}
 stego-primaps: {steps: 6, batch_size: 4}
+cause-mlp: &cause {steps: 4, probe_steps: 2, batch_size: 4, dim: 4, clusters: 8, mediator_steps: 3, window: 2,
+                   projection_dim: 32, hidden: 32, bank_size: 4}
+cause-tr: *cause
 """
 
 
@@ -40,7 +43,7 @@ def extracted(tmp_path_factory):
     return preset, root / "c"
 
 
-@pytest.mark.parametrize("head", ["smooseg", "hp", "primaps", "stego-primaps"])
+@pytest.mark.parametrize("head", ["smooseg", "hp", "primaps", "stego-primaps", "cause-mlp", "cause-tr"])
 def test_each_successor_trains_from_the_cache_without_building_the_backbone(extracted, monkeypatch, head):
     preset, cache = extracted
 
@@ -55,7 +58,7 @@ def test_each_successor_trains_from_the_cache_without_building_the_backbone(extr
     folder = "train_" + head.replace("-", "_")
     (artefact,) = (cache / "artefacts" / folder).iterdir()
     metrics = json.loads((artefact / cache_schema.METRICS).read_text())
-    assert [row["step"] for row in metrics["history"]] == [3, 6]
+    assert [row["step"] for row in metrics["history"]] == [3, 6]  # CAUSE: 4 head steps + 2 probe steps
     assert 0 <= metrics["best"]["cluster/mIoU"] <= 100 and 0 <= metrics["best"]["linear/mIoU"] <= 100
     manifest = json.loads((artefact / cache_schema.MANIFEST).read_text())
     expected_dim = {"primaps": 96, "stego-primaps": 4}.get(head, 4)  # PriMaPs-EM: the tokens' width, or STEGO's D
@@ -208,3 +211,65 @@ def test_mask_proposals_are_written_by_chunk_and_a_rerun_computes_only_the_missi
     assert after.keys() == before.keys()
     assert [name for name in after if after[name] != before[name]] == [chunks[2].name]  # only the missing chunk again
     np.testing.assert_array_equal(np.asarray(cache_schema.load_mask_ids(stage.output)), ids)
+
+
+def test_cause_clusterbook_is_one_stage_shared_by_both_heads_lowers_the_modularity_loss_and_is_checked_on_read(extracted):
+    from stegoscope.cli import _context
+    from stegoscope.heads.cause import CLUSTERBOOK, load_clusterbook
+    from stegoscope.ops.cause import init_clusterbook, modularity_loss
+    from stegoscope.pipeline import run_stage
+    from stegoscope.probing import TokenBatches
+    from stegoscope.stages.cause_mediator import CauseMediatorStage
+
+    preset, cache = extracted
+    ctx = _context(str(preset), cache, crf_workers=0, show_progress=False)
+    train = ctx.extract("train")
+    mlp, tr = ctx.preset.method_params("cause-mlp"), ctx.preset.method_params("cause-tr")
+    assert ctx.cause_mediator(train, mlp).key == ctx.cause_mediator(train, tr).key  # one clusterbook for both heads
+    stage = CauseMediatorStage(cache, train, clusters=8, steps=30, batch_size=8, lr=mlp.mediator_lr, temperature=0.1, window=2,
+                               seed=3, device="cpu", show_progress=False)
+    assert not run_stage(stage).skipped and run_stage(stage).skipped  # keyed: a rerun is skipped
+    tokens = TokenBatches(cache_schema.open_complete_store(train.output), torch.device("cpu"), 1e9)(np.arange(16))[0]
+    sequence = tokens.flatten(2).transpose(1, 2)
+    book = load_clusterbook(stage.output, 8, sequence.shape[-1])
+    initial = init_clusterbook(8, sequence.shape[-1], torch.Generator().manual_seed(3))
+    assert not torch.equal(book, initial)  # stored raw (CAUSE-TR reads the raw vectors), after training
+    assert modularity_loss(sequence, book, 0.1) < modularity_loss(sequence, initial, 0.1)  # on every token, not the sample
+    np.savez(stage.output / cache_schema.PAYLOAD, **{CLUSTERBOOK: np.full((8, sequence.shape[-1]), np.nan, np.float32)})
+    with pytest.raises(Exception, match=str(stage.output)):
+        load_clusterbook(stage.output, 8, sequence.shape[-1])
+
+
+def test_results_of_a_head_trained_on_labels_say_so_in_the_results_and_table2(extracted):
+    preset, cache = extracted
+    common = ["--cache", str(cache), "--set", "eval.crf=none", "--no-progress"]
+    for sets in ([], ["--set", "cause-mlp.label_leak=true"]):
+        result = CliRunner().invoke(app, ["study", str(preset), "--only", "cause-mlp", *common, *sets])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["figures", "--cache", str(cache), "--study", "succ"])
+    assert result.exit_code == 0, result.output
+    rows = (cache / "studies" / "succ" / "results.csv").read_text().splitlines()
+    leaked = [row for row in rows if ",cause-mlp," in row and "uses labels" in row]
+    clean = [row for row in rows if ",cause-mlp," in row and "uses labels" not in row]
+    assert leaked and clean  # with the leak on, and the preset's own (off)
+    table = next((cache / "figures").rglob("table2.md")).read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines() if "CAUSE-MLP" in line] == [
+        "CAUSE-MLP (stegoscope)", "CAUSE-MLP label_leak=True, uses labels (stegoscope)"]
+
+
+def test_a_split_fraction_keeps_a_fixed_seeded_subset_of_the_rows_unchanged(tmp_path):
+    from stegoscope.cli import _context
+    from stegoscope.pipeline import run_stage
+
+    preset = write_micro_preset(tmp_path / "frac.yaml", "frac")
+    text = preset.read_text().replace("    val:", "    part: {split: train, res: 32, fraction: 0.25, fraction_seed: 4}\n    val:")
+    preset.write_text(text)
+    ctx = _context(str(preset), tmp_path / "c", crf_workers=0, show_progress=False)
+    whole, part = ctx.extract("train"), ctx.extract("part")
+    for stage in (whole, part):
+        run_stage(stage)
+    full, subset = (cache_schema.open_complete_store(s.output) for s in (whole, part))
+    kept = np.sort(np.random.default_rng(4).permutation(16)[:4])  # 16 train images, no crops: a quarter
+    assert subset.ids == [full.ids[i] for i in kept]
+    np.testing.assert_array_equal(np.asarray(subset["tokens"][:]), np.asarray(full["tokens"][:])[kept])
+    assert "fraction" not in whole.params()  # keyed only when below 1: the keys of stores made before stay valid

@@ -116,7 +116,7 @@ def read_sources(path: Path) -> list[list] | None:
 
 # stage name → the command that makes its output (train-<head> → train --method <head>; else its own
 # name). Stages that only a study declares are remade by `study`.
-COMMANDS = {"project": "reduce", "primaps-masks": "study", "hierarchy": "study", "predictions": "study"}
+COMMANDS = {"project": "reduce", "primaps-masks": "study", "cause-mediator": "study", "hierarchy": "study", "predictions": "study"}
 
 
 def remake_command(stage: str, method: str | None = None) -> str:

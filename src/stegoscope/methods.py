@@ -169,3 +169,9 @@ register(Method("primaps", HEAD, H + "primaps:PrimapsParams", H + "primaps:Prima
                 paper=False, help="PriMaPs-EM (mask proposals, EM with an EMA teacher) on raw DINO tokens, from the cache"))
 register(Method("stego-primaps", HEAD, H + "primaps:PrimapsParams", H + "primaps:PrimapsTrainer", "STEGO+PriMaPs-EM", "x",
                 table2=True, paper=False, help="PriMaPs-EM on a trained STEGO head's codes", defaults=(("base", "stego"),)))
+register(Method("cause-mlp", HEAD, H + "cause:CauseParams", H + "cause:CauseTrainer", "CAUSE-MLP", "p", table2=True, paper=False,
+                help="CAUSE with its MLP head (clusterbook, concept-wise InfoNCE, EMA teacher) from the cache",
+                defaults=(("variant", "mlp"),)))
+register(Method("cause-tr", HEAD, H + "cause:CauseParams", H + "cause:CauseTrainer", "CAUSE-TR", "<", table2=True, paper=False,
+                help="CAUSE with its transformer-decoder head, on its own train split's grid, from the cache",
+                defaults=(("variant", "tr"),)))

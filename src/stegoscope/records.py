@@ -360,6 +360,17 @@ class MaskSummary(Record):
     images_without_masks: int
 
 
+@dataclass(frozen=True)
+class ClusterbookSummary(Record):
+    """``metrics.json`` of CAUSE's clusterbook (the ``cause-mediator`` stage)."""
+
+    clusters: int
+    channels: int
+    steps: int
+    losses: list[float]  # the modularity loss every 10 steps, and at the last
+    concepts_used: int  # distinct nearest concepts of the tokens of the first 64 train images
+
+
 # -- studies ------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from .pipeline import (
     canonical_json,
     without_seeds,
 )
+from .stages.cause_mediator import CauseMediatorStage
 from .stages.extract import ExtractParams, ExtractStage
 from .stages.hierarchy import HierarchyStage
 from .stages.import_stego import ImportStegoStage
@@ -139,7 +140,8 @@ class StudyContext:
                 dataset=p.dataset, split=cfg.split or split, res=cfg.res, backbone=p.backbone,
                 weights=p.weights or official_weights(p.backbone),
                 seed=p.seed, interpolation=p.interpolation, n_classes=p.n_classes, store_images=cfg.store_images, crop=cfg.crop,
-                flip=p.eval.flip and split != "train", attention=cfg.attention)
+                flip=p.eval.flip and (cfg.split or split) != "train", attention=cfg.attention, fraction=cfg.fraction,
+                fraction_seed=cfg.fraction_seed)
             options = {"batch_size": p.batch_size, "shard_images": p.shard_images, "workers": ctx.workers, "device": ctx.device,
                        "show_progress": ctx.show_progress, **ctx.extract_options}
             return ExtractStage(ctx.cache_root, ctx.data_root, params, **options)
@@ -241,6 +243,14 @@ class StudyContext:
         return self._build(("primaps-masks", train.key, threshold, coverage, gain), f"primaps-masks {train.p.split}",
                            lambda ctx: PrimapsMasksStage(ctx.cache_root, train, threshold, coverage, gain, ctx.crf_workers,
                                                          ctx.show_progress))
+
+    def cause_mediator(self, train: ExtractStage, params: Any, seed: int = 0) -> CauseMediatorStage:
+        """CAUSE's clusterbook fitted on a train split (shared by the heads that agree on it)."""
+        p = params
+        settings = (p.clusters, p.mediator_steps, p.batch_size, p.mediator_lr, p.modularity_temperature, p.window, seed)
+        return self._build(("cause-mediator", train.key, *settings), f"cause-mediator {train.p.split} K={p.clusters} seed {seed}",
+                           lambda ctx: CauseMediatorStage(ctx.cache_root, train, *settings, device=ctx.device,
+                                                          show_progress=ctx.show_progress))
 
     def hierarchy(self, dim: int, seed: int = 0) -> HierarchyStage:
         """Every level of the hierarchy of the fit at ``dim`` (h-NNE's) as the clusterer."""

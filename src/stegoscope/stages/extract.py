@@ -76,6 +76,8 @@ class ExtractParams:
     crop_ratio: float = 0.5
     flip: bool = False  # also store the tokens of the horizontally flipped images (flip TTA)
     attention: bool = False  # also store HP's local-positive weights from the last block's attention
+    fraction: float = 1.0  # a fixed, seeded random fraction of the samples (a declared deviation; SplitConfig)
+    fraction_seed: int = 0
 
     def __post_init__(self):
         crops_per_image(self.crop)
@@ -194,7 +196,8 @@ class ExtractStage(Stage):
             "skip_bad": False,
             "flip": self.p.flip,
             "schema_version": cache_schema.SCHEMA_VERSION,
-        } | ({"attention": ATTENTION_SPEC} if self.p.attention else {})  # added later: absent when off, so keys made before stay valid
+        } | ({"attention": ATTENTION_SPEC} if self.p.attention else {}) | (  # added later: absent when off, so keys made before stay valid
+            {"fraction": {"of_samples": self.p.fraction, "seed": self.p.fraction_seed}} if self.p.fraction < 1 else {})
 
     def inputs(self) -> list[str]:
         return [f"dataset:{self.fingerprint}"]
@@ -238,7 +241,11 @@ class ExtractStage(Stage):
     def samples(self, skipped: dict[str, str]) -> list[tuple[int, int | None]]:
         """(source index, crop index) of every store row, leaving out the skipped sources."""
         crops = [None] if self.p.crop == CROP_NONE else list(range(crops_per_image(self.p.crop)))
-        return [(i, k) for i, sid in enumerate(self.dataset.ids) if sid not in skipped for k in crops]
+        samples = [(i, k) for i, sid in enumerate(self.dataset.ids) if sid not in skipped for k in crops]
+        if self.p.fraction < 1:  # a fixed subset, the same on every rank and every rerun
+            kept = np.random.default_rng(self.p.fraction_seed).permutation(len(samples))[: max(1, round(self.p.fraction * len(samples)))]
+            samples = [samples[j] for j in np.sort(kept)]
+        return samples
 
     def row_ids(self, samples: list[tuple[int, int | None]]) -> list[str]:
         ids = self.dataset.ids

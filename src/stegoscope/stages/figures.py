@@ -71,6 +71,10 @@ class FitCurve:
     config: dict[str, Any]
     ratio: np.ndarray
 
+# one colour a method (registry order): matplotlib's ten, then the darkest of each of tab20b's hues
+PALETTE = [f"C{i}" for i in range(10)] + ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
+USES_LABELS = "uses labels"  # the label of every result whose evaluated head was trained on ground-truth labels
+
 
 def collect(cache_root: Path, studies: list[str]) -> tuple[list[ResultRow], list[FitCurve]]:
     """(result rows, explained-variance fits) of the studies' records. One row per dataset ×
@@ -101,7 +105,10 @@ def _metric_rows(directory: Path, study: str, node: StudyNode, manifest: Manifes
     """One row per probe (and the other mappings of the cluster probe) and CRF setting;
     a hierarchy artefact gives one ``hierarchy`` row per level and mapping."""
     metrics = read_record(directory, METRICS, EvalResult)
-    base = dict(study=study, dataset=manifest.dataset, method=node.method or "", label=node.label,
+    label = node.label
+    if manifest.config.get("params", {}).get("label_leak"):  # CAUSE's released step 3: the ground truth trained the head
+        label = ", ".join(filter(None, (label, USES_LABELS)))
+    base = dict(study=study, dataset=manifest.dataset, method=node.method or "", label=label,
                 experiment=manifest.experiment[:12], family=node.family, dim=manifest.code_dim or 0, seed=manifest.seed or 0,
                 key=node.key, stage=node.stage, headline=node.headline, config=manifest.config)
     out = []
@@ -185,7 +192,7 @@ def _style(method: str, label: str, labels_of: dict[str, list[str]]) -> dict[str
     colour = names.index(method) if method in names else len(names) + sorted(labels_of).index(method)
     spec = registry.METHODS.get(method)
     linestyle = LINESTYLES[labels_of[method].index(label) % len(LINESTYLES)]
-    return {"color": f"C{colour % 10}", "marker": spec.marker if spec else "o", "linestyle": linestyle}
+    return {"color": PALETTE[colour % len(PALETTE)], "marker": spec.marker if spec else "o", "linestyle": linestyle}
 
 
 def _dim_axis(ax, dims) -> None:
