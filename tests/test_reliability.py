@@ -495,6 +495,18 @@ def test_disk_full_mid_extraction_stops_with_a_message_and_the_rerun_completes(t
     assert_same_store(store_of(tmp_path / "c"), store_of(tmp_path / "reference"))
 
 
+def test_several_writer_threads_and_the_profile_leave_the_store_as_one_thread_writes_it(tmp_path):
+    args = extract_args(write_directory_dataset(tmp_path / "data", n_train=9, n_val=1), shard_size=2)  # 5 shards
+    assert invoke(*args, "--cache", tmp_path / "one", "--writers", 1).exit_code == 0
+    several = invoke(*args, "--cache", tmp_path / "four", "--writers", 4, "--workers", 2, "--profile")
+    assert several.exit_code == 0, several.output
+    assert_same_store(store_of(tmp_path / "four"), store_of(tmp_path / "one"))
+    table = several.output[several.output.index("the pipeline's stages"):]
+    assert [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")] == [
+        "decode", "h2d", "model", "d2h", "encode", "write", "cpu"]
+    assert "bound by" in table or "no stage is saturated" in table
+
+
 def test_disk_full_in_an_artefact_stage_leaves_nothing_complete(extracted, tmp_path, monkeypatch):
     preset, cache, _ = _copy(extracted, tmp_path)
     args = ["reduce", "--method", "rp", "--dim", 4, "--preset", preset, "--cache", cache, "--device", "cpu"]

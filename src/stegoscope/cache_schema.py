@@ -52,6 +52,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .atomic import PARTIAL_SUFFIX, atomic_write_bytes, atomic_write_text, fsync_paths, fsync_tree, remove_partials
 from .locks import Lock, check_held
+from .profiling import NULL_CLOCK
 from .raw_shards import ShardLayout
 from .records import RecordError, StoreAttrs, StudyRecord
 from .storage import as_path, file_sizes, is_remote, read_npy, stamp, zarr_options
@@ -492,9 +493,10 @@ class StoreWriter(StoreFiles):
     """Writing a store: whole shards, made durable and flagged (group commit), completion, and
     reopening an unfinished or damaged store so that only what is missing is written again."""
 
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], commit: bool = True) -> None:
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], commit: bool = True, clock=NULL_CLOCK) -> None:
         """Write every array of one shard; then, with ``commit``, make it durable and flag it
-        (writers that batch several shards into one :meth:`commit` pass False)."""
+        (writers that batch several shards into one :meth:`commit` pass False). ``clock``: where
+        the encoding (join, crc32c) and the writing go (``extract --profile``)."""
         sl = self.layout.shard_slice(shard)
         for name, value in arrays.items():
             expected = sl.stop - sl.start
@@ -502,13 +504,17 @@ class StoreWriter(StoreFiles):
                 raise ValueError(f"shard {shard} of {name}: {len(value)} rows, expected {expected}")
             raw = self._raw_layout(name)
             if raw is None:
-                self.group[name][sl] = value
+                with clock.busy("write"):  # zarr encodes and writes in one call
+                    self.group[name][sl] = value
                 continue
-            data, path = raw.encode(value), self._shard_path(name, shard)
-            if data is None:
-                path.unlink(missing_ok=True)  # all fill: zarr keeps no file
-            else:
-                atomic_write_bytes(path, data, durable=False)  # commit() flushes it
+            with clock.busy("encode"):
+                data = raw.encode(value)
+            path = self._shard_path(name, shard)
+            with clock.busy("write"):
+                if data is None:
+                    path.unlink(missing_ok=True)  # all fill: zarr keeps no file
+                else:
+                    atomic_write_bytes(path, data, durable=False)  # commit() flushes it
         if commit:
             self.commit([shard])
 

@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +45,7 @@ from ..pipeline import (
     stage_lock,
     store_state,
 )
+from ..profiling import NULL_CLOCK, StageClock, StageTime
 from ..progress import console, progress_bar
 from ..records import SkippedSample, StoreAttrs
 
@@ -57,6 +58,7 @@ ATTENTION_SPEC = {"sigma": 28.0, "clip": (0.1, 0.9)}
 # within JPEG rounding, like bf16 on CUDA and fp32 on CPU agree to within their precision.
 DECODE_AUTO, DECODE_CPU, DECODE_DEVICE = "auto", "cpu", "device"
 DECODE_MODES = (DECODE_AUTO, DECODE_CPU, DECODE_DEVICE)
+DECODE_PROBE = 64  # images decoded both ways by --decode auto on a GPU
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class ExtractSummary:
     skipped: dict[str, str] = field(default_factory=dict)  # source id → reason
     # From the first batch's arrival to the completed store: without model build and worker start.
     steady_images_per_second: float = field(default=0.0)
+    profile: list[StageTime] = field(default_factory=list)  # the pipeline's stages (extract --profile)
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,44 @@ class ExtractStage(Stage):
         self.data_root = Path(data_root)
         self.p = params
         self.options = ExtractOptions(**options)
+        self._decode_choice: dict[str, str] = {}  # device → the decoder auto measured there
 
     def decode_mode(self, device: torch.device) -> str:
-        """Where JPEGs are decoded: ``auto`` means on the device when it is a GPU."""
+        """Where JPEGs are decoded: ``auto`` is the DataLoader workers on a CPU, and on a GPU the
+        faster of the workers and the device, measured on the first samples (once per run)."""
         if self.options.decode != DECODE_AUTO:
             return self.options.decode
-        return DECODE_DEVICE if device.type == "cuda" else DECODE_CPU
+        if device.type != "cuda":
+            return DECODE_CPU
+        if str(device) not in self._decode_choice:
+            try:
+                mode, reason = choose_decoder(*self._measure_decoders(device), self.options.workers)
+            except DatasetError as exc:  # the extraction itself will name it (or skip it, with --skip-bad)
+                mode, reason = DECODE_CPU, f"in the DataLoader workers (not measured: {exc})"
+            console.print(f"{self.dataset.name}/{self.p.split}: JPEGs decoded {reason}", highlight=False)
+            self._decode_choice[str(device)] = mode
+        return self._decode_choice[str(device)]
+
+    def _measure_decoders(self, device: torch.device, images: int = DECODE_PROBE) -> tuple[float, float]:
+        """(seconds a worker takes per image, images per second decoded on ``device``) over the
+        split's first ``images`` samples; the device's first call (its decoder's start) untimed."""
+        samples = self.samples({})[:images]
+        rows = list(range(len(samples)))
+        on_host = ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, samples, rows, self.p.crop_ratio, False)
+        start = time.perf_counter()
+        for row in rows:
+            on_host[row]
+        per_image = (time.perf_counter() - start) / len(rows)
+        undecoded = ExtractionDataset(self.dataset, self.p.res, self.p.interpolation, samples, rows, self.p.crop_ratio, True)
+        batch = undecoded.collate([undecoded[row] for row in rows])
+        decode = lambda: device_pixels(batch, self.dataset, self.p.res, self.p.interpolation, self.p.crop_ratio, device)  # noqa: E731
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+        decode()
+        sync(device)
+        start = time.perf_counter()
+        decode()
+        sync(device)
+        return per_image, len(rows) / (time.perf_counter() - start)
 
     # -- identity ------------------------------------------------------------------------------
     @cached_property
@@ -337,8 +372,9 @@ class ExtractStage(Stage):
             raise StoreError(f"{store.path}: holds {layout.n_images} rows but the dataset gives {len(samples)}; re-extract with --force")
         pending = [shard for shard in store.pending_shards() if self.owns(shard)]
         first_batch = (start, 0)
+        clock = pipeline_clock(self.options.workers, writer_threads(self.options.writers, resolve_device(self.options.device)))
         if pending:
-            first_batch = extract_shards(self, store, layout, samples, pending)
+            first_batch = extract_shards(self, store, layout, samples, pending, clock)
         if self.options.world == 1:
             store.mark_complete(self.held)
         end = time.perf_counter()
@@ -346,7 +382,7 @@ class ExtractStage(Stage):
         steady = (n_new - first_batch[1]) / max(end - first_batch[0], 1e-9)
         return ExtractSummary(
             store.path, layout.n_images, len(pending), layout.n_shards - len(pending), end - start, n_new / (end - start),
-            skipped, steady,
+            skipped, steady, clock.profile(),
         )
 
     def run_rank(self, wait: bool = True, on_wait=None) -> RunResult:
@@ -380,51 +416,141 @@ class ExtractStage(Stage):
 
 
 def extract_shards(stage: ExtractStage, store: FeatureStore, layout: StoreLayout, samples: list,
-                   pending: list[int]) -> tuple[float, int] | None:
+                   pending: list[int], clock: StageClock | None = None,
+                   model: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> tuple[float, int] | None:
     """The extraction pipeline of ``stage``: decode (DataLoader workers or the device), the
     backbone, shard buffers and writer threads, over the ``pending`` shards of ``store``.
-    Returns when the first batch arrived and its size."""
+    ``clock``: where each stage's busy and waiting time goes (``extract --profile``);
+    ``model``: a stand-in for the model stage, uint8 pixels on the device → the arrays of a batch
+    (benchmarks/extract_pipeline.py's null model). Returns when the first batch arrived and its size."""
     device = resolve_device(stage.options.device)
     on_device = stage.decode_mode(device) == DECODE_DEVICE
-    spec, random = parse_backbone(stage.p.backbone)
-    if random:
-        console.print(f"[bold red]WARNING: {stage.p.backbone} has RANDOM weights (seed {stage.p.seed}), NOT pretrained DINO.[/]")
-    backbone = build_backbone(stage.p.backbone, Path(stage.p.weights) if stage.p.weights else None, stage.p.seed).to(device)
-    if stage.options.compile:
-        backbone = torch.compile(backbone, dynamic=False)
+    if model is None:
+        model = _model_stage(stage, layout, device)
     rows = [r for s in pending for r in range(*layout.shard_slice(s).indices(layout.n_images))]
     view = ExtractionDataset(stage.dataset, stage.p.res, stage.p.interpolation, samples, rows, stage.p.crop_ratio, on_device)
     loader = torch.utils.data.DataLoader(
         view, batch_size=stage.options.batch_size, num_workers=stage.options.workers, pin_memory=device.type == "cuda",
         collate_fn=view.collate,
     )
-    writers = stage.options.writers or (2 if device.type == "cuda" else 1)
-    buffers = _ShardBuffers(layout, stage.row_ids(samples), pinned=device.type == "cuda", slots=writers + 2)
-    writer = _ShardWriter(store, buffers, writers)
+    writers = writer_threads(stage.options.writers, device)
+    clock = clock or NULL_CLOCK
+    buffers = _ShardBuffers(layout, stage.row_ids(samples), pinned=device.type == "cuda", slots=writers + 2, clock=clock)
+    writer = _ShardWriter(store, buffers, writers, clock)
     label = f"extract {stage.dataset.name}/{stage.p.split} @{stage.p.res}"
     first_batch = None
-    try:
-        with progress_bar("img", stage.options.show_progress) as bar:
-            task = bar.add_task(label, total=len(rows))
-            for batch in loader:
+    with progress_bar("img", stage.options.show_progress) as bar:
+        task = bar.add_task(label, total=len(rows))
+        compute = _ModelWorker(model, layout, buffers, writer, device, clock, lambda n: bar.advance(task, n))
+        try:
+            clock.start()  # the decoders start here; the model is built
+            batches = iter(loader)
+            while True:
+                with clock.waiting("decode"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 first_batch = first_batch or (time.perf_counter(), len(batch["index"]))
+                clock.add("decode", sum(batch["seconds"]))  # the workers' own time
                 if on_device:
-                    pixels = device_pixels(batch, stage.dataset, stage.p.res, stage.p.interpolation, stage.p.crop_ratio, device)
+                    with clock.span("decode", device):
+                        pixels = device_pixels(batch, stage.dataset, stage.p.res, stage.p.interpolation, stage.p.crop_ratio, device)
                 else:
-                    pixels = batch["pixels"].to(device, non_blocking=True)
-                arrays = _forward(backbone, pixels, device, layout.flip, layout.attention)
-                if layout.labelled:
-                    arrays[LABELS] = batch["label"]
-                if layout.with_images:
-                    arrays[IMAGES] = pixels
-                for shard in buffers.add(batch["index"].numpy(), arrays):
-                    writer.put(shard)
-                bar.advance(task, len(batch["index"]))
-    except DatasetError as exc:
-        raise DatasetError.from_worker(exc) from None
-    finally:
-        writer.close()
+                    with clock.span("h2d", device):
+                        pixels = batch["pixels"].to(device, non_blocking=True)
+                compute.put(batch, pixels)
+        except DatasetError as exc:
+            raise DatasetError.from_worker(exc) from None
+        finally:
+            try:
+                compute.close()
+            finally:
+                writer.close()
     return first_batch
+
+
+class _ModelWorker:
+    """The model stage and the copies back, in a thread of their own: while it computes one batch
+    the main thread fetches and uploads the next (at most ``depth`` wait, which bounds memory).
+    Filled shards go to the writer. An error is re-raised in the caller at the next ``put`` or at
+    ``close``; after one the thread keeps taking batches, so that the caller never blocks."""
+
+    def __init__(self, model: Callable[[torch.Tensor], dict], layout: StoreLayout, buffers: _ShardBuffers,
+                 writer: _ShardWriter, device: torch.device, clock, advance: Callable[[int], None], depth: int = 2):
+        self.model, self.layout, self.buffers, self.writer = model, layout, buffers, writer
+        self.device, self.clock, self.advance = device, clock, advance
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="extract-model", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.clock.waiting("h2d"):  # the main thread brings batches decoded and uploaded
+                item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            batch, pixels = item
+            try:
+                with self.clock.span("model", self.device):
+                    arrays = self.model(pixels)
+                if self.layout.labelled:
+                    arrays[LABELS] = batch["label"]
+                if self.layout.with_images:
+                    arrays[IMAGES] = pixels
+                with self.clock.span("d2h", self.device):
+                    for shard in self.buffers.add(batch["index"].numpy(), arrays):
+                        self.writer.put(shard)
+                self.advance(len(batch["index"]))
+            except BaseException as exc:
+                self.error = exc
+
+    def put(self, batch: dict, pixels: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        with self.clock.waiting("model"):
+            self.queue.put((batch, pixels))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def choose_decoder(worker_seconds: float, device_rate: float, workers: int, cores: int | None = None) -> tuple[str, str]:
+    """The faster decoder, and why: ``workers`` DataLoader processes on at most ``cores`` cores
+    that take ``worker_seconds`` an image, or the device at ``device_rate`` images per second."""
+    parallel = max(1, min(workers, cores or os.cpu_count() or 1))
+    workers_rate = parallel / max(worker_seconds, 1e-9)
+    measured = (f"(measured: {device_rate:,.0f} img/s on the device, {workers_rate:,.0f} img/s in {parallel} worker(s) at "
+                f"{worker_seconds * 1000:.1f} ms an image; --decode cpu|device overrides)")
+    if device_rate > workers_rate:
+        return DECODE_DEVICE, f"on the device {measured}"
+    return DECODE_CPU, f"in the DataLoader workers {measured}"
+
+
+def writer_threads(writers: int | None, device: torch.device) -> int:
+    """``--writers``, else 2 on CUDA (the disk is the slower side) and 1 on a CPU."""
+    return writers or (2 if device.type == "cuda" else 1)
+
+
+def pipeline_clock(workers: int, writers: int) -> StageClock:
+    """The clock of an extraction's stages, in pipeline order, with their workers."""
+    return StageClock({"decode": max(1, workers), "h2d": 1, "model": 1, "d2h": 1, "encode": writers, "write": writers})
+
+
+def _model_stage(stage: ExtractStage, layout: StoreLayout, device: torch.device) -> Callable[[torch.Tensor], dict]:
+    """The preset's backbone on ``device`` as the pipeline's model stage (:func:`_forward`)."""
+    _, random = parse_backbone(stage.p.backbone)
+    if random:
+        console.print(f"[bold red]WARNING: {stage.p.backbone} has RANDOM weights (seed {stage.p.seed}), NOT pretrained DINO.[/]")
+    backbone = build_backbone(stage.p.backbone, Path(stage.p.weights) if stage.p.weights else None, stage.p.seed).to(device)
+    if stage.options.compile:
+        backbone = torch.compile(backbone, dynamic=False)
+    return lambda pixels: _forward(backbone, pixels, device, layout.flip, layout.attention)
 
 
 def _size(nbytes: float) -> str:
@@ -474,8 +600,8 @@ class _ShardBuffers:
     waits for one to come back, which bounds host memory.
     """
 
-    def __init__(self, layout: StoreLayout, ids: list[str], pinned: bool, slots: int):
-        self.layout, self.ids, self.pinned, self.slots = layout, ids, pinned, slots
+    def __init__(self, layout: StoreLayout, ids: list[str], pinned: bool, slots: int, clock=NULL_CLOCK):
+        self.layout, self.ids, self.pinned, self.slots, self.clock = layout, ids, pinned, slots, clock
         self.free: queue.Queue = queue.Queue()
         self.made = 0
         self.filling: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # shard → (buffers, rows so far)
@@ -487,7 +613,8 @@ class _ShardBuffers:
             if self.made < self.slots:
                 self.made += 1
                 return {}
-            return self.free.get()
+            with self.clock.waiting("write"):  # every buffer is with the writers
+                return self.free.get()
 
     def release(self, buffers: dict[str, torch.Tensor]) -> None:
         self.free.put(buffers)
@@ -535,8 +662,8 @@ class _ShardWriter:
     buffers so that the producer never blocks.
     """
 
-    def __init__(self, store: FeatureStore, buffers: _ShardBuffers, threads: int = 1):
-        self.store, self.buffers = store, buffers
+    def __init__(self, store: FeatureStore, buffers: _ShardBuffers, threads: int = 1, clock=NULL_CLOCK):
+        self.store, self.buffers, self.clock = store, buffers, clock
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.uncommitted: list[int] = []
@@ -546,13 +673,18 @@ class _ShardWriter:
             thread.start()
 
     def _run(self) -> None:
-        while (shard := self.queue.get()) is not None:
+        while True:
+            with self.clock.waiting("d2h"):  # shards come filled from the main thread
+                shard = self.queue.get()
+            if shard is None:
+                break
             try:
                 if self.error is None:
                     if shard.ready is not None:
-                        shard.ready.synchronize()
+                        with self.clock.waiting("d2h"):  # its copies from the device
+                            shard.ready.synchronize()
                     arrays = {name: value[: shard.rows].numpy() for name, value in shard.arrays.items()}
-                    self.store.write_shard(shard.index, {**arrays, IDS: shard.ids}, commit=False)
+                    self.store.write_shard(shard.index, {**arrays, IDS: shard.ids}, commit=False, clock=self.clock)
                     with self.lock:
                         self.uncommitted.append(shard.index)
                     self._commit()
@@ -562,10 +694,15 @@ class _ShardWriter:
                 self.buffers.release(shard.arrays)
 
     def _commit(self) -> None:
-        with self.committing:  # one commit at a time: a thread waiting here finds its shard flagged
+        with self.clock.waiting("write"):  # another thread's flushes
+            self.committing.acquire()
+        try:  # one commit at a time: a thread that waited here finds its shard flagged
             with self.lock:
                 shards, self.uncommitted = self.uncommitted, []
-            self.store.commit(shards)
+            with self.clock.busy("write"):
+                self.store.commit(shards)
+        finally:
+            self.committing.release()
 
     def put(self, shard: _Shard) -> None:
         self._raise()
