@@ -14,8 +14,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the CLI imports this module: torch only when a device is timed
+    import torch
 
 SATURATED = 0.5  # a stage busy for less than this share of the run does not bound it
 CPU_BOUND = 0.9  # the process and its workers used this share of every core: the stages share them
@@ -59,7 +61,7 @@ class StageClock:
         self.waited_s = dict.fromkeys(self.workers, 0.0)
         self.lock = threading.Lock()
         self.local = threading.local()
-        self.device_spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.device_spans: list[tuple[str, Any, Any]] = []  # (stage, start, end) CUDA events
         self.start()
 
     def start(self) -> None:
@@ -97,6 +99,8 @@ class StageClock:
             with self.busy(stage):
                 yield
             return
+        import torch
+
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         yield
