@@ -98,6 +98,18 @@ def phase(path: Path, which: str, device: str) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
+def gemm_rate(channels: int, rows: int = 65536, repeat: int = 5) -> float:
+    """GFLOP/s of this machine's float64 GEMM (every core) at the Gram's shape, (C × n)(n × C),
+    counted as 2·n·C² (a syrk does half of them, so a Gram can pass this rate)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(rows, channels)), rng.normal(size=(rows, channels))
+    a.T @ b
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a.T @ b
+    return 2 * rows * channels**2 * repeat / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = make_parser(__doc__, warmup=None, repeat=None)
     parser.add_argument("--gb", type=float, default=8.0, help="store size in GB of tokens")
@@ -128,6 +140,12 @@ def run(args: argparse.Namespace, res: Results) -> None:
                  f"peak RSS {r['peak_rss_gb']:.2f} GB")
     ratio = res.record("PCA fit throughput / raw read throughput", results["fit"]["gb_per_s"] / results["read"]["gb_per_s"], show=False)
     res.line(f"PCA fit throughput / raw read throughput = {ratio:.2f}; fit peak RSS {results['fit']['peak_rss_gb']:.2f} GB")
+    if res.device.type == "cpu":  # the Gram's own ceiling: the machine's float64 GEMM rate
+        gemm = res.record("float64 GEMM rate", gemm_rate(args.channels), "GFLOP/s", fmt=".1f")
+        gram = res.record("the Gram at the GEMM rate", gemm * 1e9 / (2 * args.channels**2) * args.channels * 2 / 1e9, "GB/s of fp16 tokens",
+                          fmt=".3f")
+        ceiling = min(gram, results["read"]["gb_per_s"])
+        res.record("PCA fit / min(raw read, the Gram at the GEMM rate)", results["fit"]["gb_per_s"] / ceiling, fmt=".2f")
     res.record("PCA fit through the shard reader / through zarr's chunk reader",
                results["fit"]["gb_per_s"] / results["fit-zarr"]["gb_per_s"], fmt=".2f")
     if not args.keep:

@@ -274,3 +274,18 @@ def test_projection_shards_are_dask_tasks_with_the_same_codes_on_threads_and_a_l
     assert cache_schema.open_complete_store(train.output).layout.n_shards == 3
     np.testing.assert_allclose(codes["threads"], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(codes["local-cluster"], codes["threads"])
+
+
+def test_the_moments_scan_runs_one_blas_thread_per_dask_thread_on_the_cpu_and_restores_it(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from stegoscope import reducers
+
+    blas = lambda: sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")  # noqa: E731
+    before, seen = blas(), []
+    real = reducers.shifted_gram
+    monkeypatch.setattr(reducers, "shifted_gram", lambda block, *a: seen.append((len(block), blas())) or real(block, *a))
+    reducers.streamed_moments(np.random.default_rng(0).normal(size=(300, 5)), device="cpu")
+    scanned = [threads for rows, threads in seen if rows]  # dask may first call it on an empty block (its meta)
+    assert scanned and all(threads == [1] * len(before) for threads in scanned)
+    assert blas() == before

@@ -17,6 +17,7 @@ Standardisation (``standardize``):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -76,6 +77,21 @@ def _as_dask(tokens):
 _MOMENTS: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}  # by the dask name (a hash of the content) of the tokens
 
 
+def _one_blas_thread_per_task(device: str, collection):
+    """Under dask's threaded scheduler on the CPU, one BLAS thread in each of its threads: they are
+    one per core already, and a multithreaded Gram in each oversubscribed the cores (the fit ran
+    1.7× slower on 2 cores, benchmarks/pca_stream.py). Process-wide, for the scan only; the
+    synchronous scheduler and dask.distributed workers keep theirs."""
+    import dask.threaded
+    from dask.base import get_scheduler
+
+    if device != "cpu" or get_scheduler(collections=[collection]) is not dask.threaded.get:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def streamed_moments(tokens, device: str = "cpu") -> tuple[int, np.ndarray, np.ndarray]:
     """Exact (n, mean, population covariance) of a (n, C) token array, chunk → combine → aggregate.
 
@@ -93,7 +109,9 @@ def streamed_moments(tokens, device: str = "cpu") -> tuple[int, np.ndarray, np.n
     partial = x.map_blocks(
         lambda block: shifted_gram(block, shift, device)[None], new_axis=2, chunks=(1, c + 1, c + 1), dtype=np.float64
     )
-    gram = partial.sum(axis=0).compute()
+    total = partial.sum(axis=0)
+    with _one_blas_thread_per_task(device, total):
+        gram = total.compute()
     moments = moments_from_gram(gram, shift)
     if len(_MOMENTS) >= 16:  # a few (C+1)² matrices: drop the oldest
         del _MOMENTS[next(iter(_MOMENTS))]

@@ -25,8 +25,7 @@ def shifted_gram(block: np.ndarray, shift: np.ndarray, device: str = "cpu") -> n
         y = torch.as_tensor(block, device=device).double() - torch.as_tensor(shift, device=device).double()
         y = torch.cat([y, torch.ones(len(y), 1, device=device, dtype=torch.float64)], dim=1)
         return (y.T @ y).cpu().numpy()
-    y = block.astype(np.float64)
-    y -= shift
+    y = np.subtract(block, shift, dtype=np.float64)  # one pass: no float64 copy to shift afterwards
     c = y.shape[1]
     gram = np.empty((c + 1, c + 1))
     gram[:c, :c] = y.T @ y
