@@ -239,6 +239,12 @@ def load_clusterbook(directory: Path, k: int, channels: int) -> torch.Tensor:
     return torch.from_numpy(book.astype(np.float32))
 
 
+def segment(head: CauseModel) -> list[nn.Parameter]:
+    """The released scripts' ``segment``: student and teacher, head and projection (one Adam group,
+    one gradient-clip budget; the teacher's get gradients only with the label leak)."""
+    return [*head.head.parameters(), *head.projection.parameters(), *head.teacher_head.parameters(),
+            *head.teacher_projection.parameters()]
+
 
 class CauseTrainer(HeadTrainer):
     params_class = CauseParams
@@ -282,9 +288,7 @@ class CauseTrainer(HeadTrainer):
         self.draws = device_generator(generator, data.device)
 
     def optimizer(self, head: CauseModel) -> torch.optim.Optimizer:
-        segment = [*head.head.parameters(), *head.projection.parameters(), *head.teacher_head.parameters(),
-                   *head.teacher_projection.parameters()]
-        return torch.optim.Adam([{"params": segment, "lr": self.params.lr, "weight_decay": self.params.weight_decay},
+        return torch.optim.Adam([{"params": segment(head), "lr": self.params.lr, "weight_decay": self.params.weight_decay},
                                  {"params": [head.cluster_probe], "lr": self.params.cluster_lr}])
 
     # -- one step ----------------------------------------------------------------------------------
@@ -351,9 +355,7 @@ class CauseTrainer(HeadTrainer):
         return self.params.label_leak and step > self.params.steps
 
     def after_backward(self, head: CauseModel) -> None:
-        segment = [*head.head.parameters(), *head.projection.parameters(), *head.teacher_head.parameters(),
-                   *head.teacher_projection.parameters()]
-        torch.nn.utils.clip_grad_norm_(segment, self.params.grad_clip)
+        torch.nn.utils.clip_grad_norm_(segment(head), self.params.grad_clip)
 
     def after_step(self, head: CauseModel, step: int) -> None:
         p = self.params
