@@ -517,7 +517,8 @@ def train(
     no_wait: NoWaitOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """Train a head from cached tokens (+ kNN pairs, computed first if missing) with the probes alongside; keeps the best-by-val head."""
+    """Train a head from cached tokens (+ kNN pairs, computed first if missing) with the probes alongside;
+    keeps the best-by-val head (CAUSE: the last step, as released)."""
     overrides = {f"{method}.steps": steps, f"{method}.readd_global_mean": readd_global_mean}
     ctx = _context(preset, cache, data_root, sets, overrides, device=device, scheduler=scheduler, show_progress=progress)
     stage = ctx.head(method, dim, seed, crf)
