@@ -174,6 +174,12 @@ class HeadTrainer(ABC):
         trained alongside (None: the probe's)."""
         return None
 
+    @classmethod
+    def uses_labels(cls, params: dict[str, Any]) -> bool:
+        """Whether a head trained with these (recorded) parameters saw ground-truth labels: its
+        results are then labelled so (figures, tables, report)."""
+        return False
+
     def labels_reach_head(self, step: int) -> bool:
         """Whether the linear probe's loss at ``step`` trains the head too (CAUSE's released step 3,
         a leak of the ground truth into the evaluated head, kept only as an option); else the

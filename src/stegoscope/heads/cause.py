@@ -351,6 +351,10 @@ class CauseTrainer(HeadTrainer):
         loss = modularity_loss(grid_sample(sequence(code), h, w, order, p.window), head.cluster_probe, p.modularity_temperature)
         return code, loss, {"loss/modularity": loss}
 
+    @classmethod
+    def uses_labels(cls, params: dict) -> bool:
+        return bool(params.get("label_leak"))
+
     def labels_reach_head(self, step: int) -> bool:
         return self.params.label_leak and step > self.params.steps
 

@@ -106,7 +106,8 @@ def _metric_rows(directory: Path, study: str, node: StudyNode, manifest: Manifes
     a hierarchy artefact gives one ``hierarchy`` row per level and mapping."""
     metrics = read_record(directory, METRICS, EvalResult)
     label = node.label
-    if manifest.config.get("params", {}).get("label_leak"):  # CAUSE's released step 3: the ground truth trained the head
+    spec = registry.METHODS.get(node.method or "")
+    if spec is not None and spec.kind == registry.HEAD and spec.cls.uses_labels(manifest.config.get("params", {})):
         label = ", ".join(filter(None, (label, USES_LABELS)))
     base = dict(study=study, dataset=manifest.dataset, method=node.method or "", label=label,
                 experiment=manifest.experiment[:12], family=node.family, dim=manifest.code_dim or 0, seed=manifest.seed or 0,
